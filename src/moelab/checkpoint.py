@@ -1,0 +1,90 @@
+"""Checkpoint files that are never half-written and never run pickled code when loaded.
+
+`atomic_save` writes to a temporary file in the destination folder, fsyncs it and renames it over
+the target, so a crash (even SIGKILL) leaves either the old file or the complete new one.
+`safe_load` always uses ``torch.load(weights_only=True)``: a file carrying a pickle payload is
+refused with a `CheckpointError` before anything in it is executed.
+`AtomicCheckpointIO` plugs both into Lightning's Trainer.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from moelab.errors import CheckpointError
+
+PathLike = str | os.PathLike
+
+
+def atomic_write_bytes(data: bytes, path: PathLike) -> None:
+    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def atomic_save(obj: Any, path: PathLike) -> None:
+    """``torch.save`` that never leaves a partial file at ``path``."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(buf.getvalue(), path)
+
+
+def safe_load(path: PathLike, map_location: Any = "cpu") -> Any:
+    """Load a torch file without executing pickled code; every failure is a `CheckpointError`."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint '{path}' does not exist: check the path (or drop --resume to start fresh)")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint '{path}' is a folder: pass the checkpoint file inside it")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint '{path}' is empty (0 bytes): use an earlier checkpoint")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"checkpoint '{path}' was refused: it contains Python objects that would have to be executed to "
+            f"load it (weights_only=True). Only load files you trust; re-save it as a plain state_dict. ({str(e).splitlines()[0]})"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"checkpoint '{path}' is corrupt or not a PyTorch file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            "use an earlier checkpoint"
+        ) from None
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint IO: atomic writes, ``weights_only=True`` reads with clear errors."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: PathLike, storage_options: Any = None) -> None:
+        atomic_save(checkpoint, path)
+
+    def load_checkpoint(self, path: PathLike, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        return safe_load(path, map_location=map_location if map_location is not None else "cpu")

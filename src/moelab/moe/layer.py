@@ -1,0 +1,118 @@
+"""The sparse MoE layer both applications use, plus model-wide helpers over all MoE layers.
+
+A layer routes units (dim 0 of its input; `TokenMoE` flattens ``[B, T, D]`` tokens into units),
+dispatches them to experts, records its last `Routing` (for aux losses and analysis) and counts
+expert usage in an `ExpertUsage` until `reset_moe_stats` clears it.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from moelab.moe.dispatch import dispatch
+from moelab.moe.losses import LossKind, aux_loss
+from moelab.moe.router import Gate, Routing, TopKRouter
+from moelab.moe.stats import ExpertUsage
+
+
+class MoELayer(nn.Module):
+    """Router + experts. ``forward(x, router_features=None)``: units on dim 0 of ``x``.
+
+    ``router_features`` (``[N, F]``) lets the caller route on something other than ``x`` itself,
+    e.g. pooled features plus time and class embeddings for per-sample conv routing.
+    Set ``gradient_checkpointing = True`` to recompute the experts (not the router) in backward.
+    """
+
+    def __init__(self, router: TopKRouter, experts: nn.Module) -> None:
+        super().__init__()
+        self.router = router
+        self.experts = experts
+        self.usage = ExpertUsage(router.num_experts)
+        self.last_routing: Routing | None = None
+        self.gradient_checkpointing = False
+
+    @property
+    def num_experts(self) -> int:
+        return self.router.num_experts
+
+    @property
+    def k(self) -> int:
+        return self.router.k
+
+    def forward(self, x: Tensor, router_features: Tensor | None = None) -> Tensor:
+        routing = self.router(x if router_features is None else router_features)
+        self.last_routing = routing
+        self.usage.update(routing.indices)
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(dispatch, self.experts, x, routing, use_reentrant=False)
+        return dispatch(self.experts, x, routing)
+
+    @classmethod
+    def upcycle(
+        cls,
+        dense: nn.Module,
+        num_experts: int,
+        k: int,
+        router_in_features: int,
+        gate: Gate = "topk_softmax",
+        hidden: int | None = None,
+        jitter: float = 0.0,
+    ) -> "MoELayer":
+        """Build an MoE layer whose experts are copies of ``dense``.
+
+        The combine weights of each unit sum to one, so at initialisation the layer computes
+        exactly what ``dense`` did, whatever the router says; training then lets experts diverge.
+        """
+        experts = nn.ModuleList(copy.deepcopy(dense) for _ in range(num_experts))
+        router = TopKRouter(router_in_features, num_experts, k, hidden=hidden, gate=gate, jitter=jitter)
+        return cls(router, experts)
+
+
+class TokenMoE(MoELayer):
+    """MoE layer routing every position of ``[..., D]`` independently (FFN experts)."""
+
+    def forward(self, x: Tensor, router_features: Tensor | None = None) -> Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        feats = None if router_features is None else router_features.reshape(flat.shape[0], -1)
+        y = super().forward(flat, feats)
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+
+def moe_layers(model: nn.Module) -> list[MoELayer]:
+    """All MoE layers of ``model`` in module order."""
+    return [m for m in model.modules() if isinstance(m, MoELayer)]
+
+
+def router_logits(model: nn.Module) -> list[Tensor]:
+    """Logits of every MoE layer's last forward (``[units, E]`` each), in module order."""
+    return [m.last_routing.logits for m in moe_layers(model) if m.last_routing is not None]
+
+
+def model_aux_loss(model: nn.Module, kind: LossKind = "switch", z_coef: float = 0.0) -> Tensor:
+    """Aux load loss of the model's last forward, averaged over its MoE layers."""
+    layers = [m for m in moe_layers(model) if m.last_routing is not None]
+    if not layers:
+        p = next(model.parameters(), None)
+        return torch.zeros((), device=p.device if p is not None else None)
+    ks = {m.k for m in layers}
+    if len(ks) == 1:
+        return aux_loss([m.last_routing.logits for m in layers], ks.pop(), kind, z_coef)  # type: ignore[union-attr]
+    return torch.stack(
+        [aux_loss([m.last_routing.logits], m.k, kind, z_coef) for m in layers]  # type: ignore[union-attr]
+    ).mean()
+
+
+def reset_moe_stats(model: nn.Module) -> None:
+    """Clear the usage counts of every MoE layer."""
+    for m in moe_layers(model):
+        m.usage.reset()
+
+
+def moe_usage(model: nn.Module) -> dict[str, dict]:
+    """Usage summary (counts, max/min share, normalised entropy) per MoE layer, keyed by module name."""
+    return {name: m.usage.summary() for name, m in model.named_modules() if isinstance(m, MoELayer)}
