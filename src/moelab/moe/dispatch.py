@@ -5,8 +5,8 @@ Two ways, both exact and both free of Python loops over units:
 * `grouped_dispatch` works with any list of expert modules: the (unit, slot) pairs are sorted by
   expert, each expert runs once on the contiguous block of units routed to it (experts with no
   unit are skipped), and the weighted outputs are scattered back with one ``index_add``.
-* `gathered_dispatch` works with an `ExpertBank` whose experts are stored stacked: for each of the
-  k routing slots, the bank evaluates every unit with its own selected expert in one call
+* `gathered_dispatch` works with an `ExpertBank` whose experts are stored stacked: the bank
+  evaluates, for each of the k routing slots, every unit with its own selected expert in one call
   (gathered-weight kernels, see `moelab.moe.gathered`). Fastest for per-sample conv experts.
 """
 
@@ -60,7 +60,11 @@ def grouped_dispatch(experts: Sequence[nn.Module], x: Tensor, routing: Routing) 
 
 
 def gathered_dispatch(bank: ExpertBank, x: Tensor, routing: Routing) -> Tensor:
-    """Weighted sum over the k slots of the bank evaluated with each unit's own expert."""
+    """Weighted sum over the k slots; in slot j every unit runs with its own expert ``indices[:, j]``.
+
+    One bank call per slot (k calls, never E or N). Measured faster on CPU than stacking the k
+    copies of the batch into one call, which costs a copy of the activations and its backward.
+    """
     y: Tensor | None = None
     for j in range(routing.k):
         out = bank.forward_gathered(x, routing.indices[:, j])

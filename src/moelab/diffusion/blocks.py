@@ -1,0 +1,194 @@
+"""MoEFsDiC's building blocks: embeddings, conditioned MoE conv block, Dilated_Fusion_Block,
+Freq_Global_Module and the resampling convs.
+
+Routing, dispatch and the experts' gathered evaluation come from the MoE core
+(`moelab.moe.MoELayer`) and `ResidualConvExperts`; nothing here re-implements them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from moelab.diffusion.experts import DepthwiseSeparableConv2d, ResidualConvExperts, norm_groups
+from moelab.moe import MoELayer, TopKRouter
+
+
+def conv3x3(cin: int, cout: int, use_dsconv: bool, dilation: int = 1, stride: int = 1) -> nn.Module:
+    """3x3 conv, depthwise-separable (depthwise 3x3 + pointwise 1x1) or standard."""
+    if use_dsconv and stride == 1:
+        return DepthwiseSeparableConv2d(cin, cout, 3, dilation=dilation)
+    if use_dsconv:  # strided depthwise + pointwise (the same factorisation, downsampling)
+        return nn.Sequential(nn.Conv2d(cin, cin, 3, stride=stride, padding=1, groups=cin), nn.Conv2d(cin, cout, 1))
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation)
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps ``t`` ``[B]`` -> ``[B, dim]``."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, dim % 2))
+
+
+class TimeEmbedding(nn.Module):
+    """Sinusoidal features of t followed by a 2-layer MLP."""
+
+    def __init__(self, base: int, dim: int) -> None:
+        super().__init__()
+        self.base = base
+        self.mlp = nn.Sequential(nn.Linear(base, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: Tensor) -> Tensor:
+        return self.mlp(timestep_embedding(t, self.base))
+
+
+class Conditioning:
+    """Per-forward conditioning shared by all blocks: time and class embeddings."""
+
+    __slots__ = ("t_emb", "c_emb")
+
+    def __init__(self, t_emb: Tensor, c_emb: Tensor) -> None:
+        self.t_emb, self.c_emb = t_emb, c_emb
+
+    @property
+    def joint(self) -> Tensor:
+        return self.t_emb + self.c_emb
+
+
+class CondBlock(nn.Module):
+    """Adds a projection of ``t_emb + c_emb`` to the input, then runs the block body.
+
+    ``gradient_checkpointing`` recomputes the body in backward (MoE bodies use the core's own flag).
+    """
+
+    def __init__(self, channels: int, emb_dim: int) -> None:
+        super().__init__()
+        self.cond = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, channels))
+        self.gradient_checkpointing = False
+
+    def inject(self, x: Tensor, cond: Conditioning) -> Tensor:
+        return x + self.cond(cond.joint)[:, :, None, None].to(x.dtype)
+
+
+class MoEConvBlock(CondBlock):
+    """Per-sample top-k MoE over residual conv experts; routed on GAP(x) ++ t_emb ++ c_emb."""
+
+    def __init__(
+        self,
+        channels: int,
+        emb_dim: int,
+        num_experts: int,
+        k: int,
+        use_dsconv: bool,
+        router_hidden: int = 64,
+        gate: str = "topk_softmax",
+        jitter: float = 0.0,
+        kernel_size: int = 3,
+    ) -> None:
+        super().__init__(channels, emb_dim)
+        router = TopKRouter(channels + 2 * emb_dim, num_experts, k, hidden=router_hidden or None, gate=gate, jitter=jitter)  # type: ignore[arg-type]
+        self.moe = MoELayer(router, ResidualConvExperts(num_experts, channels, use_dsconv, kernel_size))
+
+    def forward(self, x: Tensor, cond: Conditioning) -> Tensor:
+        h = self.inject(x, cond)
+        feats = torch.cat([h.float().mean(dim=(2, 3)), cond.t_emb.float(), cond.c_emb.float()], dim=1)
+        self.moe.gradient_checkpointing = self.gradient_checkpointing
+        return self.moe(h, router_features=feats.to(h.dtype))
+
+
+class DilatedFusionBlock(CondBlock):
+    """Dilated_Fusion_Block (the MoE-off replacement): parallel 3x3 convs with dilation 1, 2, 4,
+    each conv -> GroupNorm -> GELU, concatenated, fused by a 1x1 conv, added to the input."""
+
+    DILATIONS = (1, 2, 4)
+
+    def __init__(self, channels: int, emb_dim: int, use_dsconv: bool) -> None:
+        super().__init__(channels, emb_dim)
+        g = norm_groups(channels)
+        self.branches = nn.ModuleList(
+            nn.Sequential(conv3x3(channels, channels, use_dsconv, dilation=d), nn.GroupNorm(g, channels), nn.GELU())
+            for d in self.DILATIONS
+        )
+        self.fuse = nn.Conv2d(len(self.DILATIONS) * channels, channels, 1)
+
+    def body(self, h: Tensor) -> Tensor:
+        return h + self.fuse(torch.cat([b(h) for b in self.branches], dim=1))
+
+    def forward(self, x: Tensor, cond: Conditioning) -> Tensor:
+        h = self.inject(x, cond)
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(self.body, h, use_reentrant=False)
+        return self.body(h)
+
+
+def radial_bands(height: int, width: int, bands: int) -> Tensor:
+    """Band index (0..bands-1) of every rfft2 frequency bin by its normalised radial frequency."""
+    fy = torch.fft.fftfreq(height).abs()[:, None]
+    fx = torch.fft.rfftfreq(width)[None, :]
+    r = torch.sqrt(fy**2 + fx**2) / math.sqrt(0.5)  # in [0, 1]
+    return (r * bands).long().clamp_(max=bands - 1)
+
+
+class FreqGlobalModule(CondBlock):
+    """Freq_Global_Module: w = MLP(GAP(x) ++ t_emb); X = FFT2(x); X * w; real IFFT2; residual add.
+
+    ``w`` holds one real gain per channel and radial frequency band (``bands``), so the module is a
+    global, input- and time-dependent filter over the whole feature map. The FFT runs in float32
+    (cuFFT/pocketfft do not support bf16). The last MLP layer starts at zero: an identity
+    filter (w = 1) at initialisation.
+    """
+
+    def __init__(self, channels: int, emb_dim: int, bands: int = 8) -> None:
+        super().__init__(channels, emb_dim)
+        self.channels, self.bands = channels, bands
+        hidden = max(channels, 32)
+        self.norm = nn.GroupNorm(norm_groups(channels), channels)
+        self.mlp = nn.Sequential(nn.Linear(channels + emb_dim, hidden), nn.GELU(), nn.Linear(hidden, channels * bands))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def body(self, h: Tensor, t_emb: Tensor) -> Tensor:
+        b, c, height, width = h.shape
+        feats = torch.cat([h.float().mean(dim=(2, 3)), t_emb.float()], dim=1).to(h.dtype)
+        w = 1.0 + self.mlp(feats).float().view(b, c, self.bands)
+        band = radial_bands(height, width, self.bands).to(h.device)  # [H, W//2+1]
+        gain = w[:, :, band]  # [B, C, H, W//2+1]
+        hn = self.norm(h).float()
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            spec = torch.fft.rfft2(hn, norm="ortho")
+            y = torch.fft.irfft2(spec * gain, s=(height, width), norm="ortho")
+        return h + y.to(h.dtype)
+
+    def forward(self, x: Tensor, cond: Conditioning) -> Tensor:
+        h = self.inject(x, cond)
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(self.body, h, cond.t_emb, use_reentrant=False)
+        return self.body(h, cond.t_emb)
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv (depthwise-separable when enabled)."""
+
+    def __init__(self, cin: int, cout: int, use_dsconv: bool) -> None:
+        super().__init__()
+        self.conv = conv3x3(cin, cout, use_dsconv, stride=2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 followed by a 3x3 conv."""
+
+    def __init__(self, cin: int, cout: int, use_dsconv: bool) -> None:
+        super().__init__()
+        self.conv = conv3x3(cin, cout, use_dsconv)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))

@@ -1,0 +1,178 @@
+"""Lightning module for MoEFsDiC training, and loading trained models back from checkpoints.
+
+Randomness of a training step (timesteps, noise, label dropout) comes from a generator seeded
+with (seed, epoch, batch index, rank), and the data order from a per-epoch seeded sampler
+(`moelab.diffusion.training.EpochSampler`): resuming from a checkpoint needs no hidden RNG state
+and continues exactly as an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+
+from moelab.checkpoint import safe_load
+from moelab.diffusion.config import load_config
+from moelab.diffusion.losses import MoELoss
+from moelab.diffusion.noise import training_scheduler
+from moelab.diffusion.unet import build_model
+from moelab.errors import CheckpointError, ConfigError, NonFiniteLossError
+
+METRICS = ("loss", "dm_loss", "load_loss")
+
+
+def step_seed(seed: int, epoch: int, batch_idx: int, rank: int = 0) -> int:
+    """A distinct 63-bit seed for every (seed, epoch, batch, rank)."""
+    h = seed
+    for v in (epoch, batch_idx, rank):
+        h = (h * 1_000_003 + v + 1) % (2**63 - 1)
+    return h
+
+
+class MoEFsDiCLit(pl.LightningModule):
+    """Trains ``self.model`` (MoEFsDiC or the dense baseline) to predict the added noise."""
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        super().__init__()
+        cfg = load_config(config)
+        self.save_hyperparameters({"config": cfg})
+        self.config = cfg
+        self.model = build_model(cfg)
+        if cfg["train"]["gradient_checkpointing"]:
+            if not hasattr(self.model, "set_gradient_checkpointing"):
+                raise ConfigError(f"train.gradient_checkpointing is not supported by model.arch={cfg['model']['arch']}")
+            self.model.set_gradient_checkpointing(True)
+        self.criterion = MoELoss.from_config(cfg)
+        self.noise_scheduler = training_scheduler(cfg)
+        self.last_metrics: dict[str, float] = {}
+        self._sums: Tensor | None = None
+        self._count = 0
+
+    def forward(self, x: Tensor, t: Tensor, c: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
+        return self.model(x, t, c)
+
+    def step_generator(self, batch_idx: int) -> torch.Generator:
+        g = torch.Generator(device=self.device)
+        g.manual_seed(step_seed(self.config["train"]["seed"], self.current_epoch, batch_idx, self.global_rank))
+        return g
+
+    def diffusion_loss(self, x: Tensor, y: Tensor, g: torch.Generator, cond_drop_prob: float) -> tuple[Tensor, Tensor, Tensor]:
+        b = x.shape[0]
+        steps = self.noise_scheduler.config.num_train_timesteps
+        t = torch.randint(0, steps, (b,), generator=g, device=x.device)
+        noise = torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
+        drop = torch.rand(b, generator=g, device=x.device) < cond_drop_prob
+        c = torch.where(drop, torch.full_like(y, self.config["model"]["num_classes"]), y)
+        noisy = self.noise_scheduler.add_noise(x, noise, t)
+        pred, logits = self.model(noisy, t, c)
+        return self.criterion(pred, noise, logits)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        loss, dm, load = self.diffusion_loss(x, y, self.step_generator(batch_idx), self.config["train"]["cond_drop_prob"])
+        vals = torch.stack([loss.detach(), dm.detach(), load.detach()]).float()
+        host = vals.tolist()
+        if not all(math.isfinite(v) for v in host):
+            raise NonFiniteLossError(
+                f"the loss became non-finite at step {self.global_step} (epoch {self.current_epoch + 1}, batch {batch_idx}): "
+                f"loss={host[0]}, dm_loss={host[1]}, load_loss={host[2]}. Training stopped; lower train.lr, keep "
+                "train.grad_clip > 0 or use 32-true precision"
+            )
+        self._sums = vals if self._sums is None else self._sums + vals
+        self._count += 1
+        self.last_metrics = dict(zip(METRICS, host))
+        self.log_dict({f"train/{k}": v for k, v in zip(METRICS, vals)}, on_step=True, on_epoch=False)
+        return loss
+
+    def on_train_epoch_start(self) -> None:
+        self._sums, self._count = None, 0
+
+    def on_train_epoch_end(self) -> None:
+        if self._sums is None:
+            return
+        avg = self.trainer.strategy.reduce(self._sums / self._count, reduce_op="mean")
+        means = dict(zip(METRICS, avg.tolist()))
+        self.log_dict({f"epoch/{k}": v for k, v in means.items()}, on_step=False, on_epoch=True, sync_dist=False)
+        self.print(
+            f"[Epoch {self.current_epoch + 1}/{self.trainer.max_epochs}] Avg Loss: {means['loss']:.4f}, "
+            f"Avg DM Loss: {means['dm_loss']:.4f}, Avg Load Loss: {means['load_loss']:.4f}"
+        )
+
+    def configure_optimizers(self) -> Any:
+        tr = self.config["train"]
+        opt = torch.optim.AdamW(self.parameters(), lr=tr["lr"], betas=tuple(tr["betas"]), weight_decay=tr["weight_decay"])
+        kind = tr["lr_schedule"]
+        if kind == "plateau":
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=tr["plateau_factor"], patience=tr["plateau_patience"])
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "epoch/loss", "interval": "epoch"}}
+        from diffusers.optimization import get_scheduler
+
+        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
+        sched = get_scheduler(kind, opt, num_warmup_steps=tr["warmup_steps"], num_training_steps=max(total, 1))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+# --- loading trained models ------------------------------------------------------------------------
+def check_state_dict(model: nn.Module, state: Mapping[str, Tensor], source: str) -> None:
+    """Raise a `CheckpointError` naming the keys/shapes that differ between ``model`` and ``state``."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    if not (missing or unexpected or shapes):
+        return
+
+    def few(items: list[str]) -> str:
+        return ", ".join(items[:4]) + (f" (+{len(items) - 4} more)" if len(items) > 4 else "")
+
+    parts = []
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatch(es): {few(shapes)}")
+    if missing:
+        parts.append(f"{len(missing)} key(s) missing from the checkpoint: {few(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s): {few(unexpected)}")
+    raise CheckpointError(
+        f"checkpoint '{source}' does not fit this model architecture ({'; '.join(parts)}); "
+        "use the config the checkpoint was trained with (or a checkpoint of this config)"
+    )
+
+
+def _prefixed(state: Mapping[str, Tensor], prefix: str = "model.") -> dict[str, Tensor]:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A training checkpoint (safe load) with its validated config under ``"config"``."""
+    ck = safe_load(path)
+    if not isinstance(ck, dict) or "state_dict" not in ck:
+        raise CheckpointError(f"'{path}' is not a MoEFsDiC training checkpoint (no 'state_dict'); pass a checkpoint_epoch_N.pth file")
+    hp = ck.get("hyper_parameters") or {}
+    if "config" not in hp:
+        raise CheckpointError(f"checkpoint '{path}' carries no config (hyper_parameters.config); it was not written by moelab training")
+    try:
+        ck["config"] = load_config(hp["config"])
+    except ConfigError as e:
+        raise CheckpointError(f"checkpoint '{path}' carries an invalid config: {e}") from None
+    return ck
+
+
+def load_model(ckpt_path: str | Path, ema: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+    """The trained model (eval mode; EMA weights when present and ``ema``) and its config."""
+    ck = read_checkpoint(ckpt_path)
+    cfg = ck["config"]
+    state = ck["state_dict"]  # with EMA on, Lightning stores the averaged weights here
+    if not ema and "current_model_state" in ck:
+        state = ck["current_model_state"]
+    model = build_model(cfg)
+    weights = _prefixed(state)
+    check_state_dict(model, weights, str(ckpt_path))
+    model.load_state_dict(weights)
+    model.eval()
+    return model, cfg

@@ -1,0 +1,212 @@
+"""`fit`: MoEFsDiC training through Lightning (devices/DDP, precision, accumulation, clipping,
+LR schedules, EMA, atomic checkpoints every N epochs, exact resume, CSV/TensorBoard logs,
+expert-usage monitoring)."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from moelab.checkpoint import AtomicCheckpointIO
+from moelab.diffusion.config import load_config
+from moelab.diffusion.data import load_split
+from moelab.diffusion.lit import MoEFsDiCLit, _prefixed, check_state_dict, read_checkpoint
+from moelab.diffusion.progress import MoEProgressBar
+from moelab.errors import CheckpointError, ConfigError, NonFiniteLossError
+from moelab.moe import ExpertUsageMonitor
+
+CKPT_RE = re.compile(r"checkpoint_epoch_(\d+)\.pth$")
+
+
+class EpochSampler(Sampler[int]):
+    """Shuffled order that is a pure function of (seed, epoch); sharded across DDP ranks.
+
+    Lightning calls `set_epoch` at the start of every epoch, so a resumed run sees exactly the
+    order an uninterrupted run would (no sampler RNG state to save).
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @staticmethod
+    def _world() -> tuple[int, int]:
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def __len__(self) -> int:
+        return math.ceil(self.size / self._world()[1])
+
+    def __iter__(self) -> Iterator[int]:
+        rank, world = self._world()
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.size, generator=g)
+        total = len(self) * world
+        if total > self.size:  # pad by wrapping so every rank gets the same number of samples
+            order = torch.cat([order, order[: total - self.size]])
+        return iter(order[rank::world].tolist())
+
+
+class EpochCheckpoint(ModelCheckpoint):
+    """``checkpoint_epoch_N.pth`` with N counted from 1, as the quick-start names them."""
+
+    FILE_EXTENSION = ".pth"
+
+    def _monitor_candidates(self, trainer: pl.Trainer) -> dict[str, torch.Tensor]:
+        cands = super()._monitor_candidates(trainer)
+        cands["epoch"] = torch.tensor(trainer.current_epoch + 1)
+        return cands
+
+
+def checkpoints_in(folder: str | Path) -> list[Path]:
+    """``checkpoint_epoch_N.pth`` files in ``folder``, oldest epoch first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CKPT_RE.search(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_accelerator(device: str) -> str:
+    """``cpu`` / ``cuda`` (``gpu``) / ``mps`` / ``auto`` -> a Lightning accelerator, checked."""
+    device = device.lower()
+    if device in ("cuda", "gpu"):
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda was requested but no CUDA GPU is available (torch.cuda.is_available() is False); use --device cpu")
+        return "gpu"
+    if device == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise ConfigError("--device mps was requested but Apple MPS is not available; use --device cpu")
+        return "mps"
+    if device == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return "cpu"
+    raise ConfigError(f"unknown device '{device}'; use cpu, cuda or auto")
+
+
+def make_dataloader(dataset: Dataset, config: Mapping[str, Any]) -> DataLoader:
+    tr = config["train"]
+    return DataLoader(
+        dataset,
+        batch_size=tr["batch_size"],
+        sampler=EpochSampler(len(dataset), tr["seed"]),  # type: ignore[arg-type]
+        num_workers=tr["num_workers"],
+        persistent_workers=tr["num_workers"] > 0,
+        drop_last=False,
+    )
+
+
+def _check_resume(resume: str | Path, lit: MoEFsDiCLit) -> None:
+    ck = read_checkpoint(resume)
+    for key in ("optimizer_states", "epoch", "global_step"):
+        if key not in ck:
+            raise CheckpointError(f"'{resume}' is a weights-only checkpoint (no {key}); --resume needs a full training checkpoint")
+    check_state_dict(lit.model, _prefixed(ck["state_dict"]), str(resume))
+
+
+def fit(
+    config: Mapping[str, Any] | str | Path,
+    *,
+    checkpoint_dir: str | Path = "checkpoints",
+    accelerator: str = "cpu",
+    devices: int = 1,
+    max_steps: int | None = None,
+    max_epochs: int | None = None,
+    resume: str | Path | None = None,
+    seed: int | None = None,
+    progress: bool = True,
+    logger_dir: str | Path | None = None,
+) -> Path:
+    """Train; return the last checkpoint written. ``seed``/``max_epochs`` override the config."""
+    overrides: dict[str, Any] = {}
+    if seed is not None:
+        overrides["train.seed"] = seed
+    if max_epochs is not None:
+        overrides["train.epochs"] = max_epochs
+    cfg = load_config(config, overrides)
+    tr = cfg["train"]
+    acc = resolve_accelerator(accelerator)
+    if devices < 1:
+        raise ConfigError(f"--devices {devices} must be at least 1")
+    if max_steps is not None and max_steps < 1:
+        raise ConfigError(f"--max-steps {max_steps} must be at least 1")
+    if acc == "cpu" and tr["precision"] == "16-mixed":
+        raise ConfigError("train.precision=16-mixed needs a GPU; on CPU use bf16-mixed or 32-true")
+    if resume is not None and not Path(resume).is_file():
+        raise CheckpointError(f"--resume '{resume}' does not exist: pass an existing checkpoint_epoch_N.pth (see {checkpoint_dir}/)")
+
+    pl.seed_everything(tr["seed"], workers=True, verbose=False)
+    dataset = load_split(cfg, "train")
+    lit = MoEFsDiCLit(cfg)
+    if resume is not None:
+        _check_resume(resume, lit)
+
+    ckpt_dir = Path(checkpoint_dir)
+    ckpt = EpochCheckpoint(
+        dirpath=ckpt_dir,
+        filename="checkpoint_epoch_{epoch}",
+        auto_insert_metric_name=False,
+        every_n_epochs=tr["checkpoint_every"],
+        save_top_k=tr["keep_last"] if tr["keep_last"] > 0 else -1,
+        monitor="step" if tr["keep_last"] > 0 else None,
+        mode="max",
+        save_on_train_epoch_end=True,
+        enable_version_counter=False,
+    )
+    callbacks: list[pl.Callback] = [ckpt]
+    if progress:
+        callbacks.append(MoEProgressBar())
+    if tr["ema"]:
+        callbacks.append(EMAWeightAveraging(decay=tr["ema_decay"], use_buffers=False))
+    if cfg["model"]["arch"] == "moefsdic" and cfg["moe"]["enabled"]:
+        callbacks.append(ExpertUsageMonitor(interval=tr["monitor_interval"]))
+    log_root = Path(logger_dir) if logger_dir is not None else ckpt_dir / "logs"
+    loggers = [CSVLogger(log_root, name="csv"), TensorBoardLogger(log_root, name="tensorboard")]
+    callbacks.append(LearningRateMonitor(logging_interval="step"))
+
+    trainer = pl.Trainer(
+        accelerator=acc,
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
+        precision=tr["precision"],
+        max_epochs=tr["epochs"],
+        max_steps=max_steps if max_steps is not None else -1,
+        gradient_clip_val=tr["grad_clip"] or None,
+        accumulate_grad_batches=tr["accumulate_grad_batches"],
+        callbacks=callbacks,
+        logger=loggers,
+        plugins=[AtomicCheckpointIO()],
+        use_distributed_sampler=False,
+        log_every_n_steps=tr["log_every"],
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=ckpt_dir,
+    )
+    try:
+        trainer.fit(lit, train_dataloaders=make_dataloader(dataset, cfg), ckpt_path=str(resume) if resume is not None else None)
+    except NonFiniteLossError as e:
+        saved = checkpoints_in(ckpt_dir)
+        last = f"the last good checkpoint is '{saved[-1]}' (untouched)" if saved else "no checkpoint had been written yet"
+        raise NonFiniteLossError(f"{e}; {last}") from None
+    last_saved = getattr(ckpt, "_last_checkpoint_saved", None)
+    if last_saved:
+        return Path(last_saved)
+    saved = checkpoints_in(ckpt_dir)
+    if not saved:
+        raise CheckpointError(f"training finished without writing a checkpoint to '{ckpt_dir}' (train.checkpoint_every={tr['checkpoint_every']} > epochs run?)")
+    return saved[-1]

@@ -1,0 +1,363 @@
+"""Lightning modules for SeisMoE and its dense baseline, following SeisBench's pick-benchmark.
+
+`EQTransformerLit` trains SeisBench's EQTransformer exactly as pick-benchmark does (weighted BCE on
+detection, P and S; the same window, labelling and augmentation pipeline built from
+``seisbench.generate``); `SeisMoELit` is the same module around a `SeisMoE`, adding
+``moe_loss_coef`` x load-balance loss, optional freezing of everything but the MoE layers, and
+per-epoch expert-usage logging. Both expose pick-benchmark's interface (``get_train_augmentations``,
+``get_val_augmentations``, ``get_eval_augmentations``, ``predict_step``) so one harness trains and
+evaluates both.
+
+Guards against the detection collapse the original SeisMoE showed when fine-tuned on GEOFON:
+the loss uses logits (BCE-with-logits never saturates, unlike BCE on sigmoid outputs), keeps
+EQTransformer's weights (0.05, 0.40, 0.55), starts from experts upcycled from the pretrained FFN
+(outputs identical to the pretrained model at step 0), keeps frozen BatchNorm statistics fixed
+when ``freeze_non_moe`` (otherwise the "frozen" trunk drifts to the new data set), warns when
+``moe_loss_coef`` exceeds the detection weight, and logs the detection loss separately.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import seisbench.generate as sbg
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moelab.checkpoint import safe_load
+from moelab.errors import CheckpointError, ConfigError
+from moelab.moe import freeze_non_moe as _freeze_non_moe
+from moelab.moe import MoELayer, moe_layers, reset_moe_stats, trainable_report
+from moelab.seismic.augment import DuplicateEvent
+
+#: Metadata columns labelled as P or S (pick-benchmark's phase dictionary, SeisBench column names).
+PHASE_DICT: dict[str, str] = {
+    "trace_p_arrival_sample": "P",
+    "trace_pP_arrival_sample": "P",
+    "trace_P_arrival_sample": "P",
+    "trace_P1_arrival_sample": "P",
+    "trace_Pg_arrival_sample": "P",
+    "trace_Pn_arrival_sample": "P",
+    "trace_PmP_arrival_sample": "P",
+    "trace_pwP_arrival_sample": "P",
+    "trace_pwPm_arrival_sample": "P",
+    "trace_s_arrival_sample": "S",
+    "trace_S_arrival_sample": "S",
+    "trace_S1_arrival_sample": "S",
+    "trace_Sg_arrival_sample": "S",
+    "trace_SmS_arrival_sample": "S",
+    "trace_Sn_arrival_sample": "S",
+}
+P_PHASES = [k for k, v in PHASE_DICT.items() if v == "P"]
+S_PHASES = [k for k, v in PHASE_DICT.items() if v == "S"]
+
+
+class SeisBenchModuleLit(pl.LightningModule, ABC):
+    """pick-benchmark's interface: augmentations for train/val/eval and a three-task ``predict_step``."""
+
+    @abstractmethod
+    def get_train_augmentations(self) -> list:
+        """Augmentations for a ``seisbench.generate.GenericGenerator`` over training traces."""
+
+    @abstractmethod
+    def get_val_augmentations(self) -> list:
+        """Augmentations for validation during training (no random perturbations)."""
+
+    @abstractmethod
+    def get_eval_augmentations(self) -> list:
+        """Augmentations for a ``SteeredGenerator`` over an evaluation task's windows."""
+
+    @abstractmethod
+    def predict_step(self, batch: dict, batch_idx: int | None = None, dataloader_idx: int | None = None) -> tuple:
+        """(score_detection, score_p_or_s, p_sample, s_sample) per window, within ``batch["window_borders"]``."""
+
+    def get_augmentations(self) -> list:
+        return self.get_train_augmentations()
+
+
+class EQTransformerLit(SeisBenchModuleLit):
+    """SeisBench EQTransformer trained as in pick-benchmark.
+
+    :param lr: Adam learning rate.
+    :param sigma: width (samples) of the Gaussian P/S labels (``ProbabilisticLabeller``).
+    :param sample_boundaries: ``low``/``high`` of the ``RandomWindow`` selection.
+    :param loss_weights: BCE weights of detection, P and S.
+    :param rotate_array: randomly rotate waveforms and labels along time in training.
+    :param detection_fixed_window: fixed detection length after P (samples) instead of P..S+1.4(S-P).
+    :param base_model: starting weights: SeisBench name ("stead", "original", ...), local path, or None.
+    :param model_args: the resolved architecture, filled in automatically so that checkpoints
+        rebuild the model without fetching ``base_model`` again; leave it unset.
+    :param kwargs: EQTransformer arguments (in_samples, norm, ...), overriding those of the weights.
+    """
+
+    def __init__(
+        self,
+        lr: float = 1e-2,
+        sigma: float = 20,
+        sample_boundaries: Sequence[int | None] = (None, None),
+        loss_weights: Sequence[float] = (0.05, 0.40, 0.55),
+        rotate_array: bool = False,
+        detection_fixed_window: int | None = None,
+        base_model: str | os.PathLike | None = None,
+        model_args: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if not isinstance(lr, (int, float)) or lr <= 0:
+            raise ConfigError(f"lr must be a positive number, got {lr!r}")
+        if len(loss_weights) != 3 or any(w < 0 for w in loss_weights):
+            raise ConfigError(f"loss_weights must be three non-negative numbers (detection, P, S), got {loss_weights!r}")
+        if len(sample_boundaries) != 2:
+            raise ConfigError(f"sample_boundaries must be [low, high] (null for none), got {sample_boundaries!r}")
+        self.lr = float(lr)
+        self.sigma = sigma
+        self.sample_boundaries = tuple(sample_boundaries)
+        self.loss_weights = tuple(float(w) for w in loss_weights)
+        self.rotate_array = rotate_array
+        self.detection_fixed_window = detection_fixed_window
+        if model_args is not None:  # restoring a checkpoint: architecture known, weights follow
+            self.model = self.build_model(None, **model_args)
+        else:
+            self.model = self.build_model(base_model, **kwargs)
+        self.hparams["model_args"] = self.model.get_model_args()
+
+    def build_model(self, base_model: str | os.PathLike | None, **kwargs: Any) -> nn.Module:
+        from moelab.seismic.weights import build_eqtransformer
+
+        return build_eqtransformer(base_model, **kwargs)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, map_location: Any = "cpu") -> "EQTransformerLit":
+        """Module restored from a Lightning checkpoint without running pickled code or re-fetching weights."""
+        ckpt = safe_load(path, map_location=map_location)
+        if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+            raise CheckpointError(f"'{path}' is not a Lightning checkpoint (no 'state_dict'); pass the .ckpt written by training")
+        hparams = dict(ckpt.get("hyper_parameters") or {})
+        try:
+            module = cls(**hparams)
+        except TypeError as e:
+            raise CheckpointError(f"'{path}' was not written by {cls.__name__} ({e})") from None
+        try:
+            module.load_state_dict(ckpt["state_dict"])
+        except RuntimeError as e:
+            raise CheckpointError(f"'{path}' does not fit {cls.__name__}{hparams.get('model_args', '')}: {str(e).splitlines()[0]}") from None
+        return module
+
+    # ------------------------------------------------------------------ training
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        return self.model(x)
+
+    def moe_loss(self) -> Tensor:
+        """Auxiliary loss added to the task loss (none for the dense model)."""
+        return torch.zeros((), device=self.device)
+
+    def moe_loss_coef_value(self) -> float:
+        return 0.0
+
+    def shared_step(self, batch: dict, stage: str) -> Tensor:
+        x = batch["X"]
+        det_logit, p_logit, s_logit = self.model(x, logits=True)
+        det = F.binary_cross_entropy_with_logits(det_logit, batch["detections"][:, 0])
+        p = F.binary_cross_entropy_with_logits(p_logit, batch["y"][:, 0])
+        s = F.binary_cross_entropy_with_logits(s_logit, batch["y"][:, 1])
+        w = self.loss_weights
+        task = w[0] * det + w[1] * p + w[2] * s
+        aux = self.moe_loss()
+        loss = task + self.moe_loss_coef_value() * aux
+        on_step = stage == "train"
+        n = x.shape[0]
+        self.log(f"{stage}_loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=n)
+        self.log_dict(
+            {f"{stage}_task_loss": task, f"{stage}_det_loss": det, f"{stage}_p_loss": p, f"{stage}_s_loss": s},
+            on_step=False, on_epoch=True, batch_size=n,
+        )
+        if moe_layers(self.model):
+            self.log(f"{stage}_moe_loss", aux, on_step=False, on_epoch=True, batch_size=n)
+        return loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        return self.shared_step(batch, "train")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
+        return self.shared_step(batch, "val")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.Adam(params, lr=self.lr)
+
+    # ------------------------------------------------------------------ data pipeline (pick-benchmark)
+    @property
+    def in_samples(self) -> int:
+        return int(self.model.in_samples)
+
+    def _detection_labeller(self) -> Any:
+        if self.detection_fixed_window is not None:
+            return sbg.DetectionLabeller(P_PHASES, fixed_window=self.detection_fixed_window, key=("X", "detections"))
+        return sbg.DetectionLabeller(P_PHASES, s_phases=S_PHASES, key=("X", "detections"))
+
+    def get_joint_augmentations(self) -> tuple[list, list]:
+        n = self.in_samples
+        windowing = [
+            # 2/3: a window around a pick (variable length, padded below); 1/3: the trace as it is.
+            sbg.OneOf(
+                [
+                    sbg.WindowAroundSample(list(PHASE_DICT), samples_before=n, windowlen=2 * n, selection="random", strategy="variable"),
+                    sbg.NullAugmentation(),
+                ],
+                probabilities=[2, 1],
+            ),
+            sbg.RandomWindow(low=self.sample_boundaries[0], high=self.sample_boundaries[1], windowlen=n, strategy="pad"),
+            sbg.ProbabilisticLabeller(label_columns=PHASE_DICT, sigma=self.sigma, dim=0),
+            self._detection_labeller(),
+            sbg.Normalize(detrend_axis=-1, amp_norm_axis=-1, amp_norm_type="peak"),
+        ]
+        dtype = [sbg.ChangeDtype(np.float32, key) for key in ("X", "y", "detections")]
+        return windowing, dtype
+
+    def get_train_augmentations(self) -> list:
+        rotation = (
+            [sbg.OneOf([sbg.RandomArrayRotation(["X", "y", "detections"]), sbg.NullAugmentation()], [0.99, 0.01])]
+            if self.rotate_array
+            else []
+        )
+        perturb = [
+            sbg.OneOf([DuplicateEvent(label_keys=["y"]), sbg.NullAugmentation()], probabilities=[0.3, 0.7]),
+            sbg.OneOf([sbg.GaussianNoise(), sbg.NullAugmentation()], [0.5, 0.5]),
+            *rotation,
+            sbg.OneOf([sbg.AddGap(), sbg.NullAugmentation()], [0.2, 0.8]),
+            sbg.OneOf([sbg.ChannelDropout(), sbg.NullAugmentation()], [0.3, 0.7]),
+            sbg.Normalize(detrend_axis=-1, amp_norm_axis=-1, amp_norm_type="peak"),
+        ]
+        windowing, dtype = self.get_joint_augmentations()
+        return windowing + perturb + dtype
+
+    def get_val_augmentations(self) -> list:
+        windowing, dtype = self.get_joint_augmentations()
+        return windowing + dtype
+
+    def get_eval_augmentations(self) -> list:
+        return [
+            sbg.SteeredWindow(windowlen=self.in_samples, strategy="pad"),
+            sbg.ChangeDtype(np.float32),
+            sbg.Normalize(detrend_axis=-1, amp_norm_axis=-1, amp_norm_type="peak"),
+        ]
+
+    def predict_step(self, batch: dict, batch_idx: int | None = None, dataloader_idx: int | None = None) -> tuple:
+        det, p, s = self.model(batch["X"])
+        borders = torch.as_tensor(batch["window_borders"], device=det.device).reshape(-1, 2).long()
+        start, end = borders[:, :1], borders[:, 1:]
+        idx = torch.arange(det.shape[-1], device=det.device)[None]
+        outside = (idx < start) | (idx >= end)
+        det, p, s = (t.masked_fill(outside, float("-inf")) for t in (det, p, s))
+        p_max, p_arg = p.max(dim=-1)
+        s_max, s_arg = s.max(dim=-1)
+        score_detection = det.max(dim=-1).values
+        score_p_or_s = p_max / s_max  # most likely P over most likely S
+        return score_detection, score_p_or_s, p_arg - start[:, 0], s_arg - start[:, 0]
+
+
+class SeisMoELit(EQTransformerLit):
+    """`EQTransformerLit` around a `SeisMoE`: the user guide's arguments plus pick-benchmark's.
+
+    :param base_model: pretrained EQTransformer to upcycle ("stead", "original", path, or None).
+    :param num_experts: experts per MoE layer.
+    :param num_experts_per_token: experts each token is sent to (k).
+    :param moe_loss_coef: weight of the load-balance loss (guide: 0.01 full training, 0.02 fine-tuning).
+    :param freeze_non_moe: train only routers and experts (fine-tuning); frozen BatchNorm
+        statistics are kept fixed too.
+    :param lr: Adam learning rate (guide: 1e-3 full training, 5e-4 fine-tuning).
+    :param kwargs: `EQTransformerLit` arguments (sigma, loss_weights, ...) and model arguments
+        (gate, router_jitter, aux_loss, in_samples, ...).
+    """
+
+    def __init__(
+        self,
+        base_model: str | os.PathLike | None = None,
+        num_experts: int = 4,
+        num_experts_per_token: int = 2,
+        moe_loss_coef: float = 0.01,
+        freeze_non_moe: bool = False,
+        lr: float = 1e-3,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(moe_loss_coef, (int, float)) or moe_loss_coef < 0:
+            raise ConfigError(f"moe_loss_coef must be a non-negative number, got {moe_loss_coef!r}")
+        self._moe_args = {"num_experts": num_experts, "num_experts_per_token": num_experts_per_token}
+        super().__init__(lr=lr, base_model=base_model, **kwargs)
+        self.moe_loss_coef = float(moe_loss_coef)
+        if self.moe_loss_coef > self.loss_weights[0]:
+            warnings.warn(
+                f"moe_loss_coef={self.moe_loss_coef} exceeds the detection loss weight {self.loss_weights[0]}: the "
+                "load-balance term may dominate detection (the guide recommends 0.01-0.02)",
+                stacklevel=2,
+            )
+        self.freeze_non_moe = bool(freeze_non_moe)
+        if self.freeze_non_moe:
+            if base_model is None and kwargs.get("model_args") is None:
+                warnings.warn("freeze_non_moe=True with base_model=None freezes a randomly initialised trunk", stacklevel=2)
+            _freeze_non_moe(self.model)
+        self._val_snapshot: dict[str, Tensor] | None = None
+
+    def build_model(self, base_model: str | os.PathLike | None, **kwargs: Any) -> nn.Module:
+        from moelab.seismic.model import SeisMoE
+
+        return SeisMoE.from_base(base_model, **{**self._moe_args, **kwargs})
+
+    def moe_loss(self) -> Tensor:
+        return self.model.get_moe_loss()
+
+    def moe_loss_coef_value(self) -> float:
+        return self.moe_loss_coef
+
+    def trainable_report(self) -> Any:
+        return trainable_report(self.model)
+
+    def train(self, mode: bool = True) -> "SeisMoELit":
+        """Frozen BatchNorm layers stay in eval mode so their running statistics stay the pretrained ones."""
+        super().train(mode)
+        if mode and getattr(self, "freeze_non_moe", False):
+            for m in self.model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+                    m.eval()
+        return self
+
+    # ------------------------------------------------------------------ expert usage per epoch
+    def _log_usage(self, prefix: str) -> None:
+        metrics: dict[str, float] = {}
+        for name, s in self.model.moe_usage().items():
+            if not s["total"]:
+                continue
+            metrics[f"{prefix}/{name}/entropy"] = s["entropy"]
+            metrics[f"{prefix}/{name}/max_share"] = s["max_share"]
+            metrics[f"{prefix}/{name}/min_share"] = s["min_share"]
+            for e, c in enumerate(s["counts"]):
+                metrics[f"{prefix}/{name}/share_e{e}"] = c / s["total"]
+        if metrics:
+            self.log_dict(metrics, on_step=False, on_epoch=True)
+
+    def on_train_epoch_start(self) -> None:
+        reset_moe_stats(self.model)
+
+    def on_train_epoch_end(self) -> None:
+        self._log_usage("train_moe")
+
+    def on_validation_epoch_start(self) -> None:
+        # Validation counts are kept apart: the training counts are put aside and restored after.
+        self._val_snapshot = {n: m.usage.counts.clone() for n, m in self.model.named_modules() if isinstance(m, MoELayer)}
+        reset_moe_stats(self.model)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_usage("val_moe")
+        if self._val_snapshot is not None:
+            for name, m in self.model.named_modules():
+                if name in self._val_snapshot:
+                    m.usage.counts.copy_(self._val_snapshot[name])
+            self._val_snapshot = None

@@ -1,0 +1,283 @@
+"""SeisMoE: SeisBench's EQTransformer whose two transformer feed-forward networks are sparse MoE layers.
+
+Only ``transformer_d0.ff`` and ``transformer_d.ff`` change: each becomes a core `TokenMoE` whose
+experts are copies of the dense FeedForward (16 -> 128 -> 16, ReLU, dropout) and whose router is a
+Linear(16, E) with bias. Every time position of every trace is one token, routed on its own.
+Because SeisMoE *is* an EQTransformer subclass, SeisBench's ``annotate``/``classify`` (continuous
+picking), ``save``/``load`` (json + pt folder format) and ``get_model_args`` keep working.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from seisbench.models import EQTransformer
+from seisbench.models.eqtransformer import FeedForward
+from torch import Tensor, nn
+
+from moelab.errors import CheckpointError, ConfigError
+from moelab.moe import GATES, LOSS_KINDS, TokenMoE, model_aux_loss, moe_usage, reset_moe_stats
+from moelab.moe.layer import moe_layers
+
+#: The EQTransformer blocks whose feed-forward network becomes an MoE layer.
+MOE_BLOCKS: tuple[str, ...] = ("transformer_d0", "transformer_d")
+#: Model arguments SeisMoE adds to EQTransformer's (stored by ``save`` in the json).
+MOE_ARGS: tuple[str, ...] = ("num_experts", "num_experts_per_token", "gate", "router_jitter", "aux_loss")
+
+
+class TokenFeedForward(nn.Module):
+    """EQTransformer's FeedForward on tokens ``[..., D]`` (the dense one permutes ``[B, D, T]`` itself).
+
+    Same parameter names (``lin1``, ``lin2``) and computation, so a dense FFN copies in exactly.
+    """
+
+    def __init__(self, io_size: int = 16, drop_rate: float = 0.1, hidden_size: int = 128) -> None:
+        super().__init__()
+        self.lin1 = nn.Linear(io_size, hidden_size)
+        self.lin2 = nn.Linear(hidden_size, io_size)
+        self.dropout = nn.Dropout(drop_rate)
+
+    @classmethod
+    def from_dense(cls, dense: FeedForward) -> "TokenFeedForward":
+        ff = cls.__new__(cls)
+        nn.Module.__init__(ff)
+        ff.lin1 = copy.deepcopy(dense.lin1)
+        ff.lin2 = copy.deepcopy(dense.lin2)
+        ff.dropout = copy.deepcopy(dense.dropout)
+        return ff
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lin2(self.dropout(torch.relu(self.lin1(x))))
+
+
+class ChannelsFirstTokenMoE(TokenMoE):
+    """`TokenMoE` taking EQTransformer's ``[B, D, T]`` layout: each of the B*T positions is one token."""
+
+    def forward(self, x: Tensor, router_features: Tensor | None = None) -> Tensor:
+        y = super().forward(x.transpose(1, 2), None if router_features is None else router_features.transpose(1, 2))
+        return y.transpose(1, 2)
+
+
+def upcycle_feedforward(dense: FeedForward, num_experts: int, k: int, gate: str = "topk_softmax", jitter: float = 0.0) -> ChannelsFirstTokenMoE:
+    """MoE layer whose experts are copies of ``dense`` (core `MoELayer.upcycle`): same output at init."""
+    expert = TokenFeedForward.from_dense(dense)
+    layer = ChannelsFirstTokenMoE.upcycle(
+        expert, num_experts, k, router_in_features=expert.lin1.in_features, gate=gate, jitter=jitter  # type: ignore[arg-type]
+    )
+    return layer  # type: ignore[return-value]
+
+
+def _validate_moe_args(num_experts: Any, k: Any, gate: Any, router_jitter: Any, aux_loss: Any) -> None:
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+        raise ConfigError(f"num_experts must be a positive integer, got {num_experts!r} (the guide recommends 4-16)")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_experts:
+        raise ConfigError(
+            f"num_experts_per_token must be an integer between 1 and num_experts={num_experts}, got {k!r}"
+        )
+    if gate not in GATES:
+        raise ConfigError(f"gate must be one of {GATES}, got {gate!r}")
+    if not isinstance(router_jitter, (int, float)) or not 0.0 <= float(router_jitter) < 1.0:
+        raise ConfigError(f"router_jitter must be a number in [0, 1), got {router_jitter!r}")
+    if aux_loss not in LOSS_KINDS:
+        raise ConfigError(f"aux_loss must be one of {LOSS_KINDS}, got {aux_loss!r}")
+
+
+class SeisMoE(EQTransformer):
+    """EQTransformer with per-token top-k MoE feed-forward layers in both transformer blocks.
+
+    :param num_experts: experts per MoE layer (E).
+    :param num_experts_per_token: experts each token is sent to (k).
+    :param gate: ``"topk_softmax"`` (softmax over the k chosen logits) or ``"softmax_topk"``.
+    :param router_jitter: multiplicative router-input noise in training (0 = off).
+    :param aux_loss: load-balance loss kind of `get_moe_loss` (``"switch"`` or ``"variance"``).
+    :param eqt_kwargs: EQTransformer's own arguments (in_samples, original_compatible, norm, ...).
+
+    ``SeisMoE.from_base("stead", ...)`` starts from pretrained EQTransformer weights (see
+    `moelab.seismic.weights`); the constructor alone gives a randomly initialised model.
+    """
+
+    def __init__(
+        self,
+        num_experts: int = 4,
+        num_experts_per_token: int = 2,
+        gate: str = "topk_softmax",
+        router_jitter: float = 0.0,
+        aux_loss: str = "switch",
+        **eqt_kwargs: Any,
+    ) -> None:
+        _validate_moe_args(num_experts, num_experts_per_token, gate, router_jitter, aux_loss)
+        try:
+            super().__init__(**eqt_kwargs)
+        except TypeError as e:
+            raise ConfigError(f"unknown EQTransformer argument for SeisMoE: {e}") from None
+        except ValueError as e:
+            raise ConfigError(f"invalid EQTransformer arguments for SeisMoE: {e}") from None
+        self.num_experts = num_experts
+        self.num_experts_per_token = num_experts_per_token
+        self.gate = gate
+        self.router_jitter = float(router_jitter)
+        self.aux_loss = aux_loss
+        for name in MOE_BLOCKS:
+            block = getattr(self, name)
+            block.ff = upcycle_feedforward(block.ff, num_experts, num_experts_per_token, gate, self.router_jitter)
+
+    # ----------------------------------------------------------------- building from dense weights
+    @classmethod
+    def from_eqtransformer(cls, dense: EQTransformer, **moe_kwargs: Any) -> "SeisMoE":
+        """SeisMoE computing exactly what ``dense`` computes (experts upcycled from its FFNs).
+
+        ``moe_kwargs``: the MoE arguments (num_experts, ...) plus any EQTransformer argument to
+        override (it must still fit the dense weights).
+        """
+        moe = {k: v for k, v in moe_kwargs.items() if k in MOE_ARGS}
+        eqt_args = {**dense.get_model_args(), **{k: v for k, v in moe_kwargs.items() if k not in MOE_ARGS}}
+        model = cls(**moe, **eqt_args)
+        model.load_dense_state_dict(dense.state_dict())
+        model.default_args.update(copy.deepcopy(dense.default_args))
+        model._weights_docstring = dense.weights_docstring
+        model._weights_version = dense.weights_version
+        return model
+
+    @classmethod
+    def from_base(cls, base_model: str | os.PathLike | None, **kwargs: Any) -> "SeisMoE":
+        """SeisMoE started from ``base_model``: ``"stead"``/``"original"``/any SeisBench EQTransformer
+        weight name, a local weights folder or file (see `moelab.seismic.weights`), or None/``"none"``
+        for random initialisation.
+
+        Dense EQTransformer weights are upcycled (outputs equal the dense model's at init); weights of
+        a trained SeisMoE (router keys present) are loaded as they are. The architecture arguments
+        stored with the weights are used; ``kwargs`` add the MoE arguments and may override others.
+        """
+        from moelab.seismic.weights import load_base_weights
+
+        base = load_base_weights(base_model)
+        if base is None:
+            return cls(**kwargs)
+        model = cls(**{**base.model_args, **kwargs})
+        if any(".ff.router." in key for key in base.state_dict):
+            try:
+                model.load_state_dict(base.state_dict)
+            except RuntimeError as e:
+                raise CheckpointError(
+                    f"SeisMoE weights from {base.source} do not fit num_experts={model.num_experts}: "
+                    f"{str(e).splitlines()[0]}; use the num_experts they were trained with"
+                ) from None
+        else:
+            model.load_dense_state_dict(base.state_dict)
+        model.default_args.update(copy.deepcopy(base.metadata.get("default_args") or {}))
+        model._weights_docstring = base.metadata.get("docstring", "")
+        model._weights_version = base.metadata.get("version", "1")
+        return model
+
+    def load_dense_state_dict(self, state_dict: dict[str, Tensor]) -> None:
+        """Load a dense EQTransformer state dict: trunk as is, each FFN copied into every expert.
+
+        The routers keep their initialisation; since each token's combine weights sum to one and
+        all experts are equal, the model then computes what the dense model computed.
+        """
+        own = self.state_dict()
+        mapped: dict[str, Tensor] = {}
+        unexpected: list[str] = []
+        for key, value in state_dict.items():
+            block = next((b for b in MOE_BLOCKS if key.startswith(f"{b}.ff.")), None)
+            if block is None:
+                (mapped.__setitem__(key, value) if key in own else unexpected.append(key))
+                continue
+            rest = key[len(f"{block}.ff."):]
+            for e in range(self.num_experts):
+                target = f"{block}.ff.experts.{e}.{rest}"
+                (mapped.__setitem__(target, value) if target in own else unexpected.append(key))
+        missing = [k for k in own if k not in mapped and ".ff.router." not in k]
+        if missing or unexpected:
+            raise CheckpointError(
+                "the base weights do not fit this EQTransformer architecture "
+                f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
+                f"{sorted(set(unexpected))[:5]}{'...' if len(unexpected) > 5 else ''}); pass the model arguments stored "
+                "with the weights (their .json 'model_args', e.g. original_compatible, lstm_blocks, in_samples)"
+            )
+        for key, value in mapped.items():
+            if own[key].shape != value.shape:
+                raise CheckpointError(
+                    f"base weight '{key}' has shape {tuple(value.shape)} but the model expects {tuple(own[key].shape)}; "
+                    "the model arguments do not match those the weights were trained with"
+                )
+        self.load_state_dict(mapped, strict=False)
+
+    # ----------------------------------------------------------------- MoE API of the user guide
+    def get_moe_loss(self) -> Tensor:
+        """Load-balance loss of the last forward, averaged over both MoE layers (core `model_aux_loss`)."""
+        return model_aux_loss(self, kind=self.aux_loss)  # type: ignore[arg-type]
+
+    def reset_moe_stats(self) -> None:
+        """Clear the expert-usage counts of both MoE layers."""
+        reset_moe_stats(self)
+
+    def moe_usage(self) -> dict[str, dict]:
+        """Per MoE layer (``transformer_d0.ff``, ``transformer_d.ff``): counts, shares, entropy."""
+        return moe_usage(self)
+
+    def moe_layers(self) -> list[TokenMoE]:
+        return moe_layers(self)  # type: ignore[return-value]
+
+    # ----------------------------------------------------------------- SeisBench model format
+    def get_model_args(self) -> dict[str, Any]:
+        args = super().get_model_args()
+        args.update(
+            num_experts=self.num_experts,
+            num_experts_per_token=self.num_experts_per_token,
+            gate=self.gate,
+            router_jitter=self.router_jitter,
+            aux_loss=self.aux_loss,
+        )
+        return args
+
+    def save(self, path: str | os.PathLike, weights_docstring: str = "", version_str: str | None = None) -> None:
+        """SeisBench's ``save`` (``<path>.json`` + ``<path>.pt``), written atomically.
+
+        Both files are first written under temporary names by SeisBench, then renamed into place,
+        so an interrupted save never leaves a half-written pair.
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        final_json, final_pt = self._get_weights_file_paths(path, version_str)
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
+            tmp_base = Path(tmp) / path.name
+            super().save(tmp_base, weights_docstring=weights_docstring, version_str=version_str)
+            tmp_json, tmp_pt = self._get_weights_file_paths(tmp_base, version_str)
+            os.replace(tmp_pt, final_pt)
+            os.replace(tmp_json, final_json)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, version_str: str | None = None, **kwargs: Any) -> "SeisMoE":
+        """Load a SeisMoE saved with `save` without running pickled code (``weights_only=True``)."""
+        from moelab.checkpoint import safe_load
+
+        path_json, path_pt = cls._get_weights_file_paths(Path(path), version_str)
+        if not path_json.is_file():
+            raise CheckpointError(f"SeisMoE metadata '{path_json}' not found: pass the path given to save() (without .json/.pt)")
+        try:
+            metadata = json.loads(path_json.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"SeisMoE metadata '{path_json}' is not valid json ({e})") from None
+        args = dict(metadata.get("model_args", {}))
+        if "num_experts" not in args:
+            raise CheckpointError(
+                f"'{path_json}' describes a dense EQTransformer, not a SeisMoE; start a SeisMoE from it with "
+                f"SeisMoE.from_base('{Path(path)}') (or base_model='{Path(path)}')"
+            )
+        cls._check_version_requirement(metadata)
+        state = safe_load(path_pt, map_location=kwargs.get("map_location", "cpu"))
+        model = cls(**args)
+        model._weights_metadata = metadata
+        model._parse_metadata()
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise CheckpointError(f"weights '{path_pt}' do not fit the model described by '{path_json}': {str(e).splitlines()[0]}") from None
+        return model

@@ -1,0 +1,274 @@
+"""Pretrained EQTransformer weights for SeisMoE's ``base_model``, online or offline, never unpickled.
+
+``base_model`` may be
+
+* a SeisBench weight name (``"stead"``, ``"original"``, ``"ethz"``, ...): looked up in SeisBench's
+  cache and downloaded there by SeisBench's own machinery when missing (needs internet once);
+* a local path: a SeisBench-format pair (``<name>.json`` + ``<name>.pt``, optionally ``.v<N>``
+  suffixed; give the folder holding it, either file, or the common prefix as passed to ``save``),
+  a plain ``.pt``/``.pth`` state dict, a Lightning ``.ckpt`` of an `EQTransformerLit`/`SeisMoELit`,
+  or a ``.safetensors`` file (a ``.json`` with the same stem supplies the model arguments);
+* None / ``"none"``: random initialisation.
+
+The architecture arguments stored with the weights (``model_args`` in the json, e.g.
+``original_compatible``, ``lstm_blocks`` and ``norm`` of the ``"original"`` weights) are returned with
+them so the model is built to fit. SeisBench 0.12.6 reads weights with a bare ``torch.load`` (safe
+only where torch defaults to ``weights_only=True``), so the files are read here with
+`moelab.checkpoint.safe_load` (or safetensors) instead: a pickle payload is refused, never run.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from packaging import version as _version
+from seisbench.models import EQTransformer
+from torch import Tensor
+
+from moelab.checkpoint import safe_load
+from moelab.errors import CheckpointError, ConfigError
+
+NO_BASE = frozenset({"", "none", "null", "random", "scratch"})
+WEIGHT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
+_VERSIONED = re.compile(r"^(?P<stem>.+)\.(?P<kind>json|pt)(?:\.v(?P<version>[^/]+))?$")
+
+
+@dataclass
+class BaseWeights:
+    """A dense EQTransformer's (or a SeisMoE's) weights with the arguments needed to rebuild it."""
+
+    state_dict: dict[str, Tensor]
+    model_args: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+
+def load_base_weights(base_model: str | os.PathLike | None) -> BaseWeights | None:
+    """Resolve ``base_model`` (name, path or none) to weights; None means random initialisation."""
+    if base_model is None:
+        return None
+    if isinstance(base_model, str):
+        if base_model.strip().lower() in NO_BASE:
+            return None
+        if not _looks_like_path(base_model):
+            return load_pretrained(base_model.strip())
+    elif not isinstance(base_model, os.PathLike):
+        raise ConfigError(f"base_model must be a weight name, a path or null, got {type(base_model).__name__} {base_model!r}")
+    return load_local(Path(base_model).expanduser())
+
+
+def _looks_like_path(s: str) -> bool:
+    return (
+        "/" in s
+        or os.sep in s
+        or s.startswith((".", "~"))
+        or s.endswith(WEIGHT_SUFFIXES + (".json",))
+        or _VERSIONED.match(Path(s).name) is not None
+    )
+
+
+# --------------------------------------------------------------------------- SeisBench pretrained
+def cache_folder() -> Path:
+    """Where SeisBench keeps EQTransformer weights (``<cache>/models/v3/eqtransformer``)."""
+    return EQTransformer._model_path()
+
+
+def load_pretrained(name: str) -> BaseWeights:
+    """SeisBench pretrained EQTransformer weights ``name``, from the cache or downloaded by SeisBench."""
+    cls = EQTransformer
+    try:
+        versions = cls.list_versions(name, remote=False)
+    except Exception:  # noqa: BLE001 - an unreadable cache is treated like an empty one
+        versions = []
+    if not versions:
+        try:
+            versions = cls.list_versions(name, remote=True)
+        except Exception as e:  # noqa: BLE001 - requests/HTTP errors all mean "not reachable"
+            raise CheckpointError(_offline_message(name, e)) from None
+        if not versions:
+            raise CheckpointError(
+                f"SeisBench has no EQTransformer weights named '{name}'; see "
+                "seisbench.models.EQTransformer.list_pretrained() for the names (e.g. 'stead', 'original', 'ethz')"
+            )
+    best = max(versions, key=lambda v: _version.parse(v) if v else _version.parse("0"))
+    cls._version_warnings(name, best)
+    weight_path, metadata_path = cls._pretrained_path(name, best)
+    try:
+        cls._ensure_weight_files(name, best, weight_path, metadata_path, False, False)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(_offline_message(name, e)) from None
+    metadata = _read_json(metadata_path)
+    return BaseWeights(
+        state_dict=_read_state_dict(weight_path),
+        model_args=dict(metadata.get("model_args", {})),
+        metadata=metadata,
+        source=f"SeisBench EQTransformer weights '{name}' (version {best}, {weight_path})",
+    )
+
+
+def _offline_message(name: str, error: BaseException) -> str:
+    folder = cache_folder()
+    reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+    return (
+        f"pretrained EQTransformer weights '{name}' are not in SeisBench's cache and could not be downloaded "
+        f"({type(error).__name__}: {reason}). Fix: run once with internet access (SeisBench then caches them), or "
+        f"copy the files '{name}.json.v<N>' and '{name}.pt.v<N>' (or unversioned '{name}.json' + '{name}.pt') "
+        f"from {EQTransformer._remote_path()}/ into {folder}/ ; or pass a local path as base_model "
+        "(a SeisBench .json+.pt pair or its folder, a .pt state dict, a .ckpt, or a .safetensors file); "
+        "or base_model='none' to start from random weights"
+    )
+
+
+# --------------------------------------------------------------------------- local files
+def load_local(path: Path) -> BaseWeights:
+    """Weights from a local folder or file (see the module docstring for the accepted layouts)."""
+    if path.is_dir():
+        return _load_folder(path)
+    if not path.exists():
+        pair = _seisbench_pair(path.parent, path.name) if path.parent.is_dir() else None
+        if pair is not None:
+            return _load_pair(*pair)
+        raise CheckpointError(
+            f"base_model path '{path}' does not exist: give an existing weights folder or file, "
+            "a SeisBench weight name such as 'stead', or 'none'"
+        )
+    m = _VERSIONED.match(path.name)
+    if m is not None:
+        pair = _seisbench_pair(path.parent, m["stem"], m["version"])
+        if pair is not None:
+            return _load_pair(*pair)
+        if m["kind"] == "json":
+            raise CheckpointError(f"'{path}' has no weights file next to it: expected '{m['stem']}.pt' in {path.parent}")
+    json_path = path.with_suffix(".json")
+    metadata = _read_json(json_path) if json_path.is_file() else {}
+    return _from_state(_read_state_dict(path), metadata, f"'{path}'", path)
+
+
+def _load_folder(folder: Path) -> BaseWeights:
+    stems = sorted({m["stem"] for f in folder.iterdir() if (m := _VERSIONED.match(f.name)) and m["kind"] == "json"})
+    pairs = [p for s in stems if (p := _seisbench_pair(folder, s)) is not None]
+    if len(pairs) == 1:
+        return _load_pair(*pairs[0])
+    files = sorted(f for f in folder.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
+    if not pairs and len(files) == 1:
+        return load_local(files[0])
+    found = [str(p[1].name) for p in pairs] + [f.name for f in files]
+    raise CheckpointError(
+        f"base_model folder '{folder}' must hold exactly one set of weights, found "
+        f"{found if found else 'none'}; pass the file itself (e.g. '{folder / (found[0] if found else 'model.pt')}')"
+    )
+
+
+def _seisbench_pair(folder: Path, stem: str, version: str | None = None) -> tuple[Path, Path] | None:
+    """The (json, pt) pair ``stem.json[.vN]`` + ``stem.pt[.vN]`` in ``folder``, newest version first."""
+    if version is not None:
+        j, p = folder / f"{stem}.json.v{version}", folder / f"{stem}.pt.v{version}"
+        return (j, p) if j.is_file() and p.is_file() else None
+    candidates: list[tuple[Any, Path, Path]] = []
+    for f in folder.iterdir():
+        m = _VERSIONED.match(f.name)
+        if m is None or m["kind"] != "json" or m["stem"] != stem:
+            continue
+        suffix = f".v{m['version']}" if m["version"] else ""
+        pt = folder / f"{stem}.pt{suffix}"
+        if pt.is_file():
+            candidates.append((_version.parse(m["version"]) if m["version"] else _version.parse("0"), f, pt))
+    if not candidates:
+        return None
+    _, j, p = max(candidates, key=lambda c: c[0])
+    return j, p
+
+
+def _load_pair(json_path: Path, pt_path: Path) -> BaseWeights:
+    return _from_state(_read_state_dict(pt_path), _read_json(json_path), f"'{pt_path}'", pt_path)
+
+
+def _from_state(raw: Any, metadata: dict[str, Any], source: str, path: Path) -> BaseWeights:
+    state, ckpt_args = _as_state_dict(raw, path)
+    args = {**ckpt_args, **dict(metadata.get("model_args", {}))}
+    return BaseWeights(state_dict=state, model_args=args, metadata=metadata, source=source)
+
+
+def _as_state_dict(raw: Any, path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """A plain state dict from a state dict or a Lightning checkpoint (``model.`` prefix removed)."""
+    args: dict[str, Any] = {}
+    if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
+        hparams = raw.get("hyper_parameters") or {}
+        args = {k: v for k, v in hparams.items() if k in _model_arg_names()}
+        raw = raw["state_dict"]
+    if not isinstance(raw, dict) or not raw or not all(isinstance(v, Tensor) for v in raw.values()):
+        raise CheckpointError(f"'{path}' is not a state dict of tensors (nor a Lightning checkpoint holding one)")
+    if all(k.startswith("model.") for k in raw):
+        raw = {k[len("model."):]: v for k, v in raw.items()}
+    return dict(raw), args
+
+
+def _model_arg_names() -> set[str]:
+    from moelab.seismic.model import MOE_ARGS
+
+    names = set(inspect.signature(EQTransformer.__init__).parameters) - {"self", "kwargs"}
+    return names | set(MOE_ARGS) | {"component_order"}
+
+
+def _read_state_dict(path: Path) -> Any:
+    if path.name.endswith(".safetensors"):
+        if not path.is_file():
+            raise CheckpointError(f"weights file '{path}' does not exist")
+        try:
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu")
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            raise CheckpointError(f"'{path}' is not a valid safetensors file ({type(e).__name__}: {e})") from None
+    return safe_load(path, map_location="cpu")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"weights metadata '{path}' does not exist") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"weights metadata '{path}' is not valid json ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"weights metadata '{path}' must be a json object with 'model_args'")
+    return data
+
+
+# --------------------------------------------------------------------------- dense baseline
+def build_eqtransformer(base_model: str | os.PathLike | None = None, **kwargs: Any) -> EQTransformer:
+    """Plain SeisBench EQTransformer from ``base_model`` (same resolution as SeisMoE), for baselines."""
+    base = load_base_weights(base_model)
+    args = {**(base.model_args if base else {}), **kwargs}
+    if base is not None and any(".ff.router." in k or ".ff.experts." in k for k in base.state_dict):
+        raise CheckpointError(f"{base.source} holds SeisMoE weights, not a plain EQTransformer: load them with SeisMoE")
+    args = {k: v for k, v in args.items() if k not in _moe_only_args()}
+    try:
+        model = EQTransformer(**args)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"invalid EQTransformer arguments: {e}") from None
+    if base is not None:
+        try:
+            model.load_state_dict(base.state_dict)
+        except RuntimeError as e:
+            raise CheckpointError(
+                f"{base.source} does not fit EQTransformer({args}): {str(e).splitlines()[0]}; pass the model "
+                "arguments the weights were trained with"
+            ) from None
+        model.default_args.update(base.metadata.get("default_args") or {})
+        model._weights_docstring = base.metadata.get("docstring", "")
+        model._weights_version = base.metadata.get("version", "1")
+    return model
+
+
+def _moe_only_args() -> set[str]:
+    from moelab.seismic.model import MOE_ARGS
+
+    return set(MOE_ARGS)

@@ -1,0 +1,161 @@
+"""Grouped and gathered dispatch equal a naive per-unit loop, in outputs and in gradients."""
+
+import pytest
+import torch
+from torch import nn
+
+from moelab.diffusion.experts import ResidualConvExperts
+from moelab.moe import ExpertBank, MoELayer, Routing, TokenMoE, TopKRouter, dispatch, route
+
+TOL = 1e-5
+
+
+def _ffn_experts(e: int, d: int = 6) -> nn.ModuleList:
+    return nn.ModuleList(nn.Sequential(nn.Linear(d, 16), nn.GELU(), nn.Linear(16, d)) for _ in range(e))
+
+
+def _conv_experts(e: int, c: int = 4) -> nn.ModuleList:
+    return nn.ModuleList(nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.GELU(), nn.Conv2d(c, c, 1)) for _ in range(e))
+
+
+def _run_expert(experts, e: int, xi: torch.Tensor) -> torch.Tensor:
+    if isinstance(experts, ExpertBank):
+        return experts.expert_forward(xi, e)
+    return experts[e](xi)
+
+
+def _reference(experts, x, indices, weights):
+    """The quick-start's loop: over units, then over each unit's k experts."""
+    rows = []
+    for n in range(x.shape[0]):
+        yn = 0
+        for j in range(indices.shape[1]):
+            yn = yn + weights[n, j] * _run_expert(experts, int(indices[n, j]), x[n : n + 1])
+        rows.append(yn)
+    return torch.cat(rows)
+
+
+def _routing(n: int, e: int, k: int, allowed: list[int] | None = None, seed: int = 0) -> Routing:
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, e, generator=g)
+    if allowed is not None:  # experts outside `allowed` receive no unit
+        mask = torch.full((e,), float("-inf"))
+        mask[allowed] = 0
+        logits = logits + mask
+    r = route(logits, k)
+    return Routing(r.logits, r.indices, r.weights.detach().clone().requires_grad_(True))
+
+
+def _compare(experts, x, routing):
+    # float64 so that the comparison measures the algorithm, not float32 summation order
+    experts.double()
+    x = x.double()
+    routing = Routing(routing.logits.double(), routing.indices, routing.weights.detach().double().requires_grad_(True))
+    x1 = x.clone().requires_grad_(True)
+    y = dispatch(experts, x1, routing)
+    g_out = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x1, routing.weights, *experts.parameters()], g_out, allow_unused=True)
+    x2 = x.clone().requires_grad_(True)
+    y_ref = _reference(experts, x2, routing.indices, routing.weights)
+    grads_ref = torch.autograd.grad(y_ref, [x2, routing.weights, *experts.parameters()], g_out, allow_unused=True)
+    assert y.shape == y_ref.shape
+    torch.testing.assert_close(y, y_ref, atol=TOL, rtol=TOL)
+    for a, b in zip(grads, grads_ref):
+        if a is None or b is None:
+            assert (a is None or a.abs().max() == 0) and (b is None or b.abs().max() == 0)
+        else:
+            torch.testing.assert_close(a, b, atol=TOL, rtol=TOL)
+
+
+CASES = [(1, None), (2, None), (4, None), (2, [0, 2])]  # k = 1, 2, E, and experts with no unit
+
+
+@pytest.mark.parametrize("k,allowed", CASES)
+def test_token_ffn_experts_match_reference(k, allowed):
+    torch.manual_seed(1)
+    experts = _ffn_experts(4)
+    x = torch.randn(2 * 7, 6)  # tokens flattened from [B=2, T=7, D=6]
+    _compare(experts, x, _routing(14, 4, k, allowed))
+
+
+@pytest.mark.parametrize("k,allowed", CASES)
+def test_sample_conv_module_experts_match_reference(k, allowed):
+    torch.manual_seed(2)
+    experts = _conv_experts(4)
+    x = torch.randn(6, 4, 8, 8)
+    _compare(experts, x, _routing(6, 4, k, allowed, seed=3))
+
+
+@pytest.mark.parametrize("dsconv", [True, False])
+@pytest.mark.parametrize("k,allowed", CASES)
+def test_gathered_conv_bank_matches_reference(k, allowed, dsconv):
+    torch.manual_seed(3)
+    bank = ResidualConvExperts(4, 8, use_dsconv=dsconv)
+    with torch.no_grad():  # make experts differ in every parameter, norms included
+        for p in bank.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(5, 8, 8, 8)
+    _compare(bank, x, _routing(5, 4, k, allowed, seed=4))
+
+
+def test_unselected_experts_get_exactly_zero_gradient():
+    torch.manual_seed(4)
+    bank = ResidualConvExperts(4, 8)
+    layer = MoELayer(TopKRouter(8, 4, 1), bank)
+    x = torch.randn(6, 8, 8, 8)
+    with torch.no_grad():
+        layer.router.net.bias.copy_(torch.tensor([5.0, -5.0, 5.0, -5.0]))
+        layer.router.net.weight.zero_()
+        layer.router.net.weight[0].fill_(1.0)  # positive pooled features prefer 0, negative prefer 2
+    feats = torch.cat([torch.ones(3, 8), -torch.ones(3, 8)])
+    layer(x, feats).sum().backward()
+    used = set(layer.last_routing.indices.flatten().tolist())
+    assert used == {0, 2}
+    for name, p in bank.named_parameters():
+        per_expert = p.grad.reshape(4, -1).abs().sum(1)
+        for e in range(4):
+            assert (per_expert[e] > 0) == (e in used), (name, e)
+
+
+def test_token_moe_layer_shapes_and_units():
+    torch.manual_seed(5)
+    layer = TokenMoE(TopKRouter(6, 4, 2), _ffn_experts(4))
+    x = torch.randn(3, 5, 6)
+    y = layer(x)
+    assert y.shape == x.shape
+    assert layer.last_routing.indices.shape == (15, 2)  # one routing decision per token
+    flat = dispatch(layer.experts, x.reshape(15, 6), layer.last_routing).reshape(3, 5, 6)
+    torch.testing.assert_close(y, flat)
+
+
+def test_grouped_dispatch_runs_each_expert_once():
+    calls = []
+
+    class Counting(nn.Module):
+        def __init__(self, e):
+            super().__init__()
+            self.e, self.lin = e, nn.Linear(3, 3)
+
+        def forward(self, x):
+            calls.append((self.e, x.shape[0]))
+            return self.lin(x)
+
+    experts = nn.ModuleList(Counting(e) for e in range(4))
+    r = _routing(10, 4, 2, allowed=[0, 1, 3])
+    dispatch(experts, torch.randn(10, 3), r)
+    counts = torch.bincount(r.indices.flatten(), minlength=4).tolist()
+    assert sorted(calls) == sorted((e, c) for e, c in enumerate(counts) if c > 0)
+    assert 2 not in [e for e, _ in calls]
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    torch.manual_seed(6)
+    layer = MoELayer(TopKRouter(8, 4, 2), ResidualConvExperts(4, 8))
+    x = torch.randn(4, 8, 8, 8)
+    layer(x, x.mean((2, 3))).sum().backward()
+    ref = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    layer.gradient_checkpointing = True
+    layer(x, x.mean((2, 3))).sum().backward()
+    for a, b in zip(ref, [p.grad for p in layer.parameters()]):
+        torch.testing.assert_close(a, b)

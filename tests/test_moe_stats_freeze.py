@@ -1,0 +1,80 @@
+import copy
+
+import torch
+from torch import nn
+
+from moelab.moe import (
+    ExpertUsage,
+    MoELayer,
+    TokenMoE,
+    TopKRouter,
+    freeze_non_moe,
+    model_aux_loss,
+    moe_usage,
+    reset_moe_stats,
+    router_logits,
+    trainable_report,
+)
+
+
+def test_usage_counts_exact_and_accumulate_until_reset():
+    u = ExpertUsage(4)
+    u.update(torch.tensor([[0, 1], [0, 3], [0, 1]]))
+    u.update(torch.tensor([[2, 0]]))
+    assert u.counts.tolist() == [4, 2, 1, 1]
+    s = u.summary()
+    assert s["total"] == 8 and s["max_share"] == 0.5 and s["min_share"] == 0.125
+    f = torch.tensor([0.5, 0.25, 0.125, 0.125])
+    assert abs(s["entropy"] - float(-(f * f.log()).sum() / torch.log(torch.tensor(4.0)))) < 1e-9
+    u.reset()
+    assert u.total == 0 and u.counts.tolist() == [0, 0, 0, 0]
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(6, 6)
+        ffn = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 6))
+        self.moe = TokenMoE.upcycle(ffn, num_experts=3, k=2, router_in_features=6)
+        self.out = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.out(self.moe(self.inp(x)))
+
+
+def test_layer_stats_through_model_and_reset():
+    m = Tiny()
+    m(torch.randn(2, 5, 6))
+    m(torch.randn(1, 5, 6))
+    usage = moe_usage(m)
+    assert list(usage) == ["moe"] and usage["moe"]["total"] == (2 * 5 + 5) * 2
+    assert len(router_logits(m)) == 1 and router_logits(m)[0].shape == (5, 3)
+    assert model_aux_loss(m).item() > 0
+    reset_moe_stats(m)
+    assert moe_usage(m)["moe"]["total"] == 0
+
+
+def test_freeze_non_moe_counts_exact():
+    m = Tiny()
+    rep = freeze_non_moe(m)
+    expert = 6 * 12 + 12 + 12 * 6 + 6
+    router = 6 * 3 + 3
+    assert rep.trainable == 3 * expert + router
+    assert rep.tensors == 3 * 4 + 2
+    assert rep.total == sum(p.numel() for p in m.parameters())
+    assert all(not p.requires_grad for p in m.inp.parameters())
+    assert trainable_report(m) == rep
+    assert "frozen" in str(rep)
+
+
+def test_upcycled_layer_equals_dense():
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(6, 12), nn.GELU(), nn.Linear(12, 6))
+    for k in (1, 2, 4):
+        layer = TokenMoE.upcycle(copy.deepcopy(dense), num_experts=4, k=k, router_in_features=6)
+        x = torch.randn(3, 7, 6)
+        torch.testing.assert_close(layer(x), dense(x), atol=1e-6, rtol=0)
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    layer = MoELayer.upcycle(conv, num_experts=3, k=2, router_in_features=4)
+    x = torch.randn(5, 4, 6, 6)
+    torch.testing.assert_close(layer(x, x.mean((2, 3))), conv(x), atol=1e-6, rtol=0)
