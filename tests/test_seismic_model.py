@@ -61,12 +61,12 @@ def test_parameter_figures_of_the_user_guide():
 
 def test_outputs_match_eqtransformer_shapes_and_range():
     torch.manual_seed(0)
-    x = torch.randn(3, 3, N)
+    x = torch.randn(2, 3, N)
     eqt, moe = EQTransformer(in_samples=N).eval(), SeisMoE(in_samples=N, num_experts=8, num_experts_per_token=3).eval()
     with torch.no_grad():
         ref, out = eqt(x), moe(x)
     assert len(out) == len(ref) == 3
-    assert [o.shape for o in out] == [r.shape for r in ref] == [torch.Size([3, N])] * 3
+    assert [o.shape for o in out] == [r.shape for r in ref] == [torch.Size([2, N])] * 3
     assert all(float(o.min()) >= 0.0 and float(o.max()) <= 1.0 for o in out)
 
 
@@ -102,6 +102,25 @@ def test_gradients_reach_only_the_selected_experts():
             else:
                 assert all(g is None or float(g.abs().sum()) == 0 for g in grads)
         assert float(block.ff.router.net.weight.grad.abs().sum()) > 0  # through the combine weights
+
+
+def test_load_loss_moves_only_the_routers():
+    """With detached router inputs (default) the aux loss cannot reshape the trunk's features."""
+    x = torch.randn(2, 3, N)
+    for detach in (True, False):
+        torch.manual_seed(0)
+        moe = SeisMoE(in_samples=N, detach_router_input=detach)
+        moe(x)
+        moe.get_moe_loss().backward()
+        others = [p.grad for n, p in moe.named_parameters() if ".ff.router." not in n]
+        reached = any(g is not None and float(g.abs().sum()) > 0 for g in others)
+        assert reached is (not detach)
+        assert float(moe.transformer_d.ff.router.net.weight.grad.abs().sum()) > 0
+    # the task loss still trains the trunk through the experts
+    torch.manual_seed(0)
+    moe = SeisMoE(in_samples=N)
+    moe(x)[1].sum().backward()
+    assert float(moe.bi_lstm_stack.members[0].conv.weight.grad.abs().sum()) > 0
 
 
 def _assert_upcycled(dense: EQTransformer, moe: SeisMoE, n: int = N) -> None:
@@ -158,6 +177,50 @@ def test_stead_and_original_names_resolve_through_seisbench_cache(seisbench_cach
     assert isinstance(moe.bi_lstm_stack.members[0].lstm, CustomLSTM) and moe.lstm_blocks == 2
     assert moe.transformer_d0.attention.eps == 1e-7
     _assert_upcycled(original, moe, n=6000)
+
+
+def _serve_webdav(folder: Path):
+    """A minimal WebDAV-like server (PROPFIND listing + GET) like SeisBench's weight repository."""
+    import http.server
+    import threading
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, directory=str(folder), **kw)
+
+        def log_message(self, *a):  # keep the test output clean
+            pass
+
+        def do_PROPFIND(self):  # noqa: N802 - HTTP verb
+            listed = folder / self.path.strip("/")
+            hrefs = [self.path] + [self.path.rstrip("/") + "/" + f.name for f in sorted(listed.iterdir())]
+            body = ('<?xml version="1.0"?><d:multistatus xmlns:d="DAV:">'
+                    + "".join(f"<d:response><d:href>{h}</d:href></d:response>" for h in hrefs)
+                    + "</d:multistatus>").encode()
+            self.send_response(207)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_pretrained_name_is_downloaded_by_seisbench_when_online(seisbench_cache, tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    remote = tmp_path / "remote" / "eqtransformer"
+    remote.mkdir(parents=True)
+    dense = EQTransformer(in_samples=N)
+    dense.save(remote / "geofon", version_str="2")
+    server = _serve_webdav(remote.parent)
+    try:
+        monkeypatch.setattr(seisbench, "remote_model_root", f"http://127.0.0.1:{server.server_port}/")
+        moe = SeisMoE.from_base("geofon", num_experts=4, num_experts_per_token=2)
+    finally:
+        server.shutdown()
+    assert (seisbench_cache / "geofon.pt.v2").is_file() and (seisbench_cache / "geofon.json.v2").is_file()
+    _assert_upcycled(dense, moe)
 
 
 def test_missing_pretrained_weights_offline_says_where_to_put_them(seisbench_cache):

@@ -10,6 +10,7 @@ so every evaluation of every checkpoint of one data set uses the very same judge
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from pathlib import Path
 
@@ -107,11 +108,19 @@ def train_classifier(
         TensorDataset(images.float(), labels.long()), batch_size=batch_size, shuffle=True,
         generator=torch.Generator().manual_seed(seed), drop_last=images.shape[0] > batch_size,
     )
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, deterministic=True,
-    )
-    trainer.fit(lit, loader)
+    quiet = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "lightning")]
+    levels = [lg.level for lg in quiet]
+    for lg in quiet:  # the judge's training is an implementation detail: keep Lightning's banner out of the output
+        lg.setLevel(logging.WARNING)
+    try:
+        trainer = pl.Trainer(
+            accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, deterministic=True,
+        )
+        trainer.fit(lit, loader)
+    finally:
+        for lg, lv in zip(quiet, levels):
+            lg.setLevel(lv)
     return model.eval()
 
 

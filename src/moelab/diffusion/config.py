@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
     },
 }
 TOP_LEVEL = ("extends",)
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 PRECISION_ALIASES = {"32": "32-true", "fp16": "16-mixed", "bf16": "bf16-mixed"}
 
 
@@ -165,6 +167,8 @@ def parse_override(item: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str) and _NUMBER.match(value.strip()):  # YAML 1.1 leaves "1e-3" a string
+        value = float(value)
     return key.strip(), value
 
 
@@ -192,6 +196,8 @@ def _check_type(section: str, key: str, value: Any, spec: Any) -> Any:
 
 
 def _type_names(types: tuple) -> str:
+    if int in types and float in types:
+        types = tuple(t for t in types if t is not int)
     names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list", type(None): "null"}
     return " or ".join(names.get(t, t.__name__) for t in types)
 

@@ -138,6 +138,7 @@ class _CifarUnpickler(pickle.Unpickler):
         ("numpy", "dtype"),
         ("numpy.core.multiarray", "scalar"),
         ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 store bytes
     }
 
     def find_class(self, module: str, name: str) -> Any:
@@ -150,7 +151,14 @@ def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with path.open("rb") as f:
             d = _CifarUnpickler(io.BytesIO(f.read()), encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+    except pickle.UnpicklingError as e:
+        if str(e).startswith("refused"):
+            raise DataError(
+                f"CIFAR-10 batch '{path}' contains Python objects other than CIFAR-10 data ({e}); it was not loaded. "
+                "Use the original files from https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+            ) from None
+        raise DataError(f"CIFAR-10 batch '{path}' is corrupt or not a CIFAR-10 python batch ({e}); download it again") from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
         raise DataError(f"CIFAR-10 batch '{path}' is corrupt or not a CIFAR-10 python batch ({e}); download it again") from None
     if not isinstance(d, dict):
         raise DataError(f"CIFAR-10 batch '{path}' must be a pickled dict with 'data' and 'labels'")

@@ -1,7 +1,226 @@
-"""`moelab seismic ...` commands (placeholder until the seismic harness fills it in)."""
+"""`moelab seismic <train|eval|targets|make-dataset|pick>` and the argument parsers that
+benchmark/train.py, benchmark/eval.py and benchmark/generate_eval_targets.py share with them."""
+
+from __future__ import annotations
 
 import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from moelab.errors import ConfigError
+
+
+# ---------------------------------------------------------------------------------------- train
+def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("config", nargs="?", help="JSON config, e.g. configs/stead_seismoe.json")
+    p.add_argument("--config", dest="config_opt", metavar="CONFIG", help="the config (pick-benchmark's spelling)")
+    p.add_argument("--weights_dir", default="weights", help="checkpoints go to WEIGHTS_DIR/<name>/ (default: weights)")
+    p.add_argument("--data_root", help="folder holding local data sets: relative 'data' paths and DATA_ROOT/<name>/ are looked up here")
+    p.add_argument("--device", help="cpu, gpu/cuda or auto (default: auto)")
+    p.add_argument("--resume", action="store_true", help="continue exactly from WEIGHTS_DIR/<name>/last.ckpt")
+    p.add_argument("--name", help="experiment name (default <model>_<data>)")
+    p.add_argument("--max_epochs", type=int)
+    p.add_argument("--batch_size", type=int)
+    p.add_argument("--num_workers", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--lr", type=float, help="overrides model_args.lr")
+    p.add_argument("--limit_train_batches", type=float, help="Lightning: number of batches (integer) or fraction (< 1) per epoch")
+    p.add_argument("--limit_val_batches", type=float)
+    return p
+
+
+def _config_path(args: argparse.Namespace) -> str:
+    path = args.config or getattr(args, "config_opt", None)
+    if not path:
+        raise ConfigError("no config given; usage: python benchmark/train.py configs/stead_seismoe.json")
+    if args.config and getattr(args, "config_opt", None) and args.config != args.config_opt:
+        raise ConfigError(f"two different configs given ({args.config} and --config {args.config_opt}); pass one")
+    return path
+
+
+def _batches(v: float | None) -> int | float | None:
+    if v is None:
+        return None
+    if v <= 0:
+        raise ConfigError(f"limit_*_batches must be > 0, got {v}")
+    return int(v) if float(v).is_integer() else float(v)  # Lightning: int = batches, float < 1 = fraction
+
+
+def load_with_overrides(path: str, args: argparse.Namespace):
+    """Config file + command-line overrides, validated together once."""
+    from moelab.seismic.config import load_config, validate
+
+    cfg = load_config(path)
+    raw: dict[str, Any] = json.loads(json.dumps(cfg.raw))
+    for key in ("max_epochs", "batch_size", "num_workers", "seed", "name"):
+        v = getattr(args, key, None)
+        if v is not None:
+            raw[key] = v
+    if getattr(args, "lr", None) is not None:
+        raw.setdefault("model_args", {})["lr"] = args.lr
+    return validate(raw, source=path)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from moelab.seismic import harness
+    from moelab.seismic.config import check_accelerator
+
+    check_accelerator(args.device)
+    cfg = load_with_overrides(_config_path(args), args)
+    overrides = {}
+    for key in ("limit_train_batches", "limit_val_batches"):
+        v = _batches(getattr(args, key, None))
+        if v is not None:
+            overrides[key] = v
+    best = harness.train(cfg, weights_dir=args.weights_dir, data_root=args.data_root, resume=args.resume, device=args.device, trainer_overrides=overrides)
+    print(f"best checkpoint: {best}")
+    print(f"last checkpoint: {best.parent / (harness.LAST_NAME + '.ckpt')}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- eval
+def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--model_path", required=True, help="checkpoint, e.g. weights/SeisMoE_STEAD/model.ckpt")
+    p.add_argument("--config", required=True, help="the config the model was trained with")
+    p.add_argument("--targets", help="folder with task1.csv/task23.csv (default: targets/<data>/, generated when absent)")
+    p.add_argument("--sets", default="dev,test", help="comma-separated splits; the first picks thresholds (default dev,test)")
+    p.add_argument("--batch_size", type=int)
+    p.add_argument("--data_root")
+    p.add_argument("--device", help="cpu or gpu/cuda")
+    p.add_argument("--output", help="folder for predictions and results.csv (default: <model dir>/eval)")
+    return p
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from moelab.seismic import harness
+    from moelab.seismic.config import check_accelerator, load_config
+    from moelab.seismic.evaluate import format_results
+
+    check_accelerator(args.device)
+    cfg = load_config(args.config)
+    sets = tuple(s.strip() for s in args.sets.split(",") if s.strip())
+    if not sets:
+        raise ConfigError("--sets is empty; use e.g. dev,test")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ConfigError(f"--batch_size must be >= 1, got {args.batch_size}")
+    stats, out = harness.evaluate(
+        cfg, args.model_path, data_root=args.data_root, targets=args.targets, sets=sets,
+        batch_size=args.batch_size, device=args.device, output=args.output,
+    )
+    print(format_results(stats, sets))
+    print(f"results: {out / 'results.csv'} (predictions per window: {out}/<set>_task*.csv)")
+    return 0
+
+
+# -------------------------------------------------------------------------------------- targets
+def add_targets_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("dataset", help="SeisBench data set name or local SeisBench folder")
+    p.add_argument("output", help="folder to write task1.csv and task23.csv to (must not hold targets yet)")
+    p.add_argument("--sampling_rate", type=float, default=100.0)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--task1_window_s", type=float, default=30.0, help="task 1 window length (pick-benchmark: 30 s)")
+    p.add_argument("--task23_window_s", type=float, default=10.0, help="task 2/3 window length (pick-benchmark: 10 s)")
+    p.add_argument("--no_noise_before_events", action="store_true")
+    p.add_argument("--data_root")
+    return p
+
+
+def run_targets(args: argparse.Namespace) -> int:
+    from moelab.errors import DataError
+    from moelab.seismic.data import open_dataset, resolve_data
+    from moelab.seismic.evaluate import generate_targets
+
+    out = Path(args.output)
+    if any((out / f).exists() for f in ("task1.csv", "task23.csv")):
+        raise DataError(f"'{out}' already holds evaluation targets; choose another folder (targets must stay fixed once made)")
+    for key in ("task1_window_s", "task23_window_s", "sampling_rate"):
+        if getattr(args, key) <= 0:
+            raise ConfigError(f"--{key} must be > 0, got {getattr(args, key)}")
+    ds = open_dataset(resolve_data(args.dataset, args.data_root), sampling_rate=args.sampling_rate)
+    generate_targets(ds, out, seed=args.seed, task1_window_s=args.task1_window_s, task23_window_s=args.task23_window_s, noise_before_events=not args.no_noise_before_events)
+    import pandas as pd
+
+    for f in ("task1.csv", "task23.csv"):
+        df = pd.read_csv(out / f)
+        print(f"{out / f}: {len(df)} windows " + ", ".join(f"{k}={v}" for k, v in df["trace_split"].value_counts().items()))
+    return 0
+
+
+# ---------------------------------------------------------------------------------- make-dataset
+def add_make_dataset_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--out", required=True, help="folder to write metadata.csv + waveforms.hdf5 to")
+    p.add_argument("--n-traces", "--n_traces", dest="n_traces", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-samples", "--n_samples", dest="n_samples", type=int, default=6000, help="samples per trace at 100 Hz (default 6000 = 60 s, like STEAD)")
+    p.add_argument("--noise-fraction", "--noise_fraction", dest="noise_fraction", type=float, default=0.3)
+    p.add_argument("--shared-data", "--shared_data", dest="shared_data", help="folder holding seismic/stead-100-metadata/100samples.csv (default: ../shared/data next to the checkout)")
+    p.add_argument("--overwrite", action="store_true")
+    return p
+
+
+def run_make_dataset(args: argparse.Namespace) -> int:
+    from moelab.seismic.synth import make_dataset
+
+    out = make_dataset(args.out, n_traces=args.n_traces, seed=args.seed, n_samples=args.n_samples, noise_fraction=args.noise_fraction, shared_data=args.shared_data, overwrite=args.overwrite)
+    import pandas as pd
+
+    m = pd.read_csv(out / "metadata.csv")
+    print(f"wrote {len(m)} traces to {out} (" + ", ".join(f"{k}={v}" for k, v in m["split"].value_counts().items()) + "; "
+          + ", ".join(f"{k}={v}" for k, v in m["trace_category"].value_counts().items()) + f"; source parameters: {m['trace_source'].iloc[0]})")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ pick
+def add_pick_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--model_path", required=True, help="training checkpoint (.ckpt) of a SeisMoE or EQTransformer")
+    p.add_argument("--p_threshold", type=float, default=0.1)
+    p.add_argument("--s_threshold", type=float, default=0.1)
+    p.add_argument("--waveforms", nargs="+", help="files ObsPy can read to pick instead of the ObsPy test event")
+    return p
+
+
+def run_pick(args: argparse.Namespace) -> int:
+    from moelab.errors import DataError
+    from moelab.seismic.realcheck import load_model, pick_recording
+
+    for key in ("p_threshold", "s_threshold"):
+        if not 0 < getattr(args, key) < 1:
+            raise ConfigError(f"--{key} must be in (0, 1), got {getattr(args, key)}")
+    model = load_model(args.model_path)
+    if args.waveforms:
+        import obspy
+
+        st = obspy.Stream()
+        for f in args.waveforms:
+            try:
+                st += obspy.read(f)
+            except Exception as e:  # noqa: BLE001 - ObsPy raises many types for unreadable files
+                raise DataError(f"cannot read waveforms '{f}' with ObsPy ({type(e).__name__}: {e})") from None
+        out = model.classify(st, P_threshold=args.p_threshold, S_threshold=args.s_threshold)
+        for pick in out.picks:
+            print(pick)
+        print(f"{len(out.picks)} picks")
+        return 0
+    print(pick_recording(model, args.p_threshold, args.s_threshold).format())
+    return 0
 
 
 def add_commands(parser: argparse.ArgumentParser) -> None:
-    parser.add_subparsers(dest="command", required=True)
+    """Called by `moelab.cli`: registers the seismic subcommands."""
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, add, run, help_ in (
+        ("train", add_train_args, run_train, "train SeisMoE/EQTransformer from a JSON config (= benchmark/train.py)"),
+        ("eval", add_eval_args, run_eval, "pick-benchmark tasks 1-3 on dev/test (= benchmark/eval.py)"),
+        ("targets", add_targets_args, run_targets, "write evaluation targets (= benchmark/generate_eval_targets.py)"),
+        ("make-dataset", add_make_dataset_args, run_make_dataset, "generate a SeisBench data set from real recordings + TauP onsets"),
+        ("pick", add_pick_args, run_pick, "pick a real recording with a trained model (default: ObsPy's AR-picker test event)"),
+    ):
+        p = add(sub.add_parser(name, help=help_))
+        p.set_defaults(func=run)
+
+
+def configure_logging() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("seisbench").propagate = False  # it has its own handler; avoid printing twice

@@ -13,7 +13,9 @@ the loss uses logits (BCE-with-logits never saturates, unlike BCE on sigmoid out
 EQTransformer's weights (0.05, 0.40, 0.55), starts from experts upcycled from the pretrained FFN
 (outputs identical to the pretrained model at step 0), keeps frozen BatchNorm statistics fixed
 when ``freeze_non_moe`` (otherwise the "frozen" trunk drifts to the new data set), warns when
-``moe_loss_coef`` exceeds the detection weight, and logs the detection loss separately.
+``moe_loss_coef`` exceeds the detection weight, warns at the start of training when many traces
+have a P but no S pick while ``detection_fixed_window`` is unset (their detection labels would be
+empty, pick-benchmark's reason for a fixed window on GEOFON), and logs the detection loss separately.
 """
 
 from __future__ import annotations
@@ -111,6 +113,8 @@ class EQTransformerLit(SeisBenchModuleLit):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if isinstance(base_model, os.PathLike):  # checkpoints hold plain types only (weights_only loading)
+            base_model = self.hparams["base_model"] = os.fspath(base_model)
         if not isinstance(lr, (int, float)) or lr <= 0:
             raise ConfigError(f"lr must be a positive number, got {lr!r}")
         if len(loss_weights) != 3 or any(w < 0 for w in loss_weights):
@@ -182,6 +186,39 @@ class EQTransformerLit(SeisBenchModuleLit):
         if moe_layers(self.model):
             self.log(f"{stage}_moe_loss", aux, on_step=False, on_epoch=True, batch_size=n)
         return loss
+
+    def detection_label_warning(self, metadata: Any) -> str | None:
+        """Why detection would collapse on this training set, or None.
+
+        EQTransformer's detection label spans P..S+1.4(S-P) and is left empty when the S pick is
+        missing; on a data set where many traces have P but no S (GEOFON), most event windows then
+        teach "no event" and the detection output collapses to zero. pick-benchmark avoids this
+        with ``detection_fixed_window`` (2000 samples for GEOFON).
+        """
+        if self.detection_fixed_window is not None or not hasattr(metadata, "columns"):
+            return None
+        p_cols = [c for c in P_PHASES if c in metadata.columns]
+        s_cols = [c for c in S_PHASES if c in metadata.columns]
+        if not p_cols:
+            return None
+        has_p = metadata[p_cols].notna().any(axis=1)
+        has_s = metadata[s_cols].notna().any(axis=1) if s_cols else has_p & False
+        n_p = int(has_p.sum())
+        frac = float((has_p & ~has_s).sum()) / n_p if n_p else 0.0
+        if frac <= 0.2:
+            return None
+        return (
+            f"{frac:.0%} of the training traces with a P pick have no S pick: with detection_fixed_window unset their "
+            "detection label is empty, which drives the detection output to zero (the collapse seen on GEOFON); "
+            "set model_args.detection_fixed_window (pick-benchmark uses 2000 samples for GEOFON)"
+        )
+
+    def on_train_start(self) -> None:
+        loader = self.trainer.train_dataloader
+        generator = getattr(loader, "dataset", None)
+        message = self.detection_label_warning(getattr(getattr(generator, "dataset", None), "metadata", None))
+        if message:
+            warnings.warn(message, stacklevel=2)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         return self.shared_step(batch, "train")

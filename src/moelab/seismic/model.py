@@ -28,7 +28,7 @@ from moelab.moe.layer import moe_layers
 #: The EQTransformer blocks whose feed-forward network becomes an MoE layer.
 MOE_BLOCKS: tuple[str, ...] = ("transformer_d0", "transformer_d")
 #: Model arguments SeisMoE adds to EQTransformer's (stored by ``save`` in the json).
-MOE_ARGS: tuple[str, ...] = ("num_experts", "num_experts_per_token", "gate", "router_jitter", "aux_loss")
+MOE_ARGS: tuple[str, ...] = ("num_experts", "num_experts_per_token", "gate", "router_jitter", "aux_loss", "detach_router_input")
 
 
 class TokenFeedForward(nn.Module):
@@ -45,11 +45,8 @@ class TokenFeedForward(nn.Module):
 
     @classmethod
     def from_dense(cls, dense: FeedForward) -> "TokenFeedForward":
-        ff = cls.__new__(cls)
-        nn.Module.__init__(ff)
-        ff.lin1 = copy.deepcopy(dense.lin1)
-        ff.lin2 = copy.deepcopy(dense.lin2)
-        ff.dropout = copy.deepcopy(dense.dropout)
+        ff = cls(dense.lin1.in_features, dense.dropout.p, dense.lin1.out_features)
+        ff.load_state_dict(dense.state_dict())
         return ff
 
     def forward(self, x: Tensor) -> Tensor:
@@ -57,11 +54,23 @@ class TokenFeedForward(nn.Module):
 
 
 class ChannelsFirstTokenMoE(TokenMoE):
-    """`TokenMoE` taking EQTransformer's ``[B, D, T]`` layout: each of the B*T positions is one token."""
+    """`TokenMoE` taking EQTransformer's ``[B, D, T]`` layout: each of the B*T positions is one token.
+
+    With ``detach_router_input`` the router sees the tokens without gradient: the load-balance
+    loss then trains the routers only and cannot reshape the shared features the detection and
+    picking heads read (measured at init: its gradient into the trunk was ~8x that of the
+    detection term). The task loss still reaches everything through the experts.
+    """
+
+    detach_router_input: bool = True
 
     def forward(self, x: Tensor, router_features: Tensor | None = None) -> Tensor:
-        y = super().forward(x.transpose(1, 2), None if router_features is None else router_features.transpose(1, 2))
-        return y.transpose(1, 2)
+        tokens = x.transpose(1, 2)
+        if router_features is not None:
+            router_features = router_features.transpose(1, 2)
+        elif self.detach_router_input:
+            router_features = tokens.detach()
+        return super().forward(tokens, router_features).transpose(1, 2)
 
 
 def upcycle_feedforward(dense: FeedForward, num_experts: int, k: int, gate: str = "topk_softmax", jitter: float = 0.0) -> ChannelsFirstTokenMoE:
@@ -96,6 +105,8 @@ class SeisMoE(EQTransformer):
     :param gate: ``"topk_softmax"`` (softmax over the k chosen logits) or ``"softmax_topk"``.
     :param router_jitter: multiplicative router-input noise in training (0 = off).
     :param aux_loss: load-balance loss kind of `get_moe_loss` (``"switch"`` or ``"variance"``).
+    :param detach_router_input: route on gradient-free token features, so the load-balance loss
+        moves only the routers (guards detection against the aux loss; see `ChannelsFirstTokenMoE`).
     :param eqt_kwargs: EQTransformer's own arguments (in_samples, original_compatible, norm, ...).
 
     ``SeisMoE.from_base("stead", ...)`` starts from pretrained EQTransformer weights (see
@@ -109,6 +120,7 @@ class SeisMoE(EQTransformer):
         gate: str = "topk_softmax",
         router_jitter: float = 0.0,
         aux_loss: str = "switch",
+        detach_router_input: bool = True,
         **eqt_kwargs: Any,
     ) -> None:
         _validate_moe_args(num_experts, num_experts_per_token, gate, router_jitter, aux_loss)
@@ -123,9 +135,11 @@ class SeisMoE(EQTransformer):
         self.gate = gate
         self.router_jitter = float(router_jitter)
         self.aux_loss = aux_loss
+        self.detach_router_input = bool(detach_router_input)
         for name in MOE_BLOCKS:
             block = getattr(self, name)
             block.ff = upcycle_feedforward(block.ff, num_experts, num_experts_per_token, gate, self.router_jitter)
+            block.ff.detach_router_input = self.detach_router_input
 
     # ----------------------------------------------------------------- building from dense weights
     @classmethod
@@ -234,6 +248,7 @@ class SeisMoE(EQTransformer):
             gate=self.gate,
             router_jitter=self.router_jitter,
             aux_loss=self.aux_loss,
+            detach_router_input=self.detach_router_input,
         )
         return args
 

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from packaging import version as _version
 from seisbench.models import EQTransformer
 from torch import Tensor
@@ -78,6 +77,18 @@ def _looks_like_path(s: str) -> bool:
 def cache_folder() -> Path:
     """Where SeisBench keeps EQTransformer weights (``<cache>/models/v3/eqtransformer``)."""
     return EQTransformer._model_path()
+
+
+def available_offline(base_model: str | os.PathLike | None) -> bool:
+    """Whether ``base_model`` can be resolved without the network (none, a local path, or cached weights)."""
+    if base_model is None or (isinstance(base_model, str) and base_model.strip().lower() in NO_BASE):
+        return True
+    if not isinstance(base_model, str) or _looks_like_path(base_model):
+        return True  # local paths never need the network (a missing one fails with its own message)
+    try:
+        return bool(EQTransformer.list_versions(base_model.strip(), remote=False))
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def load_pretrained(name: str) -> BaseWeights:

@@ -1,0 +1,83 @@
+"""Accuracy vs sampling steps: DDPM-1000, DDIM-50, DPM-Solver++-20 and -10 on the demo checkpoint.
+
+Every solver samples the same labels from the same seed with the same guidance, on the EMA weights;
+conditional accuracy and Fréchet distance come from the project's evaluator (classifier trained on
+the real training split, compared with the held-out split); time is wall-clock per image.
+Last line: ``sampling: dpm++20/ddpm1000 speedup=<x> acc_drop=<y>`` with speedup = DDPM-1000's
+time per image / DPM++-20's, acc_drop = DDPM-1000 accuracy - DPM++-20 accuracy.
+
+Usage: python bench/sampling.py [--checkpoint outputs/demo/checkpoints/checkpoint_epoch_N.pth]
+       [--per-class 50] [--guidance 2.0] [--threads 2]
+(run `moelab diffusion demo` first; without --checkpoint the newest demo checkpoint is used)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+RUNS = [("ddpm", 1000), ("ddim", 50), ("dpm++", 20), ("dpm++", 10)]
+
+
+def newest_checkpoint(folder: Path) -> Path:
+    from moelab.diffusion.training import checkpoints_in
+    from moelab.errors import CheckpointError
+
+    found = checkpoints_in(folder)
+    if not found:
+        raise CheckpointError(f"no checkpoint_epoch_N.pth in '{folder}': run `moelab diffusion demo` first or pass --checkpoint")
+    return found[-1]
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from moelab.diffusion.demo import DEMO_GUIDANCE
+    from moelab.diffusion.evaluate import Evaluator, evaluate_model, format_table, write_json
+    from moelab.diffusion.lit import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ckpt = Path(args.checkpoint) if args.checkpoint else newest_checkpoint(Path("outputs/demo/checkpoints"))
+    guidance = DEMO_GUIDANCE if args.guidance is None else args.guidance
+    model, cfg = load_model(ckpt, ema=True)
+    ev = Evaluator.for_config(cfg, args.cache_dir)
+    print(f"checkpoint {ckpt}; {args.per_class} images per class, guidance {guidance}, seed {args.seed}, "
+          f"{torch.get_num_threads()} threads", flush=True)
+    rows, names = [], []
+    for sampler, steps in RUNS:
+        res = evaluate_model(model, cfg, ev, per_class=args.per_class, sampler=sampler, steps=steps, guidance=guidance, seed=args.seed)
+        rows.append(res)
+        names.append(f"{sampler}-{steps}")
+        print(f"{names[-1]:>10}: accuracy {res['accuracy']:.4f}  Fréchet {res['frechet_distance']:.3f}  "
+              f"{res['seconds_per_sample'] * 1000:.1f} ms/image", flush=True)
+    cols = [("steps", "steps", "{}"), ("accuracy", "accuracy", "{:.4f}"), ("frechet_distance", "Fréchet (clf)", "{:.3f}"),
+            ("seconds_per_sample", "s/image", "{:.4f}")]
+    print(format_table(rows, cols, names))
+    if args.json:
+        write_json({n: r for n, r in zip(names, rows)}, args.json)
+    ddpm, dpm20 = rows[0], rows[2]
+    speedup = ddpm["seconds_per_sample"] / dpm20["seconds_per_sample"]
+    drop = ddpm["accuracy"] - dpm20["accuracy"]
+    print(f"sampling: dpm++20/ddpm1000 speedup={speedup:.1f} acc_drop={drop:.4f}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from moelab.cli import run_guarded
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--per-class", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=None, help="default: the demo's guidance")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--json", default=None, help="also write all rows to this JSON file")
+    args = p.parse_args(argv)
+    return run_guarded(lambda: run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

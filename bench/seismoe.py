@@ -1,0 +1,54 @@
+"""Inference cost of SeisMoE's sparse FFNs: SeisMoE (E=4, k=2) vs SeisBench's EQTransformer.
+
+Same batch of 64 windows of 3 x 6000 samples, CPU with 2 threads, eval mode, no_grad; the two
+models are timed alternately (so machine load hits both alike) and the medians of the repetitions
+after warm-up are compared. SeisMoE is upcycled from the EQTransformer, so both compute the same
+function and differ only in the MoE routing/dispatch. Last line: ``seismoe: moe/eqt=<ratio>``.
+Usage: ``python bench/seismoe.py [--reps 7] [--batch 64]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from seisbench.models import EQTransformer
+
+from moelab.seismic.model import SeisMoE
+
+
+def _time(model: torch.nn.Module, x: torch.Tensor) -> float:
+    t0 = time.perf_counter()
+    model(x)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=7, help="timed repetitions per model (>= 5)")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    eqt = EQTransformer().eval()
+    moe = SeisMoE.from_eqtransformer(eqt, num_experts=4, num_experts_per_token=2).eval()
+    x = torch.randn(args.batch, 3, 6000)
+    times: dict[str, list[float]] = {"eqt": [], "moe": []}
+    with torch.no_grad():
+        diff = max(float((a - b).abs().max()) for a, b in zip(eqt(x), moe(x)))  # warm-up + equivalence
+        _time(eqt, x), _time(moe, x)
+        for _ in range(max(5, args.reps)):
+            times["eqt"].append(_time(eqt, x))
+            times["moe"].append(_time(moe, x))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"batch {args.batch} x 3 x 6000, {torch.get_num_threads()} threads, {len(times['eqt'])} reps, max |moe - eqt| = {diff:.1e}")
+    for k, label in (("eqt", "EQTransformer"), ("moe", "SeisMoE E=4 k=2")):
+        print(f"{label:<18} median {med[k] * 1000:8.1f} ms  (min {min(times[k]) * 1000:.1f}, max {max(times[k]) * 1000:.1f})")
+    print(f"seismoe: moe/eqt={med['moe'] / med['eqt']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

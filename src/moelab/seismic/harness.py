@@ -1,0 +1,355 @@
+"""Training and evaluation runs of the seismic benchmark (what benchmark/train.py and eval.py call).
+
+Training follows pick-benchmark: the Lightning module supplies SeisBench augmentations, a
+``GenericGenerator`` feeds a DataLoader, a Lightning Trainer fits with a CSV logger. On top:
+
+* checkpoints go to ``weights/<name>/`` through `AtomicCheckpointIO`: ``model.ckpt`` is the best
+  (lowest ``val_loss``) and ``last.ckpt`` the latest, both overwritten in place atomically;
+* exact resume: the data order and every augmentation/dropout draw are functions of
+  (seed, epoch) — a sampler with ``set_epoch`` and a callback that reseeds all RNGs at each epoch
+  start — so ``--resume`` continues bit-for-bit without storing hidden RNG state;
+* the config is checked once (`moelab.seismic.config`) and the data/weights are checked before any
+  work starts, so an offline STEAD run fails with one clear message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+from moelab.errors import CheckpointError, ConfigError, DataError, MoelabError
+from moelab.seismic.config import BenchmarkConfig, check_accelerator
+from moelab.seismic.data import DataSource, check_window, open_dataset, resolve_data, split_data
+
+log = logging.getLogger(__name__)
+
+BEST_NAME = "model"  # weights/<name>/model.ckpt: what the user guide evaluates
+LAST_NAME = "last"
+
+
+def lit_class(model: str):
+    from moelab.seismic.lit import EQTransformerLit, SeisMoELit
+
+    return {"SeisMoE": SeisMoELit, "EQTransformer": EQTransformerLit}[model]
+
+
+def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
+    """A 32-bit seed that depends only on (seed, epoch, stream)."""
+    return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1)[0])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class EpochSampler(Sampler[int]):
+    """Shuffled order that is a pure function of (seed, epoch); Lightning calls ``set_epoch``."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True) -> None:
+        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.shuffle:
+            return iter(range(self.n))
+        return iter(np.random.default_rng(epoch_seed(self.seed, self.epoch, 1)).permutation(self.n).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def _worker_init(worker_id: int) -> None:
+    """Worker RNGs derive from the torch seed Lightning/PyTorch give each worker (itself epoch-seeded)."""
+    s = torch.initial_seed() % 2**32
+    np.random.seed(s)
+    random.seed(s)
+
+
+def _epoch_seeder(seed: int):
+    import lightning.pytorch as pl
+
+    class EpochSeeder(pl.Callback):
+        """Reseed Python, NumPy and torch at every training epoch start from (seed, epoch)."""
+
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            seed_everything(epoch_seed(seed, trainer.current_epoch))
+
+    return EpochSeeder()
+
+
+@dataclass
+class Prepared:
+    """Everything a run needs, resolved and checked."""
+
+    cfg: BenchmarkConfig
+    source: DataSource
+    weights_dir: Path
+
+
+def preflight(cfg: BenchmarkConfig, data_root: str | Path | None = None, check_weights: bool = True) -> DataSource:
+    """Check data and pretrained weights up front; both problems are reported together."""
+    problems: list[str] = []
+    source = None
+    try:
+        source = resolve_data(cfg.data, data_root)
+        if source.kind == "named":
+            _check_named_available(source)
+    except ConfigError:
+        raise
+    except DataError as e:
+        problems.append(f"data: {e}")
+    base = cfg.model_args.get("base_model")
+    if check_weights and base is not None:
+        try:
+            from moelab.seismic.weights import load_base_weights
+
+            load_base_weights(base)
+        except MoelabError as e:
+            problems.append(f"base_model: {e}")
+    if problems:
+        raise DataError(f"{cfg.source} cannot run here:\n  - " + "\n  - ".join(problems))
+    assert source is not None
+    return source
+
+
+def _check_named_available(source: DataSource) -> None:
+    """A named SeisBench data set must be cached or downloadable; probing is cheap when offline."""
+    import seisbench
+
+    cache = Path(seisbench.cache_root) / "datasets" / source.name.lower()
+    if (cache / "metadata.csv").exists() or any(cache.glob("metadata*.csv")):
+        return
+    from moelab.seismic.data import offline_data_message
+
+    try:
+        import socket
+        from urllib.parse import urlparse
+
+        socket.getaddrinfo(urlparse(seisbench.remote_root).hostname, 443)
+    except OSError as e:
+        raise DataError(offline_data_message(source.name, e)) from None
+
+
+def build_module(cfg: BenchmarkConfig):
+    """The Lightning module of ``cfg`` with a seeded initialisation."""
+    seed_everything(cfg.seed)
+    cls = lit_class(cfg.model)
+    try:
+        return cls(**cfg.model_args)
+    except TypeError as e:
+        raise ConfigError(f"{cfg.source}: model_args do not fit {cls.__name__}: {e}") from None
+
+
+def make_loaders(cfg: BenchmarkConfig, module, ds):
+    """pick-benchmark's loaders: GenericGenerator + the module's train/val augmentations."""
+    import seisbench.generate as sbg
+    from torch.utils.data import DataLoader
+
+    train = split_data(ds, "train")
+    dev = split_data(ds, "dev")
+    if cfg.training_fraction < 1.0:
+        rng = np.random.default_rng(cfg.seed)
+        keep = np.zeros(len(train), dtype=bool)
+        keep[rng.permutation(len(train))[: max(1, int(cfg.training_fraction * len(train)))]] = True
+        train.filter(keep, inplace=True)
+    train.preload_waveforms(pbar=False)
+    dev.preload_waveforms(pbar=False)
+    train_gen = sbg.GenericGenerator(train)
+    dev_gen = sbg.GenericGenerator(dev)
+    train_gen.add_augmentations(module.get_train_augmentations())
+    dev_gen.add_augmentations(module.get_val_augmentations())
+    if len(train_gen) < cfg.batch_size:
+        log.warning("only %d training traces for batch_size %d: one smaller batch per epoch", len(train_gen), cfg.batch_size)
+    workers = dict(num_workers=cfg.num_workers, worker_init_fn=_worker_init, persistent_workers=False)
+    train_loader = DataLoader(
+        train_gen,
+        batch_size=cfg.batch_size,
+        sampler=EpochSampler(len(train_gen), cfg.seed),
+        drop_last=len(train_gen) >= cfg.batch_size,  # batch norm needs > 1 trace per batch
+        **workers,
+    )
+    dev_loader = DataLoader(dev_gen, batch_size=cfg.batch_size, sampler=EpochSampler(len(dev_gen), cfg.seed, shuffle=False), **workers)
+    return train_loader, dev_loader
+
+
+def _dump_config(cfg: BenchmarkConfig, folder: Path) -> None:
+    from moelab.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes((json.dumps(cfg.raw, indent=2) + "\n").encode(), folder / "config.json")
+
+
+def train(
+    cfg: BenchmarkConfig,
+    weights_dir: str | Path = "weights",
+    data_root: str | Path | None = None,
+    resume: bool = False,
+    device: str | None = None,
+    trainer_overrides: dict[str, Any] | None = None,
+    check_weights: bool = True,
+) -> Path:
+    """Fit ``cfg`` and return the best checkpoint (``weights/<name>/model.ckpt``)."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    from moelab.checkpoint import AtomicCheckpointIO
+
+    check_accelerator(device)
+    source = preflight(cfg, data_root, check_weights=check_weights)
+    out = Path(weights_dir) / cfg.experiment_name
+    last = out / f"{LAST_NAME}.ckpt"
+    if resume and not last.exists():
+        raise CheckpointError(f"--resume: no '{last}' to resume from; train without --resume first")
+    module = build_module(cfg)
+    ds = open_dataset(source, sampling_rate=cfg.sampling_rate)
+    check_window(ds, module.in_samples, source.label)
+    train_loader, dev_loader = make_loaders(cfg, module, ds)
+
+    out.mkdir(parents=True, exist_ok=True)
+    _dump_config(cfg, out)
+    logger = CSVLogger(save_dir=str(Path(weights_dir)), name=cfg.experiment_name)
+    logger.log_hyperparams({"config": json.dumps(cfg.raw)})
+    checkpoint = ModelCheckpoint(
+        dirpath=out, filename=BEST_NAME, monitor="val_loss", mode="min", save_top_k=1, save_last=True, enable_version_counter=False
+    )
+    checkpoint.CHECKPOINT_NAME_LAST = LAST_NAME
+    trainer_args: dict[str, Any] = {
+        "max_epochs": cfg.max_epochs,
+        "accelerator": device or "auto",
+        "devices": 1 if (device or "auto") in ("cpu", "auto") else "auto",
+        "log_every_n_steps": 1,
+        "enable_model_summary": False,
+        **cfg.trainer_args,
+        **(trainer_overrides or {}),
+    }
+    if "accelerator" in cfg.trainer_args and device is not None:
+        trainer_args["accelerator"] = device
+    check_accelerator(trainer_args.get("accelerator"))
+    trainer = pl.Trainer(
+        default_root_dir=str(out),
+        logger=logger,
+        callbacks=[checkpoint, _epoch_seeder(cfg.seed)],
+        plugins=[AtomicCheckpointIO()],
+        **trainer_args,
+    )
+    trainer.fit(module, train_loader, dev_loader, ckpt_path=str(last) if resume else None)
+    best = out / f"{BEST_NAME}.ckpt"
+    if not best.exists():
+        raise CheckpointError(f"training finished without writing '{best}' (no validation ran?); check limit_val_batches")
+    return best
+
+
+# --------------------------------------------------------------------------------- evaluation
+def load_for_eval(cfg: BenchmarkConfig, path: str | Path):
+    """The trained module from ``path`` (weights_only), checked against the config's architecture."""
+    from moelab.checkpoint import safe_load
+
+    path = Path(path)
+    if not path.exists():
+        hint = f" (train it first: python benchmark/train.py {cfg.source})" if path.name == f"{BEST_NAME}.ckpt" else ""
+        raise CheckpointError(f"checkpoint '{path}' does not exist{hint}")
+    ckpt = safe_load(path)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise CheckpointError(f"'{path}' is not a Lightning checkpoint (no 'state_dict'); pass the model.ckpt written by benchmark/train.py")
+    state = ckpt["state_dict"]
+    hp = dict(ckpt.get("hyper_parameters") or {})
+    is_moe = any(".experts" in k or ".router" in k for k in state)
+    held = "SeisMoE" if is_moe else "EQTransformer"
+    if held != cfg.model:
+        raise CheckpointError(
+            f"'{path}' holds a {held} (its keys {'include' if is_moe else 'lack'} MoE experts) but the config "
+            f"{cfg.source} says model '{cfg.model}'; evaluate it with a {held} config or pass the matching checkpoint"
+        )
+    ckpt_arch = hp.get("model_args") if isinstance(hp.get("model_args"), dict) else {}
+    diffs = []
+    for key in ("num_experts", "num_experts_per_token", "in_samples"):
+        if key in cfg.model_args and key in ckpt_arch and cfg.model_args[key] != ckpt_arch[key]:
+            diffs.append(f"{key}: checkpoint {ckpt_arch[key]}, config {cfg.model_args[key]}")
+    if diffs:
+        raise CheckpointError(f"'{path}' does not match the architecture in {cfg.source} ({'; '.join(diffs)}); use the config it was trained with")
+    args = {k: v for k, v in cfg.model_args.items() if k not in ("base_model", "freeze_non_moe")}
+    if ckpt_arch:
+        args["model_args"] = ckpt_arch  # resolved architecture: no pretrained weights are fetched
+    seed_everything(cfg.seed)
+    module = lit_class(cfg.model)(**args)
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}" for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatches (e.g. {'; '.join(shapes[:2])})")
+        raise CheckpointError(f"'{path}' does not fit the {cfg.model} of {cfg.source}: " + ", ".join(parts) + "; use the config it was trained with")
+    module.load_state_dict(state)
+    module.eval()
+    return module
+
+
+def default_targets_dir(cfg: BenchmarkConfig, source: DataSource) -> Path:
+    """``targets/<data>/`` (pick-benchmark's layout); for local folders, next to the data."""
+    if cfg.targets:
+        return Path(cfg.targets)
+    if source.kind == "folder" and source.path is not None:
+        return source.path / "targets"
+    return Path("targets") / source.name.lower()
+
+
+def ensure_targets(ds, folder: Path, seed: int = 42, in_samples: int | None = None) -> dict:
+    """Load the evaluation targets, generating them first when the folder has none."""
+    from moelab.seismic.evaluate import generate_targets, load_targets
+
+    if not any((folder / f).is_file() for f in ("task1.csv", "task23.csv")):
+        sr = float(ds.sampling_rate or 100.0)
+        w1 = 30.0 if in_samples is None else min(30.0, (in_samples - 1) / sr)
+        log.warning("no evaluation targets in %s; generating them (task 1 windows %.1f s, task 2/3 10 s)", folder, w1)
+        generate_targets(ds, folder, seed=seed, task1_window_s=w1)
+    return load_targets(folder)
+
+
+def evaluate(
+    cfg: BenchmarkConfig,
+    model_path: str | Path,
+    data_root: str | Path | None = None,
+    targets: str | Path | None = None,
+    sets: tuple[str, ...] = ("dev", "test"),
+    batch_size: int | None = None,
+    device: str | None = None,
+    output: str | Path | None = None,
+) -> tuple[dict[str, float], Path]:
+    """Evaluate a checkpoint on pick-benchmark's three tasks; writes predictions and results.csv."""
+    import pandas as pd
+
+    from moelab.seismic.evaluate import evaluate_module
+
+    check_accelerator(device)
+    module = load_for_eval(cfg, model_path)
+    source = preflight(cfg, data_root, check_weights=False)
+    ds = open_dataset(source, sampling_rate=cfg.sampling_rate)
+    folder = Path(targets) if targets else default_targets_dir(cfg, source)
+    tg = ensure_targets(ds, folder, seed=cfg.seed, in_samples=module.in_samples)
+    out = Path(output) if output else Path(model_path).parent / "eval"
+    accelerator = "gpu" if device in ("gpu", "cuda") else "cpu"
+    stats = evaluate_module(module, ds, tg, sets=sets, batch_size=batch_size or cfg.batch_size, accelerator=accelerator, pred_dir=out)
+    row = {"model": cfg.model, "data": source.label, "checkpoint": str(model_path), **stats}
+    from moelab.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(pd.DataFrame([row]).to_csv(index=False).encode(), out / "results.csv")
+    return stats, out

@@ -1,0 +1,128 @@
+"""Picking a real recording with a trained model, against the reference picks ObsPy's own tests use.
+
+The recording is ObsPy's AR-picker test event (``loc_RJOB20050801145719850.{z,n,e}``, 200 Hz,
+60 s, ASCII). ``obspy/signal/tests/test_trigger.py`` expects ``ar_pick`` to put P at 30.635 s and S
+at about 31.165 s after the trace start; we compare the model's picks (SeisBench ``classify`` on the
+continuous stream, which resamples to the model's 100 Hz and slides its window) with those. This
+event is not used by `moelab.seismic.synth`, so it is unseen data for a model trained on it.
+The reference picks are another automatic picker's, not an analyst's: residuals are reported as
+measured, never asserted against a target we cannot justify.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from moelab.errors import CheckpointError, DataError
+
+RECORDING = "loc_RJOB20050801145719850"
+REFERENCE_P_S = 30.635  # obspy test_trigger.py: ptime == 30.6350002289
+REFERENCE_S_S = 31.165  # obspy test_trigger.py: abs(stime - 31.165) < 0.05
+RECORDING_RATE = 200.0
+
+
+@dataclass
+class PickReport:
+    """Best pick per phase (highest peak probability) and its residual against the reference."""
+
+    p_time_s: float | None
+    p_prob: float
+    s_time_s: float | None
+    s_prob: float
+    p_residual_s: float | None
+    s_residual_s: float | None
+    max_p_prob: float
+    max_s_prob: float
+    max_detection: float
+    n_picks: int
+
+    def format(self) -> str:
+        def f(v: float | None) -> str:
+            return "none" if v is None else f"{v:+.3f} s"
+
+        return (
+            f"real recording {RECORDING} (ObsPy ar_pick reference: P {REFERENCE_P_S:.3f} s, S {REFERENCE_S_S:.3f} s)\n"
+            f"  P pick: {'none' if self.p_time_s is None else f'{self.p_time_s:.3f} s (p={self.p_prob:.2f})'}  residual {f(self.p_residual_s)}\n"
+            f"  S pick: {'none' if self.s_time_s is None else f'{self.s_time_s:.3f} s (p={self.s_prob:.2f})'}  residual {f(self.s_residual_s)}\n"
+            f"  max probabilities: detection {self.max_detection:.2f}, P {self.max_p_prob:.2f}, S {self.max_s_prob:.2f}; {self.n_picks} picks"
+        )
+
+
+def recording_stream():
+    """The three-component real recording as an ObsPy Stream (Z, N, E; 200 Hz)."""
+    import obspy
+    from obspy import UTCDateTime
+
+    folder = Path(obspy.__file__).parent / "signal" / "tests" / "data"
+    traces = []
+    start = UTCDateTime("2005-08-01T14:57:19.850")
+    for comp in "zne":
+        f = folder / f"{RECORDING}.{comp}"
+        if not f.exists():
+            raise DataError(f"ObsPy's test recording '{f}' is missing (is obspy installed with its test data?)")
+        data = np.loadtxt(f, dtype=np.float32)
+        tr = obspy.Trace(data=data, header={"network": "BW", "station": "RJOB", "channel": f"EH{comp.upper()}", "sampling_rate": RECORDING_RATE, "starttime": start})
+        traces.append(tr)
+    return obspy.Stream(traces)
+
+
+def load_model(path: str | Path):
+    """The SeisBench model inside a training checkpoint (SeisMoE or EQTransformer, weights_only)."""
+    from moelab.checkpoint import safe_load
+    from moelab.seismic.lit import EQTransformerLit, SeisMoELit
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint '{path}' does not exist; train one first (python benchmark/train.py CONFIG)")
+    ckpt = safe_load(path)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"'{path}' is not a Lightning checkpoint (no 'state_dict')")
+    is_moe = any(".experts" in k or ".router" in k for k in ckpt["state_dict"])
+    cls = SeisMoELit if is_moe else EQTransformerLit
+    module = cls.from_checkpoint(path)
+    module.eval()
+    return module.model
+
+
+def pick_recording(model, p_threshold: float = 0.1, s_threshold: float = 0.1, stream=None) -> PickReport:
+    """Annotate and classify the recording with ``model`` and compare with the reference picks."""
+    import torch
+
+    st = recording_stream() if stream is None else stream
+    t0 = st[0].stats.starttime
+    model.eval()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        ann = model.annotate(st.copy())
+        out = model.classify(st.copy(), P_threshold=p_threshold, S_threshold=s_threshold)
+    picks = list(out.picks)
+
+    def best(phase: str) -> tuple[float | None, float]:
+        cand = [p for p in picks if p.phase == phase]
+        if not cand:
+            return None, 0.0
+        b = max(cand, key=lambda p: p.peak_value)
+        return float(b.peak_time - t0), float(b.peak_value)
+
+    def channel_max(suffix: str) -> float:
+        vals = [float(np.max(tr.data)) for tr in ann if tr.stats.channel.endswith(suffix)]
+        return max(vals) if vals else float("nan")
+
+    p_t, p_v = best("P")
+    s_t, s_v = best("S")
+    return PickReport(
+        p_time_s=p_t,
+        p_prob=p_v,
+        s_time_s=s_t,
+        s_prob=s_v,
+        p_residual_s=None if p_t is None else p_t - REFERENCE_P_S,
+        s_residual_s=None if s_t is None else s_t - REFERENCE_S_S,
+        max_p_prob=channel_max("_P"),
+        max_s_prob=channel_max("_S"),
+        max_detection=channel_max("_Detection"),
+        n_picks=len(picks),
+    )

@@ -1,0 +1,220 @@
+"""MoEFsDiC_UNet, its blocks and MoELoss: shapes, routing through the core, gradients, references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moelab import MoEFsDiC_UNet, MoELoss
+from moelab.diffusion.blocks import Conditioning, DilatedFusionBlock, FreqGlobalModule, MoEConvBlock
+from moelab.diffusion.config import load_config
+from moelab.diffusion.unet import build_model
+from moelab.moe import MoELayer, TopKRouter, aux_loss, moe_layers
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread (avoids OpenMP oversubscription on busy CI machines)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+TINY = {"model": {"model_channels": 8, "channel_mults": [1, 2], "image_size": 16, "in_channels": 3, "num_classes": 10},
+        "moe": {"num_experts": 4, "k_active": 2, "router_hidden": 8}}
+
+
+def tiny(**over):
+    return load_config(TINY, over)
+
+
+def inputs(cfg, b=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    m = cfg["model"]
+    x = torch.randn(b, m["in_channels"], m["image_size"], m["image_size"], generator=g)
+    t = torch.randint(0, 1000, (b,), generator=g)
+    c = torch.randint(0, m["num_classes"], (b,), generator=g)
+    return x, t, c
+
+
+@pytest.mark.parametrize(
+    "over,blocks",
+    [
+        ({}, 4),  # 2 encoder + 2 decoder MoE blocks, freq module at the bottleneck
+        ({"freq.enabled": False}, 5),  # the bottleneck becomes a MoE block
+        ({"train.use_dsconv_global": False}, 4),
+        ({"moe.num_experts": 16, "moe.k_active": 4}, 4),
+        ({"moe.enabled": False}, 0),
+        ({"moe.enabled": False, "freq.enabled": False, "train.use_dsconv_global": False}, 0),
+    ],
+)
+def test_ablations_shapes_and_logits(over, blocks):
+    cfg = tiny(**over)
+    torch.manual_seed(0)
+    model = MoEFsDiC_UNet(cfg)
+    x, t, c = inputs(cfg)
+    eps, logits = model(x, t, c)
+    assert eps.shape == x.shape
+    assert len(logits) == blocks == len(moe_layers(model))
+    assert all(lg.shape == (3, cfg["moe"]["num_experts"]) for lg in logits)
+    assert model.parameter_counts()["moe_blocks"] == blocks
+
+
+def test_moe_off_has_no_router_and_uses_dilated_fusion():
+    model = MoEFsDiC_UNet(tiny(**{"moe.enabled": False, "freq.enabled": False}))
+    assert not any(isinstance(m, (MoELayer, TopKRouter)) for m in model.modules())
+    assert not any("router" in n for n, _ in model.named_parameters())
+    fusion = [m for m in model.modules() if isinstance(m, DilatedFusionBlock)]
+    assert len(fusion) == 5  # 2 encoder, bottleneck, 2 decoder
+    x, t, c = inputs(model.config)
+    assert model(x, t, c)[1] == []
+
+
+def test_direct_options_sizes_channels_classes():
+    cfg = load_config({"model": {"model_channels": 8, "channel_mults": [1, 1, 2], "image_size": 48, "in_channels": 5, "num_classes": 3},
+                       "moe": {"num_experts": 3, "k_active": 1}})
+    model = MoEFsDiC_UNet(cfg)
+    assert model.class_embed.num_embeddings == 4  # num_classes + null
+    x, t, c = inputs(cfg, b=2)
+    eps, logits = model(x, t, c)
+    assert eps.shape == (2, 5, 48, 48) and len(logits) == 6
+
+
+def test_gradients_reach_selected_experts_only():
+    cfg = tiny(**{"moe.num_experts": 6, "moe.k_active": 2})  # 2 samples use at most 4 of 6 experts
+    torch.manual_seed(1)
+    model = MoEFsDiC_UNet(cfg)
+    x, t, c = inputs(cfg, b=2)
+    eps, _ = model(x, t, c)
+    eps.pow(2).mean().backward()
+    checked_unselected = 0
+    for layer in moe_layers(model):
+        selected = set(layer.last_routing.indices.flatten().tolist())
+        for name, p in layer.experts.named_parameters():
+            assert p.grad is not None, name
+            for e in range(layer.num_experts):
+                has = bool(p.grad[e].abs().sum() > 0)
+                assert has == (e in selected), f"{name}[{e}] selected={e in selected} grad={has}"
+            checked_unselected += layer.num_experts - len(selected)
+        assert layer.router.net[0].weight.grad.abs().sum() > 0  # the router learns through the combine weights
+    assert checked_unselected > 0
+
+
+def test_moe_block_matches_per_sample_reference():
+    torch.manual_seed(0)
+    blk = MoEConvBlock(8, 16, num_experts=4, k=2, use_dsconv=True, router_hidden=8)
+    x = torch.randn(5, 8, 8, 8)
+    cond = Conditioning(torch.randn(5, 16), torch.randn(5, 16))
+    y = blk(x, cond)
+    r = blk.moe.last_routing
+    h = blk.inject(x, cond)
+    feats = torch.cat([h.mean(dim=(2, 3)), cond.t_emb, cond.c_emb], dim=1)
+    torch.testing.assert_close(r.logits, blk.moe.router.net(feats))  # routed on GAP(x) ++ t_emb ++ c_emb
+    ref = torch.stack([
+        sum(r.weights[n, j] * blk.moe.experts.expert_forward(h[n : n + 1], int(r.indices[n, j]))[0] for j in range(2))
+        for n in range(5)
+    ])
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_router_and_blocks_are_conditioned_on_t_and_c():
+    cfg = tiny()
+    model = MoEFsDiC_UNet(cfg).eval()
+    x, t, c = inputs(cfg, b=2)
+    base, lg = model(x, t, c)
+    other_c, lg_c = model(x, t, (c + 1) % 10)
+    other_t, lg_t = model(x, t + 100, c)
+    assert not torch.allclose(base, other_c) and not torch.allclose(base, other_t)
+    assert not torch.allclose(lg[0], lg_c[0]) and not torch.allclose(lg[0], lg_t[0])
+
+
+def test_null_class_and_scalar_t():
+    cfg = tiny()
+    model = MoEFsDiC_UNet(cfg).eval()
+    x, _, _ = inputs(cfg, b=2)
+    a, _ = model(x, torch.tensor(10), None)
+    b, _ = model(x, torch.tensor([10, 10]), torch.full((2,), 10))
+    torch.testing.assert_close(a, b)
+
+
+def test_freq_module_matches_numpy_fft_reference():
+    torch.manual_seed(0)
+    mod = FreqGlobalModule(4, 6, bands=3)
+    torch.nn.init.normal_(mod.mlp[-1].weight, std=0.5)
+    h = torch.randn(2, 4, 8, 6)
+    t_emb = torch.randn(2, 6)
+    y = mod.body(h, t_emb)
+    w = 1.0 + mod.mlp(torch.cat([h.mean(dim=(2, 3)), t_emb], 1)).view(2, 4, 3).detach().numpy()
+    fy = np.abs(np.fft.fftfreq(8))[:, None]
+    fx = np.abs(np.fft.fftfreq(6))[None, :]
+    band = np.minimum((np.sqrt(fy**2 + fx**2) / np.sqrt(0.5) * 3).astype(int), 2)
+    z = F.group_norm(h, mod.norm.num_groups, mod.norm.weight, mod.norm.bias).detach().numpy()
+    ref = h.numpy() + np.fft.ifft2(np.fft.fft2(z) * w[:, :, band]).real
+    np.testing.assert_allclose(y.detach().numpy(), ref, atol=1e-5)
+    # zero-initialised last layer: identity filter, y = h + norm(h)
+    fresh = FreqGlobalModule(4, 6, bands=3)
+    torch.testing.assert_close(fresh.body(h, t_emb), h + fresh.norm(h), atol=1e-5, rtol=1e-5)
+
+
+def test_dilated_fusion_branches_and_residual():
+    torch.manual_seed(0)
+    blk = DilatedFusionBlock(4, 8, use_dsconv=True)
+    for d, branch in zip((1, 2, 4), blk.branches):  # each branch's conv reaches exactly radius d
+        x = torch.zeros(1, 4, 17, 17, requires_grad=True)
+        branch[0](x)[0, :, 8, 8].sum().backward()
+        touched = (x.grad[0].abs().sum(0) > 0).nonzero()
+        assert int((touched - 8).abs().max()) == d
+    h = torch.randn(2, 4, 8, 8)
+    ref = h + blk.fuse(torch.cat([b(h) for b in blk.branches], 1))
+    torch.testing.assert_close(blk.body(h), ref)
+
+
+def test_gradient_checkpointing_same_gradients():
+    cfg = tiny(**{"freq.enabled": True})
+    torch.manual_seed(0)
+    a = MoEFsDiC_UNet(cfg)
+    b = MoEFsDiC_UNet(cfg)
+    b.load_state_dict(a.state_dict())
+    b.set_gradient_checkpointing(True)
+    x, t, c = inputs(cfg)
+    for m in (a, b):
+        eps, lg = m(x, t, c)
+        MoELoss()(eps, x, lg)[0].backward()
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_moe_loss_is_mse_plus_core_aux_loss():
+    g = torch.Generator().manual_seed(0)
+    pred, noise = torch.randn(4, 3, 8, 8, generator=g), torch.randn(4, 3, 8, 8, generator=g)
+    logits = [torch.randn(4, 8, generator=g) for _ in range(3)]
+    loss, dm, load = MoELoss(lambda_load=0.5, k_active=2)(pred, noise, logits)
+    torch.testing.assert_close(dm, ((pred - noise) ** 2).mean())
+    torch.testing.assert_close(load, aux_loss(logits, 2, "switch"))
+    torch.testing.assert_close(loss, dm + 0.5 * load)
+    _, _, var = MoELoss(kind="variance")(pred, noise, logits)
+    probs = [lg.softmax(-1) for lg in logits]
+    torch.testing.assert_close(var, torch.stack([p.var(-1, unbiased=False).mean() for p in probs]).mean())
+    loss0, dm0, load0 = MoELoss()(pred, noise, [])
+    assert load0 == 0 and loss0 == dm0
+    with pytest.raises(ValueError, match="switch"):
+        MoELoss(kind="entropy")
+
+
+def test_build_model_and_quickstart_import_paths():
+    from moelab.diffusion.unet import MoEFsDiC_UNet as direct
+
+    assert isinstance(build_model(tiny()), direct)
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    sys.path.insert(0, root)
+    try:
+        from src.models.moefsndic_unet import MoEFsDiC_UNet as qs_model  # the quick-start's import
+        from src.utils.loss import MoELoss as qs_loss
+    finally:
+        sys.path.remove(root)
+    assert qs_model is direct and qs_loss is MoELoss

@@ -1,0 +1,133 @@
+"""Generated SeisBench data sets (moelab.seismic.synth) and data resolution (moelab.seismic.data)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("seisbench")
+pytest.importorskip("obspy")
+
+import seisbench.data as sbd  # noqa: E402
+
+from moelab.errors import ConfigError, DataError  # noqa: E402
+from moelab.seismic import synth  # noqa: E402
+from moelab.seismic.data import open_dataset, resolve_data  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+STEAD_CSV = SHARED / "seismic" / "stead-100-metadata" / "100samples.csv"
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth") / "ds"
+    synth.make_dataset(out, n_traces=40, seed=7, n_samples=3001, noise_fraction=0.25)
+    return out
+
+
+def test_written_dataset_loads_with_seisbench(small):
+    ds = sbd.WaveformDataset(small, component_order="ZNE", dimension_order="NCW")
+    m = ds.metadata
+    assert len(ds) == 40
+    assert (m["trace_category"] == "noise").sum() == 10
+    assert set(m["split"]) == {"train", "dev", "test"}
+    assert (m["split"] == "train").sum() == 28 and (m["split"] == "dev").sum() == 6
+    x = ds.get_waveforms(0)
+    assert x.shape == (3, 3001) and np.isfinite(x).all()
+    assert (m["trace_sampling_rate_hz"] == 100.0).all()
+    noise = m[m["trace_category"] == "noise"]
+    assert noise["trace_p_arrival_sample"].isna().all() and noise["trace_s_arrival_sample"].isna().all()
+
+
+def test_onsets_follow_taup_travel_times(small):
+    m = sbd.WaveformDataset(small).metadata
+    ev = m[m["trace_category"] == "earthquake_local"]
+    p, s = ev["trace_p_arrival_sample"].to_numpy(), ev["trace_s_arrival_sample"].to_numpy()
+    assert (0 < p).all() and (p < s).all() and (s < 3001 - 199).all()
+    # S-P equals the TauP S-P of the stored distance/depth unless it had to be shortened to fit
+    expected = np.round((ev["path_s_travel_sec"] - ev["path_p_travel_sec"]).to_numpy() * 100)
+    fits = expected < 3001 - 200 - p
+    assert fits.sum() >= len(ev) // 2
+    np.testing.assert_allclose((s - p)[fits], expected[fits], atol=1)
+
+
+def test_travel_time_grid_matches_taup():
+    from obspy.taup import TauPyModel
+
+    model = TauPyModel("iasp91")
+    for dist_km, depth in ((37.0, 8.0), (120.0, 15.0)):
+        arr = model.get_travel_times(source_depth_in_km=depth, distance_in_degree=dist_km / 111.19, phase_list=["p", "P", "s", "S"])
+        tp = min(a.time for a in arr if a.name.upper() == "P")
+        ts = min(a.time for a in arr if a.name.upper() == "S")
+        gp, gs = synth.travel_times(dist_km, depth)
+        assert abs(gp - tp) < 0.3 and abs(gs - ts) < 0.5
+
+
+def test_event_energy_arrives_at_the_p_onset(small):
+    ds = sbd.WaveformDataset(small)
+    m = ds.metadata
+    ratios = []
+    for i in np.flatnonzero((m["trace_category"] == "earthquake_local").to_numpy()):
+        if m["trace_snr_db"].iloc[i] < 20:
+            continue
+        x = ds.get_waveforms(i)
+        p = int(m["trace_p_arrival_sample"].iloc[i])
+        ratios.append(np.abs(x[:, p : p + 300]).max() / (np.abs(x[:, :p]).max() + 1e-9))
+    assert len(ratios) >= 5
+    assert np.median(ratios) > 5  # real event trains stand out of real noise at the labelled onset
+
+
+def test_same_seed_same_data_other_seed_differs(small, tmp_path):
+    again = synth.make_dataset(tmp_path / "a", n_traces=40, seed=7, n_samples=3001, noise_fraction=0.25)
+    other = synth.make_dataset(tmp_path / "b", n_traces=40, seed=8, n_samples=3001, noise_fraction=0.25)
+    a, b, c = (sbd.WaveformDataset(p) for p in (small, again, other))
+    np.testing.assert_array_equal(a.get_waveforms(3), b.get_waveforms(3))
+    assert a.metadata["trace_p_arrival_sample"].equals(b.metadata["trace_p_arrival_sample"])
+    assert not np.array_equal(a.get_waveforms(3), c.get_waveforms(3))
+
+
+@pytest.mark.skipif(not STEAD_CSV.exists(), reason="shared STEAD metadata absent: falls back to built-in distributions")
+def test_source_parameters_come_from_real_stead_metadata(small):
+    m = sbd.WaveformDataset(small).metadata
+    assert m["trace_source"].iloc[0].startswith("STEAD metadata")
+    ev = m[m["trace_category"] == "earthquake_local"]
+    assert ev["trace_snr_db"].median() > 25  # STEAD's SNRs are high (median ~50 dB in the 100 samples)
+
+
+def test_fallback_distributions_warn(tmp_path):
+    with pytest.warns(UserWarning, match="STEAD metadata not found"):
+        out = synth.make_dataset(tmp_path / "fb", n_traces=6, seed=1, n_samples=2000, shared_data=tmp_path)
+    assert sbd.WaveformDataset(out).metadata["trace_source"].iloc[0] == "built-in distributions"
+
+
+def test_refuses_to_overwrite_and_bad_sizes(small):
+    with pytest.raises(DataError, match="already holds a data set"):
+        synth.make_dataset(small, n_traces=5)
+    with pytest.raises(ConfigError, match="n_samples must be >= 1000"):
+        synth.make_dataset(small.parent / "x", n_traces=5, n_samples=500)
+
+
+def test_resolve_data_names_and_folders(small):
+    assert resolve_data("STEAD").kind == "named"
+    assert resolve_data("stead").name == "STEAD"
+    src = resolve_data(str(small))
+    assert src.kind == "folder" and src.path == small
+    assert resolve_data("ds", data_root=small.parent).path == small
+    with pytest.raises(ConfigError, match="did you mean 'STEAD'"):
+        resolve_data("STAED")
+    ds = open_dataset(src)
+    assert ds.metadata.shape[0] == 40
+
+
+def test_cli_make_dataset(tmp_path, capsys):
+    from moelab.cli import main
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rc = main(["seismic", "make-dataset", "--out", str(tmp_path / "c"), "--n-traces", "8", "--seed", "2", "--n-samples", "2000"])
+    assert rc == 0
+    assert "wrote 8 traces" in capsys.readouterr().out
+    assert len(sbd.WaveformDataset(tmp_path / "c")) == 8

@@ -1,0 +1,129 @@
+"""pick-benchmark evaluation: target windows, predictions through a real module, metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytest.importorskip("seisbench")
+
+import seisbench.data as sbd  # noqa: E402
+from sklearn.metrics import f1_score, matthews_corrcoef, roc_auc_score  # noqa: E402
+
+from moelab.seismic import synth  # noqa: E402
+from moelab.seismic.evaluate import (  # noqa: E402
+    evaluate_module,
+    format_results,
+    generate_targets,
+    load_targets,
+    task1_metrics,
+    task23_metrics,
+    window_containing,
+)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ev")
+    ds_path = synth.make_dataset(root / "ds", n_traces=30, seed=3, n_samples=2500, noise_fraction=0.3)
+    ds = sbd.WaveformDataset(ds_path, sampling_rate=100, component_order="ZNE", dimension_order="NCW")
+    targets = generate_targets(ds, root / "targets", seed=5, task1_window_s=20.0)
+    return ds, targets
+
+
+def test_window_containing_respects_bounds():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        s, e = window_containing(6000, 1000, rng, containing=2500, bounds=(50, 50))
+        assert e - s == 1000 and s + 50 <= 2500 < e - 50 + 1
+    assert window_containing(800, 1000, rng, containing=100) == (0, 800)
+
+
+def test_task1_targets(data):
+    ds, folder = data
+    t1 = pd.read_csv(folder / "task1.csv")
+    m = ds.metadata
+    assert len(t1) == len(ds)  # 25 s traces: no extra noise window before a first arrival > 20 s
+    for _, row in t1.iterrows():
+        meta = m[m["trace_name"] == row["trace_name"]].iloc[0]
+        assert row["trace_split"] == meta["split"]
+        assert row["end_sample"] - row["start_sample"] == 2000
+        if row["trace_type"] == "earthquake":
+            assert row["start_sample"] <= meta["trace_p_arrival_sample"] < row["end_sample"]
+        else:
+            assert meta["trace_category"] == "noise"
+
+
+def test_task23_windows_hold_exactly_one_onset(data):
+    ds, folder = data
+    t23 = pd.read_csv(folder / "task23.csv")
+    m = ds.metadata.set_index("trace_name")
+    assert set(t23["phase_label"]) <= {"P", "S"} and (t23["phase_label"] == "S").sum() > 0
+    for _, row in t23.iterrows():
+        meta = m.loc[row["trace_name"]]
+        onsets = [meta["trace_p_arrival_sample"], meta["trace_s_arrival_sample"]]
+        inside = [o for o in onsets if row["start_sample"] <= o < row["end_sample"]]
+        assert inside == [row["phase_onset"]]
+        assert row["end_sample"] - row["start_sample"] == 1000
+
+
+def test_targets_are_deterministic(data, tmp_path):
+    ds, folder = data
+    generate_targets(ds, tmp_path / "again", seed=5, task1_window_s=20.0)
+    for f in ("task1.csv", "task23.csv"):
+        pd.testing.assert_frame_equal(pd.read_csv(folder / f), pd.read_csv(tmp_path / "again" / f))
+
+
+def test_task1_metrics_against_sklearn():
+    rng = np.random.default_rng(1)
+    y = rng.random(200) < 0.6
+    score = np.clip(y * 0.3 + rng.random(200) * 0.8, 0, 1)
+    df = pd.DataFrame({"trace_type": np.where(y, "earthquake", "noise"), "score_detection": score})
+    stats = task1_metrics(df, df)
+    assert stats["test_det_auc"] == pytest.approx(roc_auc_score(y, score))
+    pred = score >= stats["det_threshold"]
+    assert stats["test_det_f1"] == pytest.approx(f1_score(y, pred))
+    assert stats["dev_det_f1"] == pytest.approx(stats["test_det_f1"])  # same windows: same F1 at the dev threshold
+    # the dev threshold maximises F1 over all thresholds
+    best = max(f1_score(y, score >= t) for t in np.unique(score))
+    assert stats["dev_det_f1"] == pytest.approx(best)
+
+
+def test_task23_metrics_residuals_and_mcc():
+    df = pd.DataFrame(
+        {
+            "phase_label": ["P", "P", "S", "S", "P"],
+            "phase_onset": [100.0, 200.0, 300.0, 400.0, 500.0],
+            "sampling_rate": [100.0] * 5,
+            "p_sample_pred": [110.0, 190.0, 0.0, 0.0, 530.0],
+            "s_sample_pred": [0.0, 0.0, 320.0, 380.0, 0.0],
+            "score_p_or_s": [3.0, 2.0, 0.5, 0.2, 0.9],
+        }
+    )
+    st = task23_metrics(df, df)
+    d = np.array([10.0, -10.0, 30.0]) / 100
+    assert st["test_P_mean_s"] == pytest.approx(d.mean())
+    assert st["test_P_std_s"] == pytest.approx(d.std())
+    assert st["test_P_mae_s"] == pytest.approx(np.abs(d).mean())
+    assert st["test_S_mae_s"] == pytest.approx(0.2)
+    y = df["phase_label"] == "P"
+    pred = df["score_p_or_s"] >= st["phase_threshold"]
+    assert st["test_phase_mcc"] == pytest.approx(matthews_corrcoef(y, pred))
+    assert st["test_phase_f1"] == pytest.approx(1.0)  # threshold 0.9 separates P and S here
+
+
+def test_evaluate_module_runs_predict_step_on_target_windows(data, tmp_path):
+    from moelab.seismic.lit import EQTransformerLit
+
+    ds, folder = data
+    module = EQTransformerLit(in_samples=2001)
+    stats = evaluate_module(module, ds, load_targets(folder), pred_dir=tmp_path)
+    pred = pd.read_csv(tmp_path / "test_task23.csv")
+    assert len(pred) == (pd.read_csv(folder / "task23.csv")["trace_split"] == "test").sum()
+    assert ((pred["p_sample_pred"] >= pred["start_sample"]) & (pred["p_sample_pred"] < pred["end_sample"])).all()
+    det = pd.read_csv(tmp_path / "dev_task1.csv")["score_detection"]
+    assert ((det >= 0) & (det <= 1)).all()
+    for key in ("test_det_auc", "test_det_f1", "test_phase_mcc", "test_P_mae_s", "test_S_mae_s", "dev_P_std_s"):
+        assert key in stats and np.isfinite(stats[key])
+    assert "task 1 detection" in format_results(stats)

@@ -1,0 +1,199 @@
+"""SeisMoELit / EQTransformerLit: loss composition, gradients under freezing, the pick-benchmark
+data pipeline on a SeisBench-format data set, a Lightning fit and checkpoint round trip."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("seisbench")
+import lightning.pytorch as pl  # noqa: E402
+import seisbench.data as sbd  # noqa: E402
+import seisbench.generate as sbg  # noqa: E402
+
+from moelab.checkpoint import AtomicCheckpointIO  # noqa: E402
+from moelab.errors import ConfigError  # noqa: E402
+from moelab.moe import MoELayer  # noqa: E402
+from moelab.seismic.lit import EQTransformerLit, SeisMoELit  # noqa: E402
+
+N = 600
+
+
+def _batch(b: int = 2, n: int = N, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.zeros(b, 3, n)
+    y[:, 0, n // 4] = 1.0
+    y[:, 1, n // 2] = 1.0
+    det = torch.zeros(b, 1, n)
+    det[:, 0, n // 4 : 3 * n // 4] = 1.0
+    return {"X": torch.randn(b, 3, n, generator=g), "y": y, "detections": det,
+            "window_borders": torch.tensor([[0, n], [n // 8, n // 2]][:b])}
+
+
+def test_training_loss_is_weighted_bce_plus_moe_term():
+    torch.manual_seed(0)
+    lit = SeisMoELit(num_experts=4, num_experts_per_token=2, moe_loss_coef=0.02, in_samples=N)
+    batch = _batch()
+    lit.eval()  # deterministic (dropout off) so the reference below sees the same forward
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # self.log outside a Trainer
+        loss = lit.training_step(batch, 0)
+    det, p, s = lit.model(batch["X"])
+    aux = lit.model.get_moe_loss()
+    ref = (0.05 * F.binary_cross_entropy(det, batch["detections"][:, 0]) + 0.40 * F.binary_cross_entropy(p, batch["y"][:, 0])
+           + 0.55 * F.binary_cross_entropy(s, batch["y"][:, 1]))
+    assert torch.isfinite(loss) and float(aux.detach()) > 0
+    assert torch.allclose(loss, ref + 0.02 * aux, atol=1e-5)
+    loss.backward()
+    assert all(p.grad is not None for p in lit.model.transformer_d0.ff.router.parameters())
+    assert lit.model.bi_lstm_stack.members[0].conv.weight.grad is not None  # full training: trunk learns too
+
+
+def test_freeze_non_moe_trains_only_experts_and_routers_and_keeps_batchnorm_stats():
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lit = SeisMoELit(num_experts=4, num_experts_per_token=2, freeze_non_moe=True, in_samples=N)
+        report = lit.trainable_report()
+        assert (report.total, report.trainable, report.tensors) == (402_511, 34_056, 36)
+        bn = lit.model.res_cnn_stack.members[0].norm1
+        before = bn.running_mean.clone()
+        lit.train()
+        assert not bn.training and lit.model.transformer_d0.ff.training
+        loss = lit.training_step(_batch(), 0)
+    loss.backward()
+    moe_params = {id(p) for m in lit.model.modules() if isinstance(m, MoELayer) for p in m.parameters()}
+    for name, p in lit.model.named_parameters():
+        if id(p) in moe_params:
+            assert p.requires_grad
+        else:
+            assert p.grad is None and not p.requires_grad, name
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in lit.model.transformer_d.ff.parameters())
+    assert torch.equal(bn.running_mean, before)
+    opt = lit.configure_optimizers()
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == 34_056
+
+
+def test_eqtransformer_lit_has_the_same_interface():
+    torch.manual_seed(0)
+    moe, dense = SeisMoELit(in_samples=N), EQTransformerLit(in_samples=N)
+    batch = _batch()
+    for lit in (moe, dense):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loss = lit.training_step(batch, 0)
+        assert torch.isfinite(loss)
+        score_det, score_ps, p_sample, s_sample = lit.predict_step(batch)
+        assert score_det.shape == score_ps.shape == p_sample.shape == s_sample.shape == (2,)
+        assert 0 <= int(p_sample[1]) < N // 2 - N // 8  # relative to the window start
+        for aug in (lit.get_train_augmentations(), lit.get_val_augmentations(), lit.get_eval_augmentations()):
+            assert len(aug) > 0
+    assert not any(isinstance(m, MoELayer) for m in dense.modules())
+    with pytest.raises(ConfigError):
+        SeisMoELit(moe_loss_coef=-1)
+    with pytest.raises(ConfigError):
+        EQTransformerLit(loss_weights=(1.0, 1.0))
+
+
+def test_predict_step_matches_pick_benchmark_loop():
+    torch.manual_seed(0)
+    lit = EQTransformerLit(in_samples=N).eval()
+    batch = _batch()
+    with torch.no_grad():
+        det, p, s = lit.model(batch["X"])
+        got = lit.predict_step(batch)
+    for i, (a, b) in enumerate(batch["window_borders"].tolist()):
+        assert torch.isclose(got[0][i], det[i, a:b].max())
+        assert torch.isclose(got[1][i], p[i, a:b].max() / s[i, a:b].max())
+        assert int(got[2][i]) == int(p[i, a:b].argmax()) and int(got[3][i]) == int(s[i, a:b].argmax())
+
+
+def _tiny_dataset(path, n_traces: int = 8, n: int = 1500) -> sbd.WaveformDataset:
+    rng = np.random.default_rng(0)
+    with sbd.WaveformDataWriter(path / "metadata.csv", path / "waveforms.hdf5") as writer:
+        writer.data_format = {"dimension_order": "CW", "component_order": "ZNE", "measurement": "velocity",
+                              "unit": "counts", "instrument_response": "not restituted"}
+        for i in range(n_traces):
+            x = rng.normal(size=(3, n)).astype(np.float32)
+            p, s = 300 + 20 * i, 600 + 25 * i
+            x[:, p:] += 5 * rng.normal(size=(3, n - p)) * np.exp(-np.arange(n - p) / 300)
+            writer.add_trace({"trace_name": f"t{i}", "trace_sampling_rate_hz": 100, "split": "train" if i < 6 else "dev",
+                              "trace_p_arrival_sample": p, "trace_s_arrival_sample": s}, x)
+    return sbd.WaveformDataset(path, sampling_rate=100)
+
+
+def test_fit_with_seisbench_generators_and_restore_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    np.random.seed(0)
+    data = _tiny_dataset(tmp_path / "data")
+    lit = SeisMoELit(num_experts=4, num_experts_per_token=2, in_samples=N, lr=1e-3)
+    train = sbg.GenericGenerator(data.train())
+    train.add_augmentations(lit.get_train_augmentations())
+    val = sbg.GenericGenerator(data.dev())
+    val.add_augmentations(lit.get_val_augmentations())
+    sample = train[0]
+    assert sample["X"].shape == (3, N) and sample["y"].shape == (3, N) and sample["detections"].shape == (1, N)
+    trainer = pl.Trainer(
+        max_epochs=1, accelerator="cpu", devices=1, logger=pl.loggers.CSVLogger(tmp_path / "logs"),
+        default_root_dir=tmp_path, plugins=[AtomicCheckpointIO()], enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(lit, torch.utils.data.DataLoader(train, batch_size=3), torch.utils.data.DataLoader(val, batch_size=2))
+    metrics = trainer.logged_metrics
+    for key in ("train_loss_epoch", "val_loss", "val_det_loss", "train_moe_loss", "val_moe_loss",
+                "train_moe/transformer_d0.ff/entropy", "val_moe/transformer_d.ff/max_share"):
+        assert key in metrics and torch.isfinite(torch.as_tensor(metrics[key])), key
+    # validation counts are logged separately and the training counts restored afterwards
+    assert sum(lit.model.moe_usage()["transformer_d0.ff"]["counts"]) == 2 * 6 * 5  # k * traces * positions
+    ckpt = next((tmp_path / "logs").rglob("*.ckpt"))
+    back = SeisMoELit.from_checkpoint(ckpt).eval()
+    lit.eval()
+    x = torch.randn(2, 3, N)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(lit(x), back(x)))
+    assert back.model.num_experts == 4 and back.hparams["moe_loss_coef"] == 0.01
+
+
+def test_duplicate_event_pastes_a_scaled_copy_and_shifts_labels():
+    from moelab.seismic.augment import DuplicateEvent
+
+    np.random.seed(3)
+    n = 1000
+    x = np.zeros((3, n), dtype=np.float32)
+    x[:, 100:200] = 1.0
+    y = np.zeros((3, n), dtype=np.float32)
+    y[0, 100], y[1, 150] = 1.0, 1.0
+    det = np.zeros((1, n), dtype=np.float32)
+    det[0, 100:200] = 1.0
+    state = {"X": (x, {}), "y": (y, {}), "detections": (det, {})}
+    DuplicateEvent(inv_scale=(2.0, 2.0))(state)
+    x2, y2, det2 = state["X"][0], state["y"][0], state["detections"][0]
+    p_labels = np.flatnonzero(y2[0])
+    assert len(p_labels) == 2 and p_labels[0] == 100
+    shift = int(p_labels[1]) - 100
+    assert shift >= 120  # pasted at least `gap` samples after the event's end (200)
+    end = min(200 + shift, n)
+    assert np.allclose(x2[:, 100 + shift : end], 0.5)  # scaled by 1/2
+    assert np.allclose(x2[:, 100:200], 1.0) and np.allclose(x[:, 100:200], 1.0)  # original event, input not modified
+    if 150 + shift < n:
+        assert y2[1, 150 + shift] == 1.0
+    assert det2[0, 100 + shift] == 1.0 and det2.max() == 1.0
+
+
+def test_warns_when_detection_labels_would_be_empty():
+    import pandas as pd
+
+    lit = EQTransformerLit(in_samples=N)
+    geofon_like = pd.DataFrame({"trace_P_arrival_sample": [100, 200, 300, np.nan], "trace_S_arrival_sample": [400, np.nan, np.nan, np.nan]})
+    msg = lit.detection_label_warning(geofon_like)
+    assert msg is not None and "67%" in msg and "detection_fixed_window" in msg
+    stead_like = pd.DataFrame({"trace_p_arrival_sample": [100, 200], "trace_s_arrival_sample": [400, 500]})
+    assert lit.detection_label_warning(stead_like) is None
+    fixed = EQTransformerLit(in_samples=N, detection_fixed_window=2000)
+    assert fixed.detection_label_warning(geofon_like) is None
