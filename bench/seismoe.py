@@ -19,10 +19,11 @@ from seisbench.models import EQTransformer
 from moelab.seismic.model import SeisMoE
 
 
-def _time(model: torch.nn.Module, x: torch.Tensor) -> float:
-    t0 = time.perf_counter()
+def _time(model: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:
+    """(wall, process CPU) seconds of one forward; CPU time is less disturbed by other processes."""
+    w0, c0 = time.perf_counter(), time.process_time()
     model(x)
-    return time.perf_counter() - t0
+    return time.perf_counter() - w0, time.process_time() - c0
 
 
 def main() -> None:
@@ -37,16 +38,29 @@ def main() -> None:
     moe = SeisMoE.from_eqtransformer(eqt, num_experts=4, num_experts_per_token=2).eval()
     x = torch.randn(args.batch, 3, 6000)
     times: dict[str, list[float]] = {"eqt": [], "moe": []}
+    cpu: dict[str, list[float]] = {"eqt": [], "moe": []}
     with torch.no_grad():
         diff = max(float((a - b).abs().max()) for a, b in zip(eqt(x), moe(x)))  # warm-up + equivalence
         _time(eqt, x), _time(moe, x)
         for _ in range(max(5, args.reps)):
-            times["eqt"].append(_time(eqt, x))
-            times["moe"].append(_time(moe, x))
+            for key, model in (("eqt", eqt), ("moe", moe)):
+                wall, proc = _time(model, x)
+                times[key].append(wall)
+                cpu[key].append(proc)
+        # the replaced layer alone, on the token tensor it sees in the model ([B, 16, 47])
+        h = torch.randn(args.batch, 16, 47)
+        ffn = {"eqt": eqt.transformer_d0.ff, "moe": moe.transformer_d0.ff}
+        layer = {k: min(_time(m, h)[0] for _ in range(50)) for k, m in ffn.items()}
     med = {k: statistics.median(v) for k, v in times.items()}
+    paired = statistics.median(m / e for m, e in zip(times["moe"], times["eqt"]))
+    cpu_ratio = statistics.median(cpu["moe"]) / statistics.median(cpu["eqt"])
     print(f"batch {args.batch} x 3 x 6000, {torch.get_num_threads()} threads, {len(times['eqt'])} reps, max |moe - eqt| = {diff:.1e}")
     for k, label in (("eqt", "EQTransformer"), ("moe", "SeisMoE E=4 k=2")):
         print(f"{label:<18} median {med[k] * 1000:8.1f} ms  (min {min(times[k]) * 1000:.1f}, max {max(times[k]) * 1000:.1f})")
+    print(f"one FFN layer on [{args.batch}, 16, 47] tokens (best of 50): dense {layer['eqt'] * 1e3:.2f} ms, MoE {layer['moe'] * 1e3:.2f} ms "
+          f"(two such layers add {200 * (layer['moe'] - layer['eqt']) / min(times['eqt']):.2f}% to the fastest EQTransformer forward)")
+    print(f"median of paired (back-to-back) ratios {paired:.3f}; ratio of minima {min(times['moe']) / min(times['eqt']):.3f}; "
+          f"process-CPU-time ratio {cpu_ratio:.3f} (on a busy machine trust the minima)")
     print(f"seismoe: moe/eqt={med['moe'] / med['eqt']:.2f}")
 
 

@@ -47,7 +47,7 @@ class Recorder(nn.Module):
 
 def test_routing_tallies_are_exact(cfg):
     torch.manual_seed(0)
-    model = Recorder(build_model(cfg))
+    model = Recorder(build_model(cfg)).train()
     n, buckets, k = 20, 4, 2
     images = torch.randn(n, 1, 8, 8)
     labels = torch.arange(n) % 10
@@ -69,7 +69,7 @@ def test_routing_tallies_are_exact(cfg):
     for b, (lo, hi) in enumerate(rep["buckets"]):
         ts = torch.cat([t for t, _ in model.calls[b * 6 : (b + 1) * 6]])  # 3 batches x (labelled + null)
         assert int(ts.min()) >= lo and int(ts.max()) < hi
-    assert not model.training
+    assert model.training  # analysis runs in eval mode and restores the caller's mode
 
 
 def test_without_null_pass(cfg):

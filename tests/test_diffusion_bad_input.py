@@ -88,6 +88,12 @@ def evil_checkpoint(tmp):
     return load_model(tmp / "evil.pth")
 
 
+def truncated_checkpoint(tmp):
+    data = fake_checkpoint(tmp, small()).read_bytes()
+    (tmp / "cut.pth").write_bytes(data[: len(data) // 2])  # what a non-atomic writer leaves after a crash
+    return load_model(tmp / "cut.pth")
+
+
 def broken_image(tmp):
     (tmp / "imgs" / "cat").mkdir(parents=True)
     (tmp / "imgs" / "cat" / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
@@ -123,13 +129,14 @@ CASES = [
     ("cifar missing", data_case({"data.dataset": "cifar10", "data.root": "{tmp}", "model.in_channels": 3}), DataError,
      r"CIFAR-10 files \['data_batch_1'.*not found"),
     ("missing checkpoint", lambda tmp: load_model(tmp / "none.pth"), CheckpointError, r"checkpoint '.*none.pth' does not exist"),
-    ("corrupt checkpoint", lambda tmp: (tmp / "bad.pth").write_bytes(b"garbage" * 10) and load_model(tmp / "bad.pth"), CheckpointError,
-     r"is corrupt or not a PyTorch file"),
+    ("truncated checkpoint", truncated_checkpoint, CheckpointError, r"checkpoint '.*cut.pth' is corrupt or not a PyTorch file"),
     ("pickled code", evil_checkpoint, CheckpointError, r"was refused: it contains Python objects"),
     ("resume nothing", lambda tmp: fit(small(), checkpoint_dir=tmp, resume=tmp / "checkpoint_epoch_9.pth", progress=False), CheckpointError,
      r"--resume '.*checkpoint_epoch_9.pth' does not exist"),
+    ("resume folder", lambda tmp: fit(small(), checkpoint_dir=tmp, resume=tmp, progress=False), CheckpointError,
+     r"--resume '.*' is a folder: pass one of its checkpoint_epoch_N.pth files"),
     ("resume other architecture", resume_case(small(), small(**{"model.model_channels": 16})), CheckpointError,
-     r"does not fit this model architecture \(\d+ shape mismatch\(es\): .*stem.*checkpoint \(8, 1, 3, 3\) vs model \(16, 1, 3, 3\)"),
+     r"does not fit this model architecture \(\d+ shape mismatch\(es\): time_embed.mlp.0.weight: checkpoint \(32, 8\) vs model \(64, 16\)"),
     ("resume other experts", resume_case(small(), small(**{"moe.enabled": False})), CheckpointError,
      r"key\(s\) missing from the checkpoint: .*branches.*unexpected key\(s\): .*moe.router"),
     ("resume weights only", resume_case(small(), small(), full=False), CheckpointError, r"is a weights-only checkpoint \(no optimizer_states\)"),

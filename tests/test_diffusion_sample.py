@@ -62,7 +62,7 @@ def test_unknown_sampler_is_a_config_error():
         canonical_sampler("euler")
 
 
-@pytest.mark.parametrize("name,steps", [("ddpm", 1000), ("ddim", 50), ("dpm++", 20), ("dpm++", 10)])
+@pytest.mark.parametrize("name,steps", [("ddpm", 1000), ("ddim", 50), ("dpm++", 20), ("dpm++", 10), ("dpm++sde", 20)])
 def test_schedulers_use_training_betas(cfg, name, steps):
     s = make_scheduler(cfg, name, steps)
     assert torch.allclose(s.betas.double(), training_scheduler(cfg).betas.double())
@@ -72,7 +72,7 @@ def test_schedulers_use_training_betas(cfg, name, steps):
         make_scheduler(cfg, name, 0)
 
 
-@pytest.mark.parametrize("name", ["ddpm", "ddim", "dpm++"])
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "dpm++", "dpm++sde"])
 def test_sampling_is_deterministic_under_a_seed(cfg, name):
     model = StandIn()
     labels = grid_labels([0, 1, 2], 2)

@@ -60,8 +60,8 @@ def run(args, cwd, timeout=240, **kw):
 
 
 def test_resume_is_exact_and_progress_output(tmp_path, capsys):
-    # options that carry state across the resume: warmup+cosine LR, accumulation, clipping, EMA
-    cfg = tiny(**{"train.lr_schedule": "cosine", "train.warmup_steps": 2, "train.accumulate_grad_batches": 2})
+    # options that carry state across the resume: warmup+cosine LR, accumulation, clipping, EMA, router jitter
+    cfg = tiny(**{"train.lr_schedule": "cosine", "train.warmup_steps": 2, "train.accumulate_grad_batches": 2, "moe.jitter": 0.1})
     full = fit(cfg, checkpoint_dir=tmp_path / "a", max_epochs=2)
     out = capsys.readouterr().out
     assert full.name == "checkpoint_epoch_2.pth"

@@ -26,7 +26,7 @@ from moelab.seismic.evaluate import (  # noqa: E402
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("ev")
-    ds_path = synth.make_dataset(root / "ds", n_traces=30, seed=3, n_samples=2500, noise_fraction=0.3)
+    ds_path = synth.make_dataset(root / "ds", n_traces=40, seed=3, n_samples=2500, noise_fraction=0.4)
     ds = sbd.WaveformDataset(ds_path, sampling_rate=100, component_order="ZNE", dimension_order="NCW")
     targets = generate_targets(ds, root / "targets", seed=5, task1_window_s=20.0)
     return ds, targets

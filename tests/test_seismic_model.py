@@ -157,6 +157,19 @@ def test_upcycled_from_plain_state_dict_and_safetensors(tmp_path):
     _assert_upcycled(dense, SeisMoE.from_base(str(tmp_path / "w.safetensors")))
 
 
+def test_upcycled_from_a_lightning_checkpoint_of_the_dense_baseline(tmp_path):
+    from moelab.seismic.lit import EQTransformerLit
+
+    torch.manual_seed(0)
+    lit = EQTransformerLit(in_samples=N, norm="peak")
+    hparams = {k: v for k, v in lit.hparams.items() if k not in ("in_samples", "norm")}  # only the resolved model_args
+    ckpt = {"state_dict": lit.state_dict(), "hyper_parameters": hparams, "epoch": 3}
+    torch.save(ckpt, tmp_path / "eqt.ckpt")
+    moe = SeisMoE.from_base(tmp_path / "eqt.ckpt", num_experts=4, num_experts_per_token=2)
+    assert moe.norm == "peak" and moe.in_samples == N  # architecture from the checkpoint's hyper-parameters
+    _assert_upcycled(lit.model, moe)
+
+
 def test_stead_and_original_names_resolve_through_seisbench_cache(seisbench_cache):
     torch.manual_seed(0)
     stead = EQTransformer(in_samples=N)

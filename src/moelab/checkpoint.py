@@ -35,6 +35,9 @@ def atomic_write_bytes(data: bytes, path: PathLike) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -69,15 +72,32 @@ def safe_load(path: PathLike, map_location: Any = "cpu") -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
+        detail = _weights_only_detail(str(e))
+        with open(path, "rb") as f:
+            is_pickle = f.read(1) == b"\x80"  # a raw pickle stream (PROTO opcode), not a torch zip file
+        if "GLOBAL" not in detail and not is_pickle:
+            raise CheckpointError(
+                f"checkpoint '{path}' is corrupt or not a PyTorch file ({detail}); use an earlier checkpoint"
+            ) from None
         raise CheckpointError(
             f"checkpoint '{path}' was refused: it contains Python objects that would have to be executed to "
-            f"load it (weights_only=True). Only load files you trust; re-save it as a plain state_dict. ({str(e).splitlines()[0]})"
+            f"load it ({detail}; loading uses weights_only=True). Only load files you trust; re-save it as a "
+            "plain state_dict of tensors."
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise CheckpointError(
             f"checkpoint '{path}' is corrupt or not a PyTorch file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
             "use an earlier checkpoint"
         ) from None
+
+
+def _weights_only_detail(message: str) -> str:
+    """The informative line of torch's long weights_only error (e.g. the blocked global)."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    for ln in lines:
+        if "GLOBAL" in ln or "Unsupported" in ln or "invalid load key" in ln:
+            return ln.rstrip(".")
+    return lines[-1][:200] if lines else "unreadable"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -45,7 +45,8 @@ class TimeEmbedding(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(base, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t: Tensor) -> Tensor:
-        return self.mlp(timestep_embedding(t, self.base))
+        first = self.mlp[0].weight
+        return self.mlp(timestep_embedding(t, self.base).to(first.dtype))
 
 
 class Conditioning:

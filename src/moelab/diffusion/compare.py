@@ -33,7 +33,7 @@ def train_and_evaluate(
     out_dir: str | Path,
     evaluator: Evaluator | None = None,
     max_steps: int | None = None,
-    seed: int | None = None,
+    train_seed: int | None = None,
     progress: bool = True,
     cache_dir: str | Path | None = None,
     **eval_kw: Any,
@@ -45,7 +45,7 @@ def train_and_evaluate(
 
     out = Path(out_dir)
     t0 = time.perf_counter()
-    ckpt = fit(config, checkpoint_dir=out / "checkpoints", max_steps=max_steps, seed=seed, progress=progress, logger_dir=out / "logs")
+    ckpt = fit(config, checkpoint_dir=out / "checkpoints", max_steps=max_steps, seed=train_seed, progress=progress, logger_dir=out / "logs")
     train_s = time.perf_counter() - t0
     steps = int(read_checkpoint(ckpt)["global_step"])
     model, cfg = load_model(ckpt, ema=cfg_ema(config))
@@ -72,7 +72,7 @@ def compare(
     out_dir: str | Path = "outputs/compare",
     baseline: str = "unet2d",
     max_steps: int | None = None,
-    seed: int | None = None,
+    train_seed: int | None = None,
     progress: bool = True,
     cache_dir: str | Path | None = None,
     overrides: Mapping[str, Any] | None = None,
@@ -92,7 +92,7 @@ def compare(
     rows = {}
     for name, cfg in (("moefsdic", moe_cfg), (baseline, dense_cfg)):
         rows[name] = train_and_evaluate(
-            cfg, out / name, evaluator, max_steps=max_steps, seed=seed, progress=progress, **eval_kw
+            cfg, out / name, evaluator, max_steps=max_steps, train_seed=train_seed, progress=progress, **eval_kw
         )
     result = {"rows": rows, "table": format_table(list(rows.values()), COMPARE_COLUMNS, list(rows))}
     write_json(result, out / "compare.json")

@@ -103,7 +103,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     overrides = dict(parse_override(s) for s in args.set)
     res = compare(
-        args.config, args.out, baseline=args.baseline, max_steps=args.max_steps, seed=args.train_seed,
+        args.config, args.out, baseline=args.baseline, max_steps=args.max_steps, train_seed=args.train_seed,
         progress=not args.no_progress, cache_dir=args.cache_dir, overrides=overrides, **_eval_kw(args),
     )
     print(res["table"])

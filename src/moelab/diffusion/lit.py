@@ -3,12 +3,14 @@
 Randomness of a training step (timesteps, noise, label dropout) comes from a generator seeded
 with (seed, epoch, batch index, rank), and the data order from a per-epoch seeded sampler
 (`moelab.diffusion.training.EpochSampler`): resuming from a checkpoint needs no hidden RNG state
-and continues exactly as an uninterrupted run would.
+and continues exactly as an uninterrupted run would. (The global torch RNG, used only by the
+optional router jitter, is saved in the checkpoint as well.)
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from moelab.checkpoint import safe_load
 from moelab.diffusion.config import load_config
@@ -99,10 +102,28 @@ class MoEFsDiCLit(pl.LightningModule):
         avg = self.trainer.strategy.reduce(self._sums / self._count, reduce_op="mean")
         means = dict(zip(METRICS, avg.tolist()))
         self.log_dict({f"epoch/{k}": v for k, v in means.items()}, on_step=False, on_epoch=True, sync_dist=False)
-        self.print(
-            f"[Epoch {self.current_epoch + 1}/{self.trainer.max_epochs}] Avg Loss: {means['loss']:.4f}, "
-            f"Avg DM Loss: {means['dm_loss']:.4f}, Avg Load Loss: {means['load_loss']:.4f}"
-        )
+        if self.trainer.is_global_zero:  # tqdm.write: below the finished bar, or above a running one
+            tqdm.write(
+                f"[Epoch {self.current_epoch + 1}/{self.trainer.max_epochs}] Avg Loss: {means['loss']:.4f}, "
+                f"Avg DM Loss: {means['dm_loss']:.4f}, Avg Load Loss: {means['load_loss']:.4f}",
+                file=sys.stdout,
+            )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The only global-RNG consumer in training is the optional router jitter (moe.jitter > 0);
+        # its state is saved so that a resumed run draws the same jitter as an uninterrupted one.
+        rng: dict[str, Any] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        checkpoint["rng_state"] = rng
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        rng = checkpoint.get("rng_state")
+        if not rng:
+            return
+        torch.set_rng_state(rng["torch"].cpu())
+        if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
 
     def configure_optimizers(self) -> Any:
         tr = self.config["train"]

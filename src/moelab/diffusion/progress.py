@@ -17,6 +17,9 @@ class MoEProgressBar(TQDMProgressBar):
 
     BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
 
+    def __init__(self, refresh_rate: int = 1, leave: bool = True) -> None:
+        super().__init__(refresh_rate=refresh_rate, leave=leave)  # one finished bar per epoch, as in the quick-start
+
     def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:
         super().on_train_epoch_start(trainer)
         self.train_progress_bar.set_description(f"Epoch {trainer.current_epoch + 1}/{trainer.max_epochs}")

@@ -23,9 +23,11 @@ from moelab.errors import ConfigError
 SAMPLERS: dict[str, str] = {
     "ddpm": "DDPMScheduler",
     "ddim": "DDIMScheduler",
-    "dpm++": "DPMSolverMultistepScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",  # DPM-Solver++(2M), deterministic (ODE)
+    "dpm++sde": "DPMSolverMultistepScheduler",  # SDE-DPM-Solver++(2M), stochastic
 }
-_ALIASES = {"dpmpp": "dpm++", "dpm-solver++": "dpm++", "dpmsolver++": "dpm++", "dpm": "dpm++"}
+_ALIASES = {"dpmpp": "dpm++", "dpm-solver++": "dpm++", "dpmsolver++": "dpm++", "dpm": "dpm++",
+            "dpmpp-sde": "dpm++sde", "dpm++-sde": "dpm++sde", "sde-dpmsolver++": "dpm++sde"}
 
 
 def canonical_sampler(name: str) -> str:
@@ -50,8 +52,11 @@ def make_scheduler(config: dict, sampler: str = "dpm++", steps: int | None = Non
         raise ConfigError(f"--steps {steps} must be between 1 and the training schedule's {n_train} timesteps")
     cls = getattr(diffusers, SAMPLERS[name])
     extra: dict[str, Any] = {}
-    if name == "dpm++":
-        extra = {"algorithm_type": "dpmsolver++", "solver_order": 2}
+    if name in ("dpm++", "dpm++sde"):
+        # thresholding with sample_max_value=1 clamps the x0 prediction to [-1, 1]: DPM-Solver++'s
+        # counterpart of the DDPM/DDIM clip_sample the training schedule uses (pixel-space data)
+        algo = "dpmsolver++" if name == "dpm++" else "sde-dpmsolver++"
+        extra = {"algorithm_type": algo, "solver_order": 2, "thresholding": True, "sample_max_value": 1.0}
     elif name == "ddim":
         extra = {"set_alpha_to_one": False}
     sched = cls.from_config(dict(train_sched.config), **extra)

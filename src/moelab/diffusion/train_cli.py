@@ -28,8 +28,6 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from moelab.diffusion.config import load_config, parse_override
-    from moelab.diffusion.lit import read_checkpoint
-    from moelab.diffusion.training import fit
 
     overrides: dict[str, Any] = dict(parse_override(s) for s in args.set)
     for flag, key in (("batch_size", "train.batch_size"), ("precision", "train.precision"), ("epochs", "train.epochs")):
@@ -38,9 +36,13 @@ def run_train(args: argparse.Namespace) -> int:
     if args.config is not None:
         cfg = load_config(Path(args.config), overrides)
     elif args.resume is not None:
+        from moelab.diffusion.lit import read_checkpoint
+
         cfg = load_config(read_checkpoint(args.resume)["config"], overrides)
     else:
         raise ConfigError("give --config configs/<name>.yaml (or --resume <checkpoint> to continue a run)")
+    from moelab.diffusion.training import fit  # Lightning is imported only once the config is valid
+
     last = fit(
         cfg,
         checkpoint_dir=args.checkpoint_dir,

@@ -146,6 +146,8 @@ def fit(
         raise ConfigError(f"--max-steps {max_steps} must be at least 1")
     if acc == "cpu" and tr["precision"] == "16-mixed":
         raise ConfigError("train.precision=16-mixed needs a GPU; on CPU use bf16-mixed or 32-true")
+    if resume is not None and Path(resume).is_dir():
+        raise CheckpointError(f"--resume '{resume}' is a folder: pass one of its checkpoint_epoch_N.pth files")
     if resume is not None and not Path(resume).is_file():
         raise CheckpointError(f"--resume '{resume}' does not exist: pass an existing checkpoint_epoch_N.pth (see {checkpoint_dir}/)")
 

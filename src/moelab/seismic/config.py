@@ -108,7 +108,9 @@ def _suggest(key: str, options: list[str] | tuple[str, ...]) -> str:
 
 
 def _type_name(types: tuple[type, ...]) -> str:
-    names = {int: "integer", float: "number", str: "string", bool: "true/false", dict: "object", list: "list", type(None): "null"}
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true/false", dict: "an object", list: "a list", type(None): "null"}
+    if float in types:
+        types = tuple(t for t in types if t is not int)
     return " or ".join(dict.fromkeys(names.get(t, t.__name__) for t in types))
 
 
@@ -117,7 +119,7 @@ def _check_type(where: str, value: Any, types: tuple[type, ...], desc: str) -> N
     if isinstance(value, bool) and bool not in types:
         ok = False  # JSON true/false is not a number here
     if not ok:
-        raise ConfigError(f"{where} must be a {_type_name(types)} ({desc}), got {json.dumps(value)}")
+        raise ConfigError(f"{where} must be {_type_name(types)} ({desc}), got {json.dumps(value)}")
 
 
 def validate(raw: Any, source: str = "<dict>") -> BenchmarkConfig:

@@ -212,7 +212,8 @@ def _as_state_dict(raw: Any, path: Path) -> tuple[dict[str, Tensor], dict[str, A
     args: dict[str, Any] = {}
     if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
         hparams = raw.get("hyper_parameters") or {}
-        args = {k: v for k, v in hparams.items() if k in _model_arg_names()}
+        resolved = hparams.get("model_args") if isinstance(hparams.get("model_args"), dict) else {}
+        args = {**resolved, **{k: v for k, v in hparams.items() if k in _model_arg_names()}}
         raw = raw["state_dict"]
     if not isinstance(raw, dict) or not raw or not all(isinstance(v, Tensor) for v in raw.values()):
         raise CheckpointError(f"'{path}' is not a state dict of tensors (nor a Lightning checkpoint holding one)")
