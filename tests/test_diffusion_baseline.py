@@ -15,6 +15,15 @@ from moelab.diffusion.lit import MoEFsDiCLit
 from moelab.diffusion.unet import MoEFsDiC_UNet, build_model
 from moelab.moe import moe_layers
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one thread avoids OpenMP oversubscription when the 2 cores are shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 TINY = {
     "extends": "digits.yaml",
     "model": {"image_size": 8, "channel_mults": [1, 2], "model_channels": 8},

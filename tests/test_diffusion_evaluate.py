@@ -18,6 +18,15 @@ from moelab.diffusion.sample import grid_labels
 from moelab.errors import DataError
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one thread avoids OpenMP oversubscription when the 2 cores are shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def cfg():
     return load_config({"extends": "digits.yaml", "model": {"image_size": 8, "channel_mults": [1]}})
@@ -140,3 +149,25 @@ def test_classifier_for_uses_only_the_training_split(cfg, tmp_path, monkeypatch)
     monkeypatch.setattr(clf_mod, "train_classifier", lambda x, y, n, seed=0: clf_mod.ImageClassifier(x.shape[1], n))
     classifier_for(cfg, cache_dir=tmp_path)
     assert seen == ["train"]
+
+
+def test_fid_inception_loads_local_weights_and_scores(evaluator, tmp_path):
+    from moelab.checkpoint import atomic_save
+    from moelab.diffusion.inception import FIDInceptionV3
+    from moelab.errors import CheckpointError
+
+    net = FIDInceptionV3()
+    # torchvision's Inception-v3 without aux head has 23,834,568 parameters; the FID graph's fc is 1008-way
+    assert sum(p.numel() for p in net.parameters()) == 23_834_568 + 8 * 2049
+    state = {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    atomic_save(state, tmp_path / "pt_inception.pth")
+    loaded = FIDInceptionV3.from_weights(tmp_path / "pt_inception.pth")
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
+    atomic_save({"fc.weight": torch.zeros(3)}, tmp_path / "wrong.pth")
+    with pytest.raises(CheckpointError, match="does not fit"):
+        FIDInceptionV3.from_weights(tmp_path / "wrong.pth")
+
+    real, labels = evaluator.real_images[:4], evaluator.real_labels[:4]
+    ev = Evaluator(evaluator.classifier, real, labels, inception=loaded)
+    res = ev.score(real.flip(-1), labels)
+    assert "fid" in res and np.isfinite(res["fid"]) and res["fid"] > 0

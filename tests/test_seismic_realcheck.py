@@ -68,7 +68,7 @@ def test_pick_real_recording(checkpoint, capsys):
 
 def test_annotation_covers_the_recording(checkpoint):
     model = realcheck.load_model(checkpoint)
-    ann = model.annotate(realcheck.recording_stream())
+    ann = model.annotate(realcheck.recording_stream(), **realcheck.annotate_args(model))
     p = [tr for tr in ann if tr.stats.channel.endswith("_P")][0]
     assert p.stats.sampling_rate == 100.0
     assert p.stats.endtime - p.stats.starttime > 50  # most of the 60 s recording is annotated

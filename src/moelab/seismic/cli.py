@@ -198,7 +198,9 @@ def run_pick(args: argparse.Namespace) -> int:
                 st += obspy.read(f)
             except Exception as e:  # noqa: BLE001 - ObsPy raises many types for unreadable files
                 raise DataError(f"cannot read waveforms '{f}' with ObsPy ({type(e).__name__}: {e})") from None
-        out = model.classify(st, P_threshold=args.p_threshold, S_threshold=args.s_threshold)
+        from moelab.seismic.realcheck import annotate_args
+
+        out = model.classify(st, P_threshold=args.p_threshold, S_threshold=args.s_threshold, **annotate_args(model))
         for pick in out.picks:
             print(pick)
         print(f"{len(out.picks)} picks")

@@ -318,9 +318,11 @@ def ensure_targets(ds, folder: Path, seed: int = 42, in_samples: int | None = No
 
     if not any((folder / f).is_file() for f in ("task1.csv", "task23.csv")):
         sr = float(ds.sampling_rate or 100.0)
+        # pick-benchmark's 30 s / 10 s windows, shortened when the model window is shorter
         w1 = 30.0 if in_samples is None else min(30.0, (in_samples - 1) / sr)
-        log.warning("no evaluation targets in %s; generating them (task 1 windows %.1f s, task 2/3 10 s)", folder, w1)
-        generate_targets(ds, folder, seed=seed, task1_window_s=w1)
+        w23 = 10.0 if in_samples is None else min(10.0, (in_samples - 1) / sr)
+        log.warning("no evaluation targets in %s; generating them (task 1 windows %.1f s, task 2/3 %.1f s)", folder, w1, w23)
+        generate_targets(ds, folder, seed=seed, task1_window_s=w1, task23_window_s=w23)
     return load_targets(folder)
 
 

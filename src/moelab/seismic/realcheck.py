@@ -88,6 +88,13 @@ def load_model(path: str | Path):
     return module.model
 
 
+def annotate_args(model) -> dict:
+    """SeisBench's EQTransformer defaults (overlap 3000, blinding 500 of 6000 samples) scaled to the
+    model's window, so models trained on shorter windows annotate continuous data too."""
+    n = int(model.in_samples)
+    return {"overlap": n // 2, "blinding": (n // 12, n // 12)}
+
+
 def pick_recording(model, p_threshold: float = 0.1, s_threshold: float = 0.1, stream=None) -> PickReport:
     """Annotate and classify the recording with ``model`` and compare with the reference picks."""
     import torch
@@ -97,8 +104,8 @@ def pick_recording(model, p_threshold: float = 0.1, s_threshold: float = 0.1, st
     model.eval()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        ann = model.annotate(st.copy())
-        out = model.classify(st.copy(), P_threshold=p_threshold, S_threshold=s_threshold)
+        ann = model.annotate(st.copy(), **annotate_args(model))
+        out = model.classify(st.copy(), P_threshold=p_threshold, S_threshold=s_threshold, **annotate_args(model))
     picks = list(out.picks)
 
     def best(phase: str) -> tuple[float | None, float]:
