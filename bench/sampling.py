@@ -1,10 +1,13 @@
-"""Accuracy vs sampling steps: DDPM-1000, DDIM-50, DPM-Solver++-20 and -10 on the demo checkpoint.
+"""Accuracy vs sampling steps: DDPM-1000, DDIM-50, DPM-Solver++-20/-10 (deterministic, ``dpm++``) and
+SDE-DPM-Solver++-20/-10 (stochastic, ``dpm++sde``, the demo's sampler) on the demo checkpoint.
 
 Every solver samples the same labels from the same seed with the same guidance, on the EMA weights;
 conditional accuracy and Fréchet distance come from the project's evaluator (classifier trained on
 the real training split, compared with the held-out split); time is wall-clock per image.
-Last line: ``sampling: dpm++20/ddpm1000 speedup=<x> acc_drop=<y>`` with speedup = DDPM-1000's
-time per image / DPM++-20's, acc_drop = DDPM-1000 accuracy - DPM++-20 accuracy.
+The two last lines compare 20 DPM-Solver++ steps with 1000 DDPM steps, first for the SDE variant
+(``sampling: dpm++sde20/ddpm1000 ...``), then, as the very last line, for the deterministic one:
+``sampling: dpm++20/ddpm1000 speedup=<x> acc_drop=<y>`` with speedup = DDPM-1000's time per image /
+DPM++-20's and acc_drop = DDPM-1000 accuracy - DPM++-20 accuracy.
 
 Usage: python bench/sampling.py [--checkpoint outputs/demo/checkpoints/checkpoint_epoch_N.pth]
        [--per-class 50] [--guidance 2.0] [--threads 2]
@@ -17,7 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
-RUNS = [("ddpm", 1000), ("ddim", 50), ("dpm++", 20), ("dpm++", 10)]
+RUNS = [("ddpm", 1000), ("ddim", 50), ("dpm++", 20), ("dpm++", 10), ("dpm++sde", 20), ("dpm++sde", 10)]
 
 
 def newest_checkpoint(folder: Path) -> Path:
@@ -35,13 +38,13 @@ def run(args: argparse.Namespace) -> int:
 
     from moelab.diffusion.demo import DEMO_GUIDANCE
     from moelab.diffusion.evaluate import Evaluator, evaluate_model, format_table, write_json
-    from moelab.diffusion.lit import load_model
+    from moelab.diffusion.sample import load_for_inference
 
     if args.threads:
         torch.set_num_threads(args.threads)
     ckpt = Path(args.checkpoint) if args.checkpoint else newest_checkpoint(Path("outputs/demo/checkpoints"))
     guidance = DEMO_GUIDANCE if args.guidance is None else args.guidance
-    model, cfg = load_model(ckpt, ema=True)
+    model, cfg = load_for_inference(ckpt, ema=True)
     ev = Evaluator.for_config(cfg, args.cache_dir)
     print(f"checkpoint {ckpt}; {args.per_class} images per class, guidance {guidance}, seed {args.seed}, "
           f"{torch.get_num_threads()} threads", flush=True)
@@ -57,10 +60,13 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(rows, cols, names))
     if args.json:
         write_json({n: r for n, r in zip(names, rows)}, args.json)
-    ddpm, dpm20 = rows[0], rows[2]
-    speedup = ddpm["seconds_per_sample"] / dpm20["seconds_per_sample"]
-    drop = ddpm["accuracy"] - dpm20["accuracy"]
-    print(f"sampling: dpm++20/ddpm1000 speedup={speedup:.1f} acc_drop={drop:.4f}")
+    by = dict(zip(names, rows))
+    ddpm = by["ddpm-1000"]
+    for name in ("dpm++sde-20", "dpm++-20"):
+        r = by[name]
+        speedup = ddpm["seconds_per_sample"] / r["seconds_per_sample"]
+        drop = ddpm["accuracy"] - r["accuracy"]
+        print(f"sampling: {name.replace('-', '')}/ddpm1000 speedup={speedup:.1f} acc_drop={drop:.4f}")
     return 0
 
 

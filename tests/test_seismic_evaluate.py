@@ -127,3 +127,15 @@ def test_evaluate_module_runs_predict_step_on_target_windows(data, tmp_path):
     for key in ("test_det_auc", "test_det_f1", "test_phase_mcc", "test_P_mae_s", "test_S_mae_s", "dev_P_std_s"):
         assert key in stats and np.isfinite(stats[key])
     assert "task 1 detection" in format_results(stats)
+
+
+def test_targets_command_writes_and_refuses_to_overwrite(data, tmp_path, capsys):
+    from moelab.cli import main
+
+    ds, folder = data
+    src = str(ds.path)
+    assert main(["seismic", "targets", src, str(tmp_path / "t"), "--task1_window_s", "20"]) == 0
+    assert "task1.csv: 40 windows" in capsys.readouterr().out
+    assert len(pd.read_csv(tmp_path / "t" / "task23.csv")) == len(pd.read_csv(folder / "task23.csv"))  # eligibility does not depend on the seed
+    assert main(["seismic", "targets", src, str(tmp_path / "t")]) == 2
+    assert "already holds evaluation targets" in capsys.readouterr().err

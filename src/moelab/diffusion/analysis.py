@@ -157,7 +157,7 @@ def write_routing_report(report: dict[str, Any], out_dir: str | Path) -> dict[st
             fig.colorbar(im, ax=ax, fraction=0.046)
         for ax in list(axes.flat)[n:]:
             ax.axis("off")
-        fig.suptitle(f"share of routing assignments per {row_label}", fontsize=10)
+        fig.suptitle(f"share of routing assignments per {'timestep bucket' if key == 'by_timestep' else 'class'}", fontsize=10)
         fig.tight_layout()
         p = out / f"{fname}.png"
         fig.savefig(p, dpi=110)

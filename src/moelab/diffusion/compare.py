@@ -48,7 +48,7 @@ def train_and_evaluate(
     ckpt = fit(config, checkpoint_dir=out / "checkpoints", max_steps=max_steps, seed=train_seed, progress=progress, logger_dir=out / "logs")
     train_s = time.perf_counter() - t0
     steps = int(read_checkpoint(ckpt)["global_step"])
-    model, cfg = load_model(ckpt, ema=cfg_ema(config))
+    model, cfg = load_model(ckpt, ema=True)  # EMA weights when training kept them
     if evaluator is None:
         evaluator = Evaluator.for_config(cfg, cache_dir)
     res = evaluate_model(model, cfg, evaluator, **eval_kw)
@@ -59,12 +59,6 @@ def train_and_evaluate(
         train_samples_per_s=steps * bs / train_s, params_total=pc["total"], params_active=pc["active_per_sample"],
     )
     return res
-
-
-def cfg_ema(config: Mapping[str, Any]) -> bool:
-    from moelab.diffusion.config import load_config
-
-    return bool(load_config(config)["train"]["ema"])
 
 
 def compare(

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50, "dpm++": 20}
+DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50, "dpm++": 20, "dpm++sde": 20}
 
 
 def _set_threads(n: int | None) -> None:
@@ -26,8 +26,9 @@ def _set_threads(n: int | None) -> None:
 
 
 def _sampling_args(p: argparse.ArgumentParser, guidance: float = 2.0) -> None:
-    p.add_argument("--sampler", default="dpm++", help="ddpm | ddim | dpm++ (default dpm++)")
-    p.add_argument("--steps", type=int, default=None, help="solver steps (default: ddpm 1000, ddim 50, dpm++ 20)")
+    p.add_argument("--sampler", default="dpm++sde",
+                   help="ddpm | ddim | dpm++ (DPM-Solver++(2M)) | dpm++sde (SDE-DPM-Solver++(2M), default)")
+    p.add_argument("--steps", type=int, default=None, help="solver steps (default: ddpm 1000, ddim 50, dpm++/dpm++sde 20)")
     p.add_argument("--guidance", type=float, default=guidance, help=f"classifier-free guidance weight w (1 = none; default {guidance})")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed -> same images)")
     p.add_argument("--batch-size", type=int, default=250, help="images denoised at once")
@@ -83,10 +84,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from moelab.diffusion.analysis import format_load_table, routing_analysis, write_routing_report
     from moelab.diffusion.data import dataset_tensors
     from moelab.diffusion.evaluate import write_json
-    from moelab.diffusion.lit import load_model
+    from moelab.diffusion.sample import load_for_inference
 
     _set_threads(args.threads)
-    model, cfg = load_model(args.checkpoint, ema=not args.no_ema)
+    model, cfg = load_for_inference(args.checkpoint, ema=not args.no_ema)
     images, labels = dataset_tensors(cfg, args.split)
     report = routing_analysis(model, cfg, images, labels, buckets=args.buckets, include_null=not args.no_null, seed=args.seed)
     paths = write_routing_report(report, args.out)

@@ -96,7 +96,7 @@ class Evaluator:
                 f"{tuple(self.real_images.shape[1:])}: evaluate with the model's own config"
             )
         pred, _ = self.classifier.predict(images)
-        correct = (pred == labels).float()
+        correct = (pred == labels).double()
         per_class = {int(c): float(correct[labels == c].mean()) for c in labels.unique()}
         out: dict[str, Any] = {
             "accuracy": float(correct.mean()),
@@ -146,9 +146,9 @@ def evaluate_checkpoint(
     inception_weights: str | Path | None = None, **kw: Any,
 ) -> dict[str, Any]:
     """`evaluate_model` on a training checkpoint (EMA weights by default)."""
-    from moelab.diffusion.lit import load_model
+    from moelab.diffusion.sample import load_for_inference
 
-    model, config = load_model(checkpoint, ema=ema)
+    model, config = load_for_inference(checkpoint, ema=ema)
     ev = Evaluator.for_config(config, cache_dir, inception_weights)
     res = evaluate_model(model, config, ev, **kw)
     res["checkpoint"] = str(checkpoint)

@@ -230,6 +230,21 @@ def save_npz(images: Tensor, labels: Sequence[int] | Tensor, path: str | Path) -
     return path
 
 
+def load_for_inference(checkpoint: str | Path, ema: bool = True) -> tuple[nn.Module, dict]:
+    """`lit.load_model` with a clear message for the commonest mistake, a wrong path."""
+    from moelab.diffusion.lit import load_model
+    from moelab.errors import CheckpointError
+
+    p = Path(checkpoint)
+    if not p.is_file():
+        what = "is a folder" if p.is_dir() else "does not exist"
+        raise CheckpointError(
+            f"--checkpoint '{p}' {what}: pass a checkpoint_epoch_N.pth file written by training "
+            "(e.g. outputs/demo/checkpoints/checkpoint_epoch_100.pth)"
+        )
+    return load_model(p, ema=ema)
+
+
 def sample_checkpoint(
     checkpoint: str | Path,
     classes: str | Sequence[int] = "all",
@@ -238,9 +253,7 @@ def sample_checkpoint(
     **kw: Any,
 ) -> tuple[Tensor, Tensor, dict]:
     """Load a training checkpoint (EMA weights by default) and sample ``per_class`` images per class."""
-    from moelab.diffusion.lit import load_model
-
-    model, config = load_model(checkpoint, ema=ema)
+    model, config = load_for_inference(checkpoint, ema=ema)
     cls = parse_classes(classes, config["model"]["num_classes"])
     labels = grid_labels(cls, per_class)
     return sample(model, config, labels, **kw), labels, config

@@ -6,8 +6,8 @@ Training follows pick-benchmark: the Lightning module supplies SeisBench augment
 * checkpoints go to ``weights/<name>/`` through `AtomicCheckpointIO`: ``model.ckpt`` is the best
   (lowest ``val_loss``) and ``last.ckpt`` the latest, both overwritten in place atomically;
 * exact resume: the data order and every augmentation/dropout draw are functions of
-  (seed, epoch) — a sampler with ``set_epoch`` and a callback that reseeds all RNGs at each epoch
-  start — so ``--resume`` continues bit-for-bit without storing hidden RNG state;
+  (seed, epoch) — `EpochSampler` reseeds them when an epoch starts — so ``--resume`` from an
+  epoch-end checkpoint continues exactly without storing hidden RNG state;
 * the config is checked once (`moelab.seismic.config`) and the data/weights are checked before any
   work starts, so an offline STEAD run fails with one clear message.
 """
@@ -54,15 +54,27 @@ def seed_everything(seed: int) -> None:
 
 
 class EpochSampler(Sampler[int]):
-    """Shuffled order that is a pure function of (seed, epoch); Lightning calls ``set_epoch``."""
+    """Shuffled order that is a pure function of (seed, epoch); Lightning calls ``set_epoch``.
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True) -> None:
-        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+    It also fixes every other random draw of the epoch, because it runs when an epoch starts
+    producing batches: ``set_epoch`` reseeds the DataLoader's ``generator`` (the worker seeds come
+    from it) and, for the training loader (``reseed_global``), the first fetch of each epoch reseeds
+    Python/NumPy/torch (augmentations in the main process, dropout). Resuming at an epoch boundary
+    therefore needs no stored RNG state and reproduces an uninterrupted run exactly.
+    """
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True, reseed_global: bool = False) -> None:
+        self.n, self.seed, self.shuffle, self.reseed_global, self.epoch = n, seed, shuffle, reseed_global, 0
+        self.generator = torch.Generator()
+        self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        self.generator.manual_seed(epoch_seed(self.seed, epoch, 2))
 
     def __iter__(self) -> Iterator[int]:
+        if self.reseed_global:
+            seed_everything(epoch_seed(self.seed, self.epoch))
         if not self.shuffle:
             return iter(range(self.n))
         return iter(np.random.default_rng(epoch_seed(self.seed, self.epoch, 1)).permutation(self.n).tolist())
@@ -72,22 +84,10 @@ class EpochSampler(Sampler[int]):
 
 
 def _worker_init(worker_id: int) -> None:
-    """Worker RNGs derive from the torch seed Lightning/PyTorch give each worker (itself epoch-seeded)."""
+    """Worker RNGs derive from the torch seed PyTorch gives each worker (drawn from the epoch-seeded generator)."""
     s = torch.initial_seed() % 2**32
     np.random.seed(s)
     random.seed(s)
-
-
-def _epoch_seeder(seed: int):
-    import lightning.pytorch as pl
-
-    class EpochSeeder(pl.Callback):
-        """Reseed Python, NumPy and torch at every training epoch start from (seed, epoch)."""
-
-        def on_train_epoch_start(self, trainer, pl_module) -> None:
-            seed_everything(epoch_seed(seed, trainer.current_epoch))
-
-    return EpochSeeder()
 
 
 @dataclass
@@ -174,14 +174,17 @@ def make_loaders(cfg: BenchmarkConfig, module, ds):
     if len(train_gen) < cfg.batch_size:
         log.warning("only %d training traces for batch_size %d: one smaller batch per epoch", len(train_gen), cfg.batch_size)
     workers = dict(num_workers=cfg.num_workers, worker_init_fn=_worker_init, persistent_workers=False)
+    train_sampler = EpochSampler(len(train_gen), cfg.seed, reseed_global=True)
+    dev_sampler = EpochSampler(len(dev_gen), cfg.seed, shuffle=False)
     train_loader = DataLoader(
         train_gen,
         batch_size=cfg.batch_size,
-        sampler=EpochSampler(len(train_gen), cfg.seed),
+        sampler=train_sampler,
+        generator=train_sampler.generator,
         drop_last=len(train_gen) >= cfg.batch_size,  # batch norm needs > 1 trace per batch
         **workers,
     )
-    dev_loader = DataLoader(dev_gen, batch_size=cfg.batch_size, sampler=EpochSampler(len(dev_gen), cfg.seed, shuffle=False), **workers)
+    dev_loader = DataLoader(dev_gen, batch_size=cfg.batch_size, sampler=dev_sampler, generator=dev_sampler.generator, **workers)
     return train_loader, dev_loader
 
 
@@ -241,7 +244,7 @@ def train(
     trainer = pl.Trainer(
         default_root_dir=str(out),
         logger=logger,
-        callbacks=[checkpoint, _epoch_seeder(cfg.seed)],
+        callbacks=[checkpoint],
         plugins=[AtomicCheckpointIO()],
         **trainer_args,
     )
@@ -318,9 +321,12 @@ def ensure_targets(ds, folder: Path, seed: int = 42, in_samples: int | None = No
 
     if not any((folder / f).is_file() for f in ("task1.csv", "task23.csv")):
         sr = float(ds.sampling_rate or 100.0)
-        # pick-benchmark's 30 s / 10 s windows, shortened when the model window is shorter
-        w1 = 30.0 if in_samples is None else min(30.0, (in_samples - 1) / sr)
-        w23 = 10.0 if in_samples is None else min(10.0, (in_samples - 1) / sr)
+        # pick-benchmark's 30 s / 10 s windows inside EQTransformer's 60 s input; a shorter model
+        # window keeps the targets within its middle half, away from the edges where the
+        # predictions are unreliable (as 30 s of 60 s are)
+        half = None if in_samples is None else int(in_samples // 2) / sr
+        w1 = 30.0 if half is None else min(30.0, half)
+        w23 = 10.0 if half is None else min(10.0, half)
         log.warning("no evaluation targets in %s; generating them (task 1 windows %.1f s, task 2/3 %.1f s)", folder, w1, w23)
         generate_targets(ds, folder, seed=seed, task1_window_s=w1, task23_window_s=w23)
     return load_targets(folder)
