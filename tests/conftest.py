@@ -7,8 +7,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
-# Two CPU cores in CI: keep torch from oversubscribing them.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# CI has two CPU cores and several tests start subprocesses (DDP workers, killed trainings): one
+# thread per process avoids oversubscription, which was measured to slow steps down up to 40x.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 
 @pytest.fixture

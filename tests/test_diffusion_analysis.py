@@ -144,3 +144,22 @@ def test_cli_sample_evaluate_analyze_on_a_checkpoint(tiny_checkpoint, tmp_path, 
     assert main(["diffusion", "analyze", "--checkpoint", ck, "--out", str(tmp_path / "r"), "--buckets", "2"]) == 0
     rep = json.loads((tmp_path / "r" / "routing.json").read_text())
     assert len(rep["buckets"]) == 2 and (tmp_path / "r" / "load_balance.png").exists()
+
+
+def test_demo_pipeline_writes_grid_metrics_and_routing(tmp_path):
+    """The demo's wiring on a 2-step budget (the full demo is measured by hand, not in the suite)."""
+    from pathlib import Path
+
+    from moelab.diffusion.demo import run_demo
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
+    lines: list[str] = []
+    res = run_demo(config, tmp_path / "demo", per_class=1, grid_per_class=2, max_steps=2, progress=False,
+                   cache_dir=tmp_path / "cache", log=lambda *a: lines.append(" ".join(map(str, a))))
+    out = tmp_path / "demo"
+    assert Image.open(out / "grid.png").size[1] == 10 * (64 + 2) + 2
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["train_steps"] == 2 and saved["num_samples"] == 10 and saved["params_active"] < saved["params_total"]
+    assert saved["accuracy"] == res["accuracy"]
+    assert (out / "routing" / "routing_by_class.png").exists() and (out / "routing" / "load_balance.csv").exists()
+    assert any(str(out / "grid.png") in line for line in lines)

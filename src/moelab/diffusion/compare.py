@@ -79,7 +79,10 @@ def compare(
     if baseline not in BASELINES:
         raise ConfigError(f"--baseline '{baseline}' is not known; use one of: {', '.join(BASELINES)}")
     out = Path(out_dir)
-    base = load_config(config, dict(overrides or {}))
+    overrides = dict(overrides or {})
+    if max_steps is not None:  # a run cut short by steps must still end with a checkpoint
+        overrides["train.checkpoint_every"] = 1
+    base = load_config(config, overrides)
     moe_cfg = load_config({**base, "model": {**base["model"], "arch": "moefsdic"}})
     dense_cfg = load_config({**base, "model": {**base["model"], "arch": baseline}})
     evaluator = Evaluator.for_config(moe_cfg, cache_dir)

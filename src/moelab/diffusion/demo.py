@@ -51,7 +51,7 @@ def run_demo(
         from moelab.diffusion.config import CONFIG_DIR
 
         config = CONFIG_DIR / "digits.yaml"
-    cfg = load_config(config)
+    cfg = load_config(config, {"train.checkpoint_every": 1} if max_steps is not None else None)
     log(f"[demo] training {config} ({cfg['data']['dataset']}, {cfg['model']['image_size']}px) -> {out / 'checkpoints'}")
     t0 = time.perf_counter()
     ckpt = fit(cfg, checkpoint_dir=out / "checkpoints", max_steps=max_steps, progress=progress, logger_dir=out / "logs")

@@ -177,6 +177,11 @@ class FIDInceptionV3(nn.Module):
     @classmethod
     def from_weights(cls, path: str | Path) -> "FIDInceptionV3":
         """Load pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth`` (a plain state dict) strictly."""
+        if not Path(path).is_file():
+            raise CheckpointError(
+                f"--inception-weights '{path}' is not a file: pass a local copy of pytorch-fid's "
+                "pt_inception-2015-12-05-6726825d.pth (it is never downloaded)"
+            )
         state = safe_load(path)
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]

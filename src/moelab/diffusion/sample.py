@@ -140,6 +140,9 @@ def sample(
     out = []
     try:
         n_batches = (labels.numel() + batch_size - 1) // batch_size
+        # DDIM: re-derive eps from the clipped x0 (as DPM-Solver++'s thresholding does); otherwise the
+        # raw eps and the clipped x0 disagree and the deterministic update leaves noise in the image
+        step_kw = {"use_clipped_model_output": True} if canonical_sampler(sampler) == "ddim" else {}
         for b in range(n_batches):
             sl = slice(b * batch_size, (b + 1) * batch_size)
             sched = make_scheduler(config, sampler, steps)
@@ -150,7 +153,7 @@ def sample(
                 tt = torch.full((x.shape[0],), int(t), dtype=torch.long, device=device)
                 xin = sched.scale_model_input(x, t)
                 eps = guided_eps(model, xin, tt, y, float(guidance), m["num_classes"])
-                x = sched.step(eps, t, x, generator=step_gen).prev_sample
+                x = sched.step(eps, t, x, generator=step_gen, **step_kw).prev_sample
                 if progress is not None:
                     progress(b * len(sched.timesteps) + i + 1, n_batches * len(sched.timesteps))
             out.append(x.clamp(-1, 1).cpu())

@@ -18,7 +18,6 @@ import json
 import logging
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -88,15 +87,6 @@ def _worker_init(worker_id: int) -> None:
     s = torch.initial_seed() % 2**32
     np.random.seed(s)
     random.seed(s)
-
-
-@dataclass
-class Prepared:
-    """Everything a run needs, resolved and checked."""
-
-    cfg: BenchmarkConfig
-    source: DataSource
-    weights_dir: Path
 
 
 def preflight(cfg: BenchmarkConfig, data_root: str | Path | None = None, check_weights: bool = True) -> DataSource:

@@ -39,6 +39,8 @@ class PickReport:
     max_s_prob: float
     max_detection: float
     n_picks: int
+    p_peak_s: float | None = None  # time of the highest P probability, pick or not
+    s_peak_s: float | None = None
 
     def format(self) -> str:
         def f(v: float | None) -> str:
@@ -48,7 +50,11 @@ class PickReport:
             f"real recording {RECORDING} (ObsPy ar_pick reference: P {REFERENCE_P_S:.3f} s, S {REFERENCE_S_S:.3f} s)\n"
             f"  P pick: {'none' if self.p_time_s is None else f'{self.p_time_s:.3f} s (p={self.p_prob:.2f})'}  residual {f(self.p_residual_s)}\n"
             f"  S pick: {'none' if self.s_time_s is None else f'{self.s_time_s:.3f} s (p={self.s_prob:.2f})'}  residual {f(self.s_residual_s)}\n"
-            f"  max probabilities: detection {self.max_detection:.2f}, P {self.max_p_prob:.2f}, S {self.max_s_prob:.2f}; {self.n_picks} picks"
+            f"  max probabilities: detection {self.max_detection:.2f}, P {self.max_p_prob:.2f}, S {self.max_s_prob:.2f}; {self.n_picks} picks\n"
+            f"  probability peaks: P at {self.p_peak_s if self.p_peak_s is None else round(self.p_peak_s, 3)} s "
+            f"(residual {f(None if self.p_peak_s is None else self.p_peak_s - REFERENCE_P_S)}), "
+            f"S at {self.s_peak_s if self.s_peak_s is None else round(self.s_peak_s, 3)} s "
+            f"(residual {f(None if self.s_peak_s is None else self.s_peak_s - REFERENCE_S_S)})"
         )
 
 
@@ -115,6 +121,13 @@ def pick_recording(model, p_threshold: float = 0.1, s_threshold: float = 0.1, st
         b = max(cand, key=lambda p: p.peak_value)
         return float(b.peak_time - t0), float(b.peak_value)
 
+    def peak_time(suffix: str) -> float | None:
+        trs = [tr for tr in ann if tr.stats.channel.endswith(suffix) and tr.stats.npts]
+        if not trs:
+            return None
+        tr = max(trs, key=lambda t: float(np.max(t.data)))
+        return float(tr.stats.starttime + int(np.argmax(tr.data)) / tr.stats.sampling_rate - t0)
+
     def channel_max(suffix: str) -> float:
         vals = [float(np.max(tr.data)) for tr in ann if tr.stats.channel.endswith(suffix)]
         return max(vals) if vals else float("nan")
@@ -132,4 +145,6 @@ def pick_recording(model, p_threshold: float = 0.1, s_threshold: float = 0.1, st
         max_s_prob=channel_max("_S"),
         max_detection=channel_max("_Detection"),
         n_picks=len(picks),
+        p_peak_s=peak_time("_P"),
+        s_peak_s=peak_time("_S"),
     )
