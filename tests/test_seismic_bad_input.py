@@ -171,7 +171,7 @@ def test_eval_checkpoint_architecture_mismatch(tmp_path, seismoe8):
     with pytest.raises(CheckpointError, match="num_experts: checkpoint 8, config 4"):
         harness.load_for_eval(cfg, _ckpt(tmp_path / "a.ckpt", seismoe8))
     # without stored architecture the parameter shapes give it away
-    with pytest.raises(CheckpointError, match=r"does not fit the SeisMoE .*shape mismatches \(e.g. model\..*checkpoint \(8"):
+    with pytest.raises(CheckpointError, match=r"does not fit the SeisMoE .*shape mismatch\(es\): model\..*checkpoint \(8"):
         harness.load_for_eval(cfg, _ckpt(tmp_path / "b.ckpt", seismoe8, keep_arch=False))
 
 
@@ -179,7 +179,7 @@ def test_eval_checkpoint_missing_keys(tmp_path, seismoe8):
     cfg = validate(with_(ma_num_experts=8, ma_in_samples=1001))
     sd = {k: v for k, v in seismoe8.state_dict().items() if "pick_decoders" not in k}
     atomic_save({"state_dict": sd, "hyper_parameters": {}}, tmp_path / "c.ckpt")
-    with pytest.raises(CheckpointError, match=r"missing keys \(e.g. model.pick_decoders"):
+    with pytest.raises(CheckpointError, match=r"key\(s\) missing from the checkpoint: model.pick_decoders"):
         harness.load_for_eval(cfg, tmp_path / "c.ckpt")
 
 

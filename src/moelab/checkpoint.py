@@ -15,6 +15,7 @@ import pickle
 import tempfile
 import zipfile
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -89,6 +90,34 @@ def safe_load(path: PathLike, map_location: Any = "cpu") -> Any:
             f"checkpoint '{path}' is corrupt or not a PyTorch file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
             "use an earlier checkpoint"
         ) from None
+
+
+def check_state_dict(expected: Mapping[str, Any], state: Mapping[str, Any], what: str, fix: str) -> None:
+    """Raise a `CheckpointError` naming the keys and shapes in which ``state`` differs from ``expected``.
+
+    ``what`` says which file does not fit which model, ``fix`` what the user should do instead.
+    """
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    if not (missing or unexpected or shapes):
+        return
+
+    def few(items: list[str]) -> str:
+        return ", ".join(items[:4]) + (f" (+{len(items) - 4} more)" if len(items) > 4 else "")
+
+    parts = []
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatch(es): {few(shapes)}")
+    if missing:
+        parts.append(f"{len(missing)} key(s) missing from the checkpoint: {few(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s): {few(unexpected)}")
+    raise CheckpointError(f"{what} ({'; '.join(parts)}); {fix}")
 
 
 def _weights_only_detail(message: str) -> str:

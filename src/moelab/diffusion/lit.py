@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from moelab import checkpoint as checkpoint_io
 from moelab.checkpoint import safe_load
 from moelab.diffusion.config import load_config
 from moelab.diffusion.losses import MoELoss
@@ -142,26 +143,11 @@ class MoEFsDiCLit(pl.LightningModule):
 # --- loading trained models ------------------------------------------------------------------------
 def check_state_dict(model: nn.Module, state: Mapping[str, Tensor], source: str) -> None:
     """Raise a `CheckpointError` naming the keys/shapes that differ between ``model`` and ``state``."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
-    if not (missing or unexpected or shapes):
-        return
-
-    def few(items: list[str]) -> str:
-        return ", ".join(items[:4]) + (f" (+{len(items) - 4} more)" if len(items) > 4 else "")
-
-    parts = []
-    if shapes:
-        parts.append(f"{len(shapes)} shape mismatch(es): {few(shapes)}")
-    if missing:
-        parts.append(f"{len(missing)} key(s) missing from the checkpoint: {few(missing)}")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected key(s): {few(unexpected)}")
-    raise CheckpointError(
-        f"checkpoint '{source}' does not fit this model architecture ({'; '.join(parts)}); "
-        "use the config the checkpoint was trained with (or a checkpoint of this config)"
+    checkpoint_io.check_state_dict(
+        model.state_dict(),
+        state,
+        f"checkpoint '{source}' does not fit this model architecture",
+        "use the config the checkpoint was trained with (or a checkpoint of this config)",
     )
 
 

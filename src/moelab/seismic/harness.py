@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from moelab.checkpoint import check_state_dict
 from moelab.errors import CheckpointError, ConfigError, DataError, MoelabError
 from moelab.seismic.config import BenchmarkConfig, check_accelerator
 from moelab.seismic.data import DataSource, check_window, open_dataset, resolve_data, split_data
@@ -278,19 +279,9 @@ def load_for_eval(cfg: BenchmarkConfig, path: str | Path):
         args["model_args"] = ckpt_arch  # resolved architecture: no pretrained weights are fetched
     seed_everything(cfg.seed)
     module = lit_class(cfg.model)(**args)
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}" for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
-        if shapes:
-            parts.append(f"{len(shapes)} shape mismatches (e.g. {'; '.join(shapes[:2])})")
-        raise CheckpointError(f"'{path}' does not fit the {cfg.model} of {cfg.source}: " + ", ".join(parts) + "; use the config it was trained with")
+    check_state_dict(
+        module.state_dict(), state, f"'{path}' does not fit the {cfg.model} of {cfg.source}", "use the config it was trained with"
+    )
     module.load_state_dict(state)
     module.eval()
     return module
