@@ -78,3 +78,32 @@ def test_upcycled_layer_equals_dense():
     layer = MoELayer.upcycle(conv, num_experts=3, k=2, router_in_features=4)
     x = torch.randn(5, 4, 6, 6)
     torch.testing.assert_close(layer(x, x.mean((2, 3))), conv(x), atol=1e-6, rtol=0)
+
+
+def _routed(layer: MoELayer, expert: int, n: int = 10) -> None:
+    layer.usage.update(torch.full((n, 1), expert))
+
+
+def test_collapse_monitor_warns_after_patience_and_keeps_counters():
+    import warnings
+
+    from moelab.moe import ExpertCollapseWarning, ExpertUsageMonitor
+
+    m = Tiny()
+    mon = ExpertUsageMonitor(interval=1, max_share=0.8, patience=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _routed(m.moe, 0)
+        _routed(m.moe, 1, 5)
+        assert mon.check(m)["moe/moe/max_share"] == 10 / 15  # balanced enough: no strike
+        _routed(m.moe, 2)
+        assert mon.check(m)["moe/moe/max_share"] == 1.0  # only this interval's routing counts
+        assert not caught
+        _routed(m.moe, 2)
+        mon.check(m)
+    assert len(caught) == 1 and issubclass(caught[0].category, ExpertCollapseWarning)
+    assert "MoE block 'moe'" in str(caught[0].message) and "raise the load-loss coefficient" in str(caught[0].message)
+    assert m.moe.usage.counts.tolist() == [10, 5, 20]  # the monitor never resets the layer's counters
+    reset_moe_stats(m)
+    _routed(m.moe, 1)
+    assert mon.check(m)["moe/moe/max_share"] == 1.0 and mon.strikes["moe"] == 3

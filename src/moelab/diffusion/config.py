@@ -75,6 +75,8 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         "num_workers": (0, int),
         "log_every": (10, int),
         "monitor_interval": (50, int),  # steps between expert-usage checks (collapse warning)
+        "collapse_share": (0.9, _NUM),  # warn when one expert takes more than this share of a block's routing
+        "collapse_patience": (3, int),  # ... for this many consecutive checks
     },
     "data": {
         "dataset": ("cifar10", ("digits", "mnist", "fashion_mnist", "cifar10", "image_folder")),

@@ -174,7 +174,9 @@ def register(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--max-steps", type=int, default=None, help="cap the training steps (quick check)")
     p.add_argument("--cache-dir", default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: the demo model is tiny, and one thread is immune to the "
+                        "OpenMP oversubscription that slows 2 threads 10-100x when other processes share 2 cores)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
 

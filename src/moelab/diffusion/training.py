@@ -175,7 +175,7 @@ def fit(
     if tr["ema"]:
         callbacks.append(EMAWeightAveraging(decay=tr["ema_decay"], use_buffers=False))
     if cfg["model"]["arch"] == "moefsdic" and cfg["moe"]["enabled"]:
-        callbacks.append(ExpertUsageMonitor(interval=tr["monitor_interval"]))
+        callbacks.append(ExpertUsageMonitor(interval=tr["monitor_interval"], max_share=tr["collapse_share"], patience=tr["collapse_patience"]))
     log_root = Path(logger_dir) if logger_dir is not None else ckpt_dir / "logs"
     loggers = [CSVLogger(log_root, name="csv"), TensorBoardLogger(log_root, name="tensorboard")]
     callbacks.append(LearningRateMonitor(logging_interval="step"))

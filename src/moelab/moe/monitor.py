@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import lightning.pytorch as pl
+import torch
 
 from moelab.moe.layer import MoELayer
+from moelab.moe.stats import ExpertUsage
 
 
 class ExpertCollapseWarning(UserWarning):
@@ -14,30 +17,43 @@ class ExpertCollapseWarning(UserWarning):
 
 
 class ExpertUsageMonitor(pl.Callback):
-    """Every ``interval`` training steps, log each MoE layer's usage since the last interval.
+    """Every ``interval`` training steps, log each MoE layer's usage during that interval.
 
     If one expert gets more than ``max_share`` of a layer's routing assignments for ``patience``
-    consecutive intervals, warn naming the layer and the fix. Usage counts are reset at each
-    interval so each figure describes one interval.
+    consecutive intervals, warn naming the layer and the fix. The monitor reads the layers'
+    counters without resetting them (it keeps its own snapshot), so per-epoch usage figures that a
+    LightningModule logs stay intact.
     """
 
     def __init__(self, interval: int = 50, max_share: float = 0.9, patience: int = 3) -> None:
         self.interval, self.max_share, self.patience = interval, max_share, patience
         self.strikes: dict[str, int] = {}
+        self._seen: dict[str, torch.Tensor] = {}
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:  # noqa: ANN001
-        if (trainer.global_step % self.interval) != 0 or trainer.global_step == 0:
-            return
-        self.check(trainer, pl_module)
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step > 0 and trainer.global_step % self.interval == 0:
+            self.check(pl_module, trainer)
 
-    def check(self, trainer: pl.Trainer | None, pl_module: pl.LightningModule) -> None:
-        metrics = {}
+    def interval_usage(self, name: str, layer: MoELayer) -> ExpertUsage:
+        """Usage since the previous check (counters reset in between count from zero)."""
+        now = layer.usage.counts.detach().clone()
+        before = self._seen.get(name)
+        self._seen[name] = now
+        delta = ExpertUsage(layer.num_experts).to(now.device)
+        delta.counts.copy_(now if before is None or bool((now < before).any()) else now - before)
+        return delta
+
+    def check(self, pl_module: pl.LightningModule, trainer: pl.Trainer | None = None) -> dict[str, float]:
+        metrics: dict[str, float] = {}
         for name, layer in pl_module.named_modules():
-            if not isinstance(layer, MoELayer) or layer.usage.total == 0:
+            if not isinstance(layer, MoELayer):
                 continue
-            s = layer.usage.summary()
-            metrics[f"moe/{name}/max_share"] = s["max_share"]
-            metrics[f"moe/{name}/entropy"] = s["entropy"]
+            usage = self.interval_usage(name, layer)
+            if usage.total == 0:
+                continue
+            s = usage.summary()
+            metrics[f"moe/{name}/max_share"] = float(s["max_share"])
+            metrics[f"moe/{name}/entropy"] = float(s["entropy"])
             self.strikes[name] = self.strikes.get(name, 0) + 1 if s["max_share"] > self.max_share else 0
             if self.strikes[name] == self.patience:
                 warnings.warn(
@@ -47,6 +63,6 @@ class ExpertUsageMonitor(pl.Callback):
                     ExpertCollapseWarning,
                     stacklevel=2,
                 )
-            layer.usage.reset()
         if metrics and trainer is not None and trainer.logger is not None:
             pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+        return metrics

@@ -34,6 +34,9 @@ TOP_LEVEL: dict[str, tuple[tuple[type, ...], str]] = {
     "training_fraction": ((int, float), "fraction of training traces used, in (0, 1]"),
     "targets": ((str,), "folder of evaluation targets (task1.csv, task23.csv)"),
     "comment": ((str,), "free text, ignored"),
+    "monitor_interval": ((int,), "training steps between expert-usage checks (SeisMoE)"),
+    "collapse_share": ((int, float), "warn when one expert takes more than this share of the routing"),
+    "collapse_patience": ((int,), "... for this many consecutive checks"),
 }
 
 # Lightning-module arguments and their checks; everything else is refused with a suggestion.

@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import Sampler
 
 from moelab.checkpoint import check_state_dict
+from moelab.moe import ExpertUsageMonitor
 from moelab.errors import CheckpointError, ConfigError, DataError, MoelabError
 from moelab.seismic.config import BenchmarkConfig, check_accelerator
 from moelab.seismic.data import DataSource, check_window, open_dataset, resolve_data, split_data
@@ -232,10 +233,19 @@ def train(
     if "accelerator" in cfg.trainer_args and device is not None:
         trainer_args["accelerator"] = device
     check_accelerator(trainer_args.get("accelerator"))
+    callbacks: list[pl.Callback] = [checkpoint]
+    if cfg.model == "SeisMoE":
+        callbacks.append(
+            ExpertUsageMonitor(
+                interval=cfg.raw.get("monitor_interval", 50),
+                max_share=cfg.raw.get("collapse_share", 0.9),
+                patience=cfg.raw.get("collapse_patience", 3),
+            )
+        )
     trainer = pl.Trainer(
         default_root_dir=str(out),
         logger=logger,
-        callbacks=[checkpoint],
+        callbacks=callbacks,
         plugins=[AtomicCheckpointIO()],
         **trainer_args,
     )
