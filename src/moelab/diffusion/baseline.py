@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from moelab.diffusion.experts import norm_groups
+from moelab.diffusion.unet import batch_conditions
 
 
 def unet2d_kwargs(config: Mapping[str, Any], width: int) -> dict[str, Any]:
@@ -80,13 +81,8 @@ class DenseUNet2D(nn.Module):
         self.unet = UNet2DModel(**unet2d_kwargs(config, self.width))
 
     def forward(self, x: Tensor, t: Tensor | int | float, c: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
-        b = x.shape[0]
-        t = torch.as_tensor(t, device=x.device)
-        if t.dim() == 0:
-            t = t.expand(b)
-        if c is None:
-            c = torch.full((b,), self.num_classes, dtype=torch.long, device=x.device)
-        return self.unet(x, t, class_labels=c.long()).sample, []
+        t, c = batch_conditions(x, t, c, self.num_classes)
+        return self.unet(x, t, class_labels=c).sample, []
 
     def parameter_counts(self) -> dict[str, int]:
         """Dense: every parameter is active for every sample."""

@@ -34,6 +34,16 @@ from moelab.diffusion.experts import norm_groups
 from moelab.moe import MoELayer, moe_layers
 
 
+def batch_conditions(x: Tensor, t: Tensor | int | float, c: Tensor | None, num_classes: int) -> tuple[Tensor, Tensor]:
+    """Per-sample timesteps and class ids: a scalar ``t`` is broadcast, ``c=None`` is the null class."""
+    t = torch.as_tensor(t, device=x.device)
+    if t.dim() == 0:
+        t = t.expand(x.shape[0])
+    if c is None:
+        c = torch.full((x.shape[0],), num_classes, dtype=torch.long, device=x.device)
+    return t, c.long()
+
+
 class MoEFsDiC_UNet(nn.Module):  # noqa: N801 - the name the quick-start uses
     """``noise_pred, moe_logits = model(x, t, c)``.
 
@@ -85,13 +95,8 @@ class MoEFsDiC_UNet(nn.Module):  # noqa: N801 - the name the quick-start uses
 
     # --- forward -------------------------------------------------------------------------------
     def forward(self, x: Tensor, t: Tensor | int | float, c: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
-        b = x.shape[0]
-        t = torch.as_tensor(t, device=x.device)
-        if t.dim() == 0:
-            t = t.expand(b)
-        if c is None:
-            c = torch.full((b,), self.num_classes, dtype=torch.long, device=x.device)
-        cond = Conditioning(self.time_embed(t), self.class_embed(c.long()))
+        t, c = batch_conditions(x, t, c, self.num_classes)
+        cond = Conditioning(self.time_embed(t), self.class_embed(c))
 
         h = self.stem(x)
         skips = []
