@@ -201,3 +201,33 @@ def test_warns_when_detection_labels_would_be_empty():
     assert lit.detection_label_warning(stead_like) is None
     fixed = EQTransformerLit(in_samples=N, detection_fixed_window=2000)
     assert fixed.detection_label_warning(geofon_like) is None
+
+
+def test_non_finite_loss_stops_training_and_keeps_last_checkpoint(tmp_path):
+    import hashlib
+
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from moelab.checkpoint import AtomicCheckpointIO, safe_load
+    from moelab.errors import NonFiniteLossError
+
+    torch.manual_seed(0)
+    good = [_batch(seed=i) for i in range(2)]
+    lit = SeisMoELit(num_experts=4, num_experts_per_token=2, in_samples=N)
+
+    def trainer(epochs: int) -> pl.Trainer:
+        ck = ModelCheckpoint(dirpath=tmp_path, filename="last", save_top_k=-1, enable_version_counter=False)
+        return pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
+                          enable_model_summary=False, callbacks=[ck], plugins=[AtomicCheckpointIO()])
+
+    from torch.utils.data import DataLoader
+
+    trainer(1).fit(lit, DataLoader(good, batch_size=None))
+    path = tmp_path / "last.ckpt"
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    bad = [dict(good[0], X=torch.full_like(good[0]["X"], float("nan")))]
+    with pytest.raises(NonFiniteLossError, match=r"non-finite at step 2 \(loss=nan\).*lower model_args.lr"):
+        trainer(2).fit(lit, DataLoader(bad, batch_size=None), ckpt_path=str(path))
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+    assert safe_load(path)["global_step"] == 2

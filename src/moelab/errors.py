@@ -25,3 +25,16 @@ class DataError(MoelabError):
 
 class NonFiniteLossError(MoelabError):
     """Training produced a NaN/Inf loss; the last good checkpoint is left untouched."""
+
+
+def check_finite_loss(step: int, fix: str, **losses: float) -> None:
+    """Raise `NonFiniteLossError` naming the step and the values when any loss is NaN/Inf.
+
+    Raising inside the training step stops Lightning before the next checkpoint is written, so the
+    last good checkpoint on disk stays as it was.
+    """
+    import math
+
+    if not all(math.isfinite(v) for v in losses.values()):
+        values = ", ".join(f"{k}={v}" for k, v in losses.items())
+        raise NonFiniteLossError(f"the loss became non-finite at step {step} ({values}); training stopped: {fix}")

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moelab.checkpoint import safe_load
-from moelab.errors import CheckpointError, ConfigError
+from moelab.errors import CheckpointError, ConfigError, check_finite_loss
 from moelab.moe import freeze_non_moe as _freeze_non_moe
 from moelab.moe import MoELayer, moe_layers, reset_moe_stats, trainable_report
 from moelab.seismic.augment import DuplicateEvent
@@ -221,7 +221,13 @@ class EQTransformerLit(SeisBenchModuleLit):
             warnings.warn(message, stacklevel=2)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        return self.shared_step(batch, "train")
+        loss = self.shared_step(batch, "train")
+        check_finite_loss(
+            self.global_step,
+            "lower model_args.lr, check the input data for NaN/Inf samples, or lower moe_loss_coef",
+            loss=float(loss.detach()),
+        )
+        return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
         return self.shared_step(batch, "val")
