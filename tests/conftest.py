@@ -13,6 +13,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Every test starts with one intra-op thread, whatever an earlier test set."""
+    torch.set_num_threads(1)
+    yield
+
+
 @pytest.fixture
 def shared_data() -> Path:
     return SHARED_DATA

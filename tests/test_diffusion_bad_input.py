@@ -25,12 +25,6 @@ SMALL = {"model": {"in_channels": 1, "model_channels": 8, "channel_mults": [1], 
          "data": {"dataset": "digits", "fit": "pad", "subset": 32}}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def small(**over):

@@ -16,13 +16,6 @@ from moelab.diffusion.unet import MoEFsDiC_UNet, build_model
 from moelab.moe import moe_layers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread avoids OpenMP oversubscription when the 2 cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 TINY = {
     "extends": "digits.yaml",

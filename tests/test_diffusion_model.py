@@ -13,13 +13,6 @@ from moelab.diffusion.config import load_config
 from moelab.diffusion.unet import build_model
 from moelab.moe import MoELayer, TopKRouter, aux_loss, moe_layers
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread (avoids OpenMP oversubscription on busy CI machines)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 TINY = {"model": {"model_channels": 8, "channel_mults": [1, 2], "image_size": 16, "in_channels": 3, "num_classes": 10},

@@ -21,14 +21,6 @@ from moelab.seismic.config import check_accelerator, load_config, validate  # no
 from moelab.seismic.data import check_window, open_dataset, resolve_data  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a small shared CPU, OpenMP threads oversubscribe and a training step
-    gets ~40x slower (measured: 20 s vs 0.5 s per SeisMoE step at load 6 on 2 cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 REPO = Path(__file__).resolve().parents[1]
 OK = {"model": "SeisMoE", "data": "STEAD", "model_args": {"base_model": None, "num_experts": 4, "num_experts_per_token": 2}}

@@ -24,14 +24,6 @@ from moelab.seismic.evaluate import (  # noqa: E402
     window_containing,
 )
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a small shared CPU, OpenMP threads oversubscribe and a training step
-    gets ~40x slower (measured: 20 s vs 0.5 s per SeisMoE step at load 6 on 2 cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 

@@ -24,14 +24,6 @@ from moelab.seismic.data import open_dataset, resolve_data  # noqa: E402
 from moelab.seismic.evaluate import evaluate_module  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a small shared CPU, OpenMP threads oversubscribe and a training step
-    gets ~40x slower (measured: 20 s vs 0.5 s per SeisMoE step at load 6 on 2 cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 REPO = Path(__file__).resolve().parents[1]
 IN_SAMPLES = 1001  # 10 s model windows keep CPU training fast; task windows shrink to 5 s (half, as 30 of 60 s)

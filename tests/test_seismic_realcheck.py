@@ -21,14 +21,6 @@ pytest.importorskip("obspy")
 from moelab.seismic import harness, realcheck, synth  # noqa: E402
 from moelab.seismic.config import validate  # noqa: E402
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a small shared CPU, OpenMP threads oversubscribe and a training step
-    gets ~40x slower (measured: 20 s vs 0.5 s per SeisMoE step at load 6 on 2 cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 
