@@ -211,3 +211,15 @@ def test_build_model_and_quickstart_import_paths():
     finally:
         sys.path.remove(root)
     assert qs_model is direct and qs_loss is MoELoss
+
+
+def test_norm_groups_keep_channels_together_and_stem_is_a_full_conv():
+    from moelab.diffusion.experts import MIN_GROUP_SIZE, ResidualConvExperts, norm_groups
+
+    # >= 8 channels per group: per-channel time/class biases survive the experts' GroupNorm
+    assert MIN_GROUP_SIZE == 8
+    assert [norm_groups(c) for c in (8, 12, 32, 64, 128, 256, 1024)] == [1, 1, 4, 8, 16, 32, 32]
+    assert norm_groups(14, min_size=1) == 14 and norm_groups(48, min_size=1) == 24  # the dense baseline's rule
+    assert ResidualConvExperts(4, 32).groups == 4
+    model = MoEFsDiC_UNet(tiny())  # use_dsconv_global is on, the stem still sees every input channel
+    assert isinstance(model.stem, torch.nn.Conv2d) and model.stem.weight.shape == (8, 3, 3, 3)

@@ -33,7 +33,9 @@ def unet2d_kwargs(config: Mapping[str, Any], width: int) -> dict[str, Any]:
         down_block_types=("DownBlock2D",) * len(chans),
         up_block_types=("UpBlock2D",) * len(chans),
         layers_per_block=1,
-        norm_num_groups=norm_groups(math.gcd(*chans)),
+        # diffusers' own rule (up to 32 groups, down to one channel each): at this width it scored
+        # better than groups of 8 channels (Fréchet 4.1 vs 4.7 on digits), so the baseline keeps it
+        norm_num_groups=norm_groups(math.gcd(*chans), min_size=1),
         attention_head_dim=chans[-1] // 4 if chans[-1] % 4 == 0 else chans[-1],  # 4 heads when they fit
         num_class_embeds=m["num_classes"] + 1,
     )

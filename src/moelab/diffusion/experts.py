@@ -18,9 +18,16 @@ from moelab.moe import ExpertBank
 from moelab.moe.gathered import gathered_conv2d, gathered_group_norm, gathered_pointwise
 
 
-def norm_groups(channels: int, max_groups: int = 32) -> int:
-    """Largest group count <= max_groups that divides ``channels`` (GroupNorm needs a divisor)."""
-    return next(g for g in range(min(max_groups, channels), 0, -1) if channels % g == 0)
+#: Fewest channels per GroupNorm group in MoEFsDiC. With one channel per group, GroupNorm is an
+#: instance norm and erases the per-channel time/class bias the blocks add to their input. On
+#: configs/digits.yaml (32 channels), 8 channels per group plus a full stem conv took the model from
+#: Fréchet 7.44 / accuracy 0.993 to 4.71 / 0.999 (`moelab diffusion compare`, seed 0).
+MIN_GROUP_SIZE = 8
+
+
+def norm_groups(channels: int, max_groups: int = 32, min_size: int = MIN_GROUP_SIZE) -> int:
+    """Largest group count <= max_groups dividing ``channels`` with >= ``min_size`` channels each."""
+    return next(g for g in range(min(max_groups, channels), 0, -1) if channels % g == 0 and (channels // g >= min_size or g == 1))
 
 
 class DepthwiseSeparableConv2d(nn.Module):

@@ -78,7 +78,9 @@ class MoEFsDiC_UNet(nn.Module):  # noqa: N801 - the name the quick-start uses
 
         self.time_embed = TimeEmbedding(mc, emb)
         self.class_embed = nn.Embedding(self.num_classes + 1, emb)  # last row = null class
-        self.stem = conv3x3(m["in_channels"], chans[0], ds)
+        # The stem is a standard conv even with use_dsconv_global: a depthwise conv over 1-3 image
+        # channels would hand every feature map a multiple of the same 1-3 filtered images.
+        self.stem = nn.Conv2d(m["in_channels"], chans[0], 3, padding=1)
 
         n = len(chans)
         self.enc_blocks = nn.ModuleList(block(c) for c in chans)
