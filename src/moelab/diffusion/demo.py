@@ -15,8 +15,8 @@ from moelab.diffusion.evaluate import METRIC_COLUMNS, format_table, write_json
 DEFAULT_CONFIG = Path("configs/digits.yaml")
 
 #: Sampling settings of the demo (tuned on configs/digits.yaml; see bench/sampling.py): 20 steps of
-#: SDE-DPM-Solver++(2M), which on this small model is far more accurate than the deterministic
-#: DPM-Solver++ at the same step count (its fresh noise corrects the model's errors, as DDPM's does).
+#: SDE-DPM-Solver++(2M). It matches the deterministic DPM-Solver++ in accuracy there (both 1.000)
+#: and gives the lower Fréchet distance (4.28 vs 4.67): its fresh noise corrects model errors.
 DEMO_SAMPLER, DEMO_STEPS, DEMO_GUIDANCE = "dpm++sde", 20, 2.0
 
 
