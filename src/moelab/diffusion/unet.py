@@ -28,7 +28,6 @@ from moelab.diffusion.blocks import (
     MoEConvBlock,
     TimeEmbedding,
     Upsample,
-    conv3x3,
 )
 from moelab.diffusion.experts import norm_groups
 from moelab.moe import MoELayer, moe_layers
