@@ -10,7 +10,7 @@ The two last lines compare 20 DPM-Solver++ steps with 1000 DDPM steps, first for
 DPM++-20's and acc_drop = DDPM-1000 accuracy - DPM++-20 accuracy.
 
 Usage: python bench/sampling.py [--checkpoint outputs/demo/checkpoints/checkpoint_epoch_N.pth]
-       [--per-class 50] [--guidance 2.0] [--threads 2]
+       [--per-class 50] [--guidance 1.25] [--threads 2]
 (run `moelab diffusion demo` first; without --checkpoint the newest demo checkpoint is used)
 """
 

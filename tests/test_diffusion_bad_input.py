@@ -103,6 +103,7 @@ CASES = [
     ("k > E", cfg_case({"moe": {"num_experts": 4, "k_active": 5}}), ConfigError, r"moe.k_active=5 is larger than moe.num_experts=4"),
     ("k < 1", cfg_case({"moe": {"k_active": 0}}), ConfigError, r"moe.k_active=0 must be at least 1"),
     ("E < 1", cfg_case({"moe": {"num_experts": 0, "k_active": 1}}), ConfigError, r"moe.num_experts=0 must be at least 1"),
+    ("no blocks per level", cfg_case({"model": {"layers_per_block": 0}}), ConfigError, r"model.layers_per_block=0 must be > 0"),
     ("image size", cfg_case({"model": {"image_size": 60}}), ConfigError, r"model.image_size=60 must be divisible by 32 .*use e.g. 32 or 64"),
     ("empty mults", cfg_case({"model": {"channel_mults": []}}), ConfigError, r"model.channel_mults is empty"),
     ("betas order", cfg_case({"diffusion": {"beta_start": 0.1, "beta_end": 0.01}}), ConfigError, r"0 < beta_start < beta_end < 1"),

@@ -79,15 +79,33 @@ def test_compare_trains_and_evaluates_both(cfg, tmp_path, capsys):
 
     cfg_file.write_text(yaml.safe_dump({**TINY, "extends": str(load_config.__globals__["CONFIG_DIR"] / "digits.yaml")}))
     assert main(["diffusion", "compare", "--config", str(cfg_file), "--out", str(tmp_path / "cmp"), "--max-steps", "2",
-                 "--per-class", "1", "--steps", "2", "--no-progress", "--cache-dir", str(tmp_path / "cache")]) == 0
+                 "--per-class", "1", "--steps", "2", "--guidance", "1", "2.5", "--no-progress",
+                 "--cache-dir", str(tmp_path / "cache")]) == 0
     out = capsys.readouterr().out
-    assert "moefsdic" in out and "unet2d" in out and "params active" in out
+    assert "moefsdic" in out and "unet2d" in out and "params active" in out and "best guidance weight" in out
     res = json.loads((tmp_path / "cmp" / "compare.json").read_text())
-    rows = res["rows"]
+    # every model at every guidance weight, the same trained model behind both weights
+    assert [(r["arch"], r["guidance"]) for r in res["results"]] == [
+        ("moefsdic", 1.0), ("moefsdic", 2.5), ("unet2d", 1.0), ("unet2d", 2.5)]
+    assert res["results"][0]["checkpoint"] == res["results"][1]["checkpoint"]
+    assert res["results"][0]["accuracy"] != res["results"][1]["accuracy"] or \
+        res["results"][0]["frechet_distance"] != res["results"][1]["frechet_distance"]
+    rows = res["rows"]  # each model at its lowest Fréchet distance
     assert set(rows) == {"moefsdic", "unet2d"}
+    for name, row in rows.items():
+        assert row["frechet_distance"] == min(r["frechet_distance"] for r in res["results"] if r["arch"] == name)
     assert rows["moefsdic"]["train_steps"] == rows["unet2d"]["train_steps"] == 2
     assert rows["moefsdic"]["params_active"] < rows["moefsdic"]["params_total"]
     assert rows["unet2d"]["params_active"] == rows["unet2d"]["params_total"]
     assert abs(rows["unet2d"]["params_total"] - rows["moefsdic"]["params_active"]) < 0.5 * rows["moefsdic"]["params_active"]
     for r in rows.values():
         assert r["num_samples"] == 10 and r["train_samples_per_s"] > 0 and r["seconds_per_sample"] > 0
+
+
+def test_compare_refuses_negative_guidance_before_training(tmp_path):
+    from moelab.diffusion.compare import compare
+    from moelab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--guidance 1.0 -1.0: give one or more weights >= 0"):
+        compare(TINY, tmp_path / "cmp", guidance=[1.0, -1.0])
+    assert not (tmp_path / "cmp").exists()

@@ -39,6 +39,8 @@ def inputs(cfg, b=3, seed=0):
         ({"freq.enabled": False}, 5),  # the bottleneck becomes a MoE block
         ({"train.use_dsconv_global": False}, 4),
         ({"moe.num_experts": 16, "moe.k_active": 4}, 4),
+        ({"model.layers_per_block": 2}, 8),  # two MoE blocks per level on each side
+        ({"model.layers_per_block": 3, "freq.enabled": False}, 13),
         ({"moe.enabled": False}, 0),
         ({"moe.enabled": False, "freq.enabled": False, "train.use_dsconv_global": False}, 0),
     ],
@@ -223,3 +225,26 @@ def test_norm_groups_keep_channels_together_and_stem_is_a_full_conv():
     assert ResidualConvExperts(4, 32).groups == 4
     model = MoEFsDiC_UNet(tiny())  # use_dsconv_global is on, the stem still sees every input channel
     assert isinstance(model.stem, torch.nn.Conv2d) and model.stem.weight.shape == (8, 3, 3, 3)
+
+
+def test_layers_per_block_runs_each_levels_blocks_in_order_and_baseline_mirrors_it():
+    from moelab.diffusion.baseline import DenseUNet2D
+
+    cfg = tiny(**{"model.layers_per_block": 2})
+    torch.manual_seed(0)
+    model = MoEFsDiC_UNet(cfg)
+    assert len(model.enc_blocks) == len(model.dec_blocks) == 4
+    assert [b.moe.experts.channels for b in model.enc_blocks] == [8, 8, 16, 16]
+    order: list[str] = []
+    names = {id(m): n for n, m in model.named_modules()}
+    hooks = [m.register_forward_hook(lambda mod, i, o: order.append(names[id(mod)])) for m in moe_layers(model)]
+    x, t, c = inputs(cfg)
+    model(x, t, c)
+    for h in hooks:
+        h.remove()
+    assert order == [f"enc_blocks.{i}.moe" for i in range(4)] + [f"dec_blocks.{i}.moe" for i in (2, 3, 0, 1)]
+    assert [names[id(m)] for m in model._moe_in_forward_order()] == order  # analysis and logits follow it
+    # one block per level keeps the original parameter names
+    assert "enc_blocks.1.moe.experts.pw1_weight" in MoEFsDiC_UNet(tiny()).state_dict()
+    dense = DenseUNet2D(cfg, width=8)
+    assert all(len(b.resnets) == 2 for b in dense.unet.down_blocks) and all(len(b.resnets) == 3 for b in dense.unet.up_blocks)

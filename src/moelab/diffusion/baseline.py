@@ -3,7 +3,8 @@
 A sparse model must beat a dense one of the same *compute*, not of the same size: the baseline's
 width is chosen so that its parameter count matches MoEFsDiC's parameters *active per sample*
 (total minus the unused E - k experts of every MoE block) for the same config. Its depth mirrors
-MoEFsDiC's: one level per channel multiplier plus the bottleneck level, one ResNet layer per block.
+MoEFsDiC's: one level per channel multiplier plus the bottleneck level, ``layers_per_block`` ResNet
+layers per level.
 The null class (id ``num_classes``) is an extra row of its class embedding, for guidance.
 """
 
@@ -32,7 +33,7 @@ def unet2d_kwargs(config: Mapping[str, Any], width: int) -> dict[str, Any]:
         block_out_channels=chans,
         down_block_types=("DownBlock2D",) * len(chans),
         up_block_types=("UpBlock2D",) * len(chans),
-        layers_per_block=1,
+        layers_per_block=m["layers_per_block"],
         # diffusers' own rule (up to 32 groups, down to one channel each): at this width it scored
         # better than groups of 8 channels (Fréchet 4.1 vs 4.7 on digits), so the baseline keeps it
         norm_num_groups=norm_groups(math.gcd(*chans), min_size=1),

@@ -34,6 +34,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         "image_size": (64, int),
         "num_classes": (10, int),
         "emb_dim": (None, (int, type(None))),  # time/class embedding width; None = 4 * model_channels
+        "layers_per_block": (1, int),  # MoE (or fusion) blocks per U-Net level, like diffusers' layers_per_block
         "freq_bands": (8, int),  # radial frequency bands the Freq_Global_Module weights per channel
     },
     "moe": {
@@ -232,7 +233,7 @@ def _positive(cfg: dict, section: str, key: str, allow_zero: bool = False) -> No
 
 def _check_values(cfg: dict) -> None:
     m, moe, tr, d = cfg["model"], cfg["moe"], cfg["train"], cfg["diffusion"]
-    for key in ("in_channels", "model_channels", "image_size", "num_classes", "freq_bands"):
+    for key in ("in_channels", "model_channels", "image_size", "num_classes", "layers_per_block", "freq_bands"):
         _positive(cfg, "model", key)
     if m["emb_dim"] is not None and m["emb_dim"] < 1:
         raise ConfigError(f"model.emb_dim={m['emb_dim']} must be a positive integer (or null for 4 * model_channels)")

@@ -25,11 +25,19 @@ def _set_threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
-def _sampling_args(p: argparse.ArgumentParser, guidance: float = 2.0) -> None:
+def _sampling_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
+    from moelab.diffusion.compare import GUIDANCE_SWEEP
+    from moelab.diffusion.demo import DEMO_GUIDANCE
+
     p.add_argument("--sampler", default="dpm++sde",
                    help="ddpm | ddim | dpm++ (DPM-Solver++(2M)) | dpm++sde (SDE-DPM-Solver++(2M), default)")
     p.add_argument("--steps", type=int, default=None, help="solver steps (default: ddpm 1000, ddim 50, dpm++/dpm++sde 20)")
-    p.add_argument("--guidance", type=float, default=guidance, help=f"classifier-free guidance weight w (1 = none; default {guidance})")
+    if sweep:
+        p.add_argument("--guidance", type=float, nargs="+", default=list(GUIDANCE_SWEEP), metavar="W",
+                       help=f"guidance weights to evaluate each model at (default {' '.join(map(str, GUIDANCE_SWEEP))})")
+    else:
+        p.add_argument("--guidance", type=float, default=DEMO_GUIDANCE,
+                       help=f"classifier-free guidance weight w (1 = none; default {DEMO_GUIDANCE}, the demo's)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed -> same images)")
     p.add_argument("--batch-size", type=int, default=250, help="images denoised at once")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
@@ -108,6 +116,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         progress=not args.no_progress, cache_dir=args.cache_dir, overrides=overrides, **_eval_kw(args),
     )
     print(res["table"])
+    print("")
+    print("each model at its best guidance weight (lowest Fréchet distance):")
+    print(res["best_table"])
     print(f"results: {Path(args.out) / 'compare.json'}")
     return 0
 
@@ -132,10 +143,10 @@ def register(sub: Any) -> None:
     _sampling_args(p)
     p.set_defaults(func=cmd_sample)
 
-    def eval_args(p: argparse.ArgumentParser, per_class: int) -> None:
+    def eval_args(p: argparse.ArgumentParser, per_class: int, sweep: bool = False) -> None:
         p.add_argument("--per-class", type=int, default=per_class, help=f"generated images per class (default {per_class})")
         p.add_argument("--cache-dir", default=None, help="where the evaluation classifier is cached (default ~/.cache/moelab)")
-        _sampling_args(p)
+        _sampling_args(p, sweep)
 
     p = sub.add_parser("evaluate", help="conditional accuracy, Fréchet distance and time per sample of a checkpoint")
     p.add_argument("--checkpoint", required=True)
@@ -164,7 +175,7 @@ def register(sub: Any) -> None:
     p.add_argument("--train-seed", type=int, default=None, help="training seed for both (default: train.seed)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override (repeatable)")
     p.add_argument("--no-progress", action="store_true")
-    eval_args(p, 100)
+    eval_args(p, 100, sweep=True)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("demo", help="offline CPU demo: train configs/digits.yaml, sample a grid, evaluate, analyse")

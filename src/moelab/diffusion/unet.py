@@ -1,12 +1,14 @@
 """MoEFsDiC_UNet: class-conditional diffusion U-Net with per-sample MoE conv blocks.
 
 Layout (L = len(channel_mults), ch_i = model_channels * channel_mults[i]):
-  stem conv3x3 -> encoder level i: block(ch_i) [skip_i] + downsample (ch_i -> ch_{i+1})
+  stem conv3x3 -> encoder level i: block(ch_i) x n [skip_i] + downsample (ch_i -> ch_{i+1})
   -> bottleneck: downsample + Freq_Global_Module (or a MoE / fusion block when freq is off)
      + upsample, added to its input
-  -> decoder level i (deepest first): upsample + concat skip_i + 1x1 merge + block(ch_i)
+  -> decoder level i (deepest first): upsample + concat skip_i + 1x1 merge + block(ch_i) x n
   -> GroupNorm + GELU + conv3x3.
 Blocks are MoE blocks (moe.enabled) or Dilated_Fusion_Blocks; all are conditioned on t and c.
+n = model.layers_per_block (1: the original layout); level i's blocks are entries i*n .. i*n+n-1
+of ``enc_blocks`` / ``dec_blocks``, so n = 1 keeps the original parameter names.
 The image is halved L + 1 times, so image_size must be divisible by 2^(L+1).
 """
 
@@ -81,8 +83,9 @@ class MoEFsDiC_UNet(nn.Module):  # noqa: N801 - the name the quick-start uses
         # channels would hand every feature map a multiple of the same 1-3 filtered images.
         self.stem = nn.Conv2d(m["in_channels"], chans[0], 3, padding=1)
 
-        n = len(chans)
-        self.enc_blocks = nn.ModuleList(block(c) for c in chans)
+        n, self.layers_per_block = len(chans), m["layers_per_block"]
+        per_level = [c for c in chans for _ in range(self.layers_per_block)]
+        self.enc_blocks = nn.ModuleList(block(c) for c in per_level)
         self.downs = nn.ModuleList(Downsample(chans[i], chans[min(i + 1, n - 1)], ds) for i in range(n))
         cb = chans[-1]
         self.mid_down = Downsample(cb, cb, ds)
@@ -90,7 +93,7 @@ class MoEFsDiC_UNet(nn.Module):  # noqa: N801 - the name the quick-start uses
         self.mid_up = Upsample(cb, cb, ds)
         self.ups = nn.ModuleList(Upsample(chans[min(i + 1, n - 1)], chans[i], ds) for i in range(n))
         self.merges = nn.ModuleList(nn.Conv2d(2 * c, c, 1) for c in chans)
-        self.dec_blocks = nn.ModuleList(block(c) for c in chans)
+        self.dec_blocks = nn.ModuleList(block(c) for c in per_level)
         self.out_norm = nn.GroupNorm(norm_groups(chans[0]), chans[0])
         self.out_conv = nn.Conv2d(chans[0], m["in_channels"], 3, padding=1)
 
@@ -99,17 +102,20 @@ class MoEFsDiC_UNet(nn.Module):  # noqa: N801 - the name the quick-start uses
         t, c = batch_conditions(x, t, c, self.num_classes)
         cond = Conditioning(self.time_embed(t), self.class_embed(c))
 
+        n = self.layers_per_block
         h = self.stem(x)
         skips = []
-        for blk, down in zip(self.enc_blocks, self.downs):
-            h = blk(h, cond)
+        for i, down in enumerate(self.downs):
+            for blk in self.enc_blocks[i * n : (i + 1) * n]:
+                h = blk(h, cond)
             skips.append(h)
             h = down(h)
         h = h + self.mid_up(self.mid(self.mid_down(h), cond))
-        for i in reversed(range(len(self.dec_blocks))):
+        for i in reversed(range(len(self.ups))):
             h = self.ups[i](h)
             h = self.merges[i](torch.cat([h, skips[i]], dim=1))
-            h = self.dec_blocks[i](h, cond)
+            for blk in self.dec_blocks[i * n : (i + 1) * n]:
+                h = blk(h, cond)
         out = self.out_conv(F.gelu(self.out_norm(h)))
         return out, self.moe_logits()
 
@@ -118,7 +124,9 @@ class MoEFsDiC_UNet(nn.Module):  # noqa: N801 - the name the quick-start uses
         return [layer.last_routing.logits for layer in self._moe_in_forward_order() if layer.last_routing is not None]
 
     def _moe_in_forward_order(self) -> list[MoELayer]:
-        blocks: list[nn.Module] = [*self.enc_blocks, self.mid, *reversed(list(self.dec_blocks))]
+        n = self.layers_per_block
+        dec = [b for i in reversed(range(len(self.ups))) for b in self.dec_blocks[i * n : (i + 1) * n]]
+        blocks: list[nn.Module] = [*self.enc_blocks, self.mid, *dec]
         return [m for b in blocks for m in moe_layers(b)]
 
     # --- utilities -----------------------------------------------------------------------------
