@@ -14,9 +14,10 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from moelab.diffusion.evaluate import Evaluator, evaluate_model, format_table, write_json
+if TYPE_CHECKING:  # the CLI reads this module's defaults at start-up, before torch is imported
+    from moelab.diffusion.evaluate import Evaluator
 
 COMPARE_COLUMNS = [
     ("params_total", "params total", "{:,}"),
@@ -53,6 +54,7 @@ def train_and_evaluate(
     One result row per guidance weight, each with the training figures.
     """
     from moelab.diffusion.baseline import parameter_counts
+    from moelab.diffusion.evaluate import Evaluator, evaluate_model
     from moelab.diffusion.lit import load_model, read_checkpoint
     from moelab.diffusion.training import fit
 
@@ -70,8 +72,12 @@ def train_and_evaluate(
         arch=cfg["model"]["arch"], checkpoint=str(ckpt), train_steps=steps, train_seconds=train_s,
         train_samples_per_s=steps * bs / train_s, params_total=pc["total"], params_active=pc["active_per_sample"],
     )
-    weights = [guidance] if isinstance(guidance, (int, float)) else list(guidance)
-    return [{**evaluate_model(model, cfg, evaluator, guidance=float(w), **eval_kw), **trained} for w in weights]
+    return [{**evaluate_model(model, cfg, evaluator, guidance=w, **eval_kw), **trained} for w in guidance_weights(guidance)]
+
+
+def guidance_weights(guidance: float | Sequence[float]) -> list[float]:
+    """One weight or a sweep, as a list."""
+    return [float(guidance)] if isinstance(guidance, (int, float)) else [float(w) for w in guidance]
 
 
 def best_row(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -97,11 +103,12 @@ def compare(
     weight), ``table`` (all results) and ``best_table``.
     """
     from moelab.diffusion.config import load_config
+    from moelab.diffusion.evaluate import Evaluator, format_table, write_json
     from moelab.errors import ConfigError
 
     if baseline not in BASELINES:
         raise ConfigError(f"--baseline '{baseline}' is not known; use one of: {', '.join(BASELINES)}")
-    weights = [guidance] if isinstance(guidance, (int, float)) else list(guidance)
+    weights = guidance_weights(guidance)
     if not weights or any(w < 0 for w in weights):  # checked before hours of training, not after
         raise ConfigError(f"--guidance {' '.join(map(str, weights))}: give one or more weights >= 0 (1 = no guidance)")
     out = Path(out_dir)

@@ -10,8 +10,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from moelab.diffusion.evaluate import METRIC_COLUMNS, format_table, write_json
-
 DEFAULT_CONFIG = Path("configs/digits.yaml")
 
 #: Sampling settings of the demo (tuned on configs/digits.yaml; see bench/sampling.py): 20 steps of
@@ -41,7 +39,7 @@ def run_demo(
     from moelab.diffusion.baseline import parameter_counts
     from moelab.diffusion.config import load_config
     from moelab.diffusion.data import dataset_tensors
-    from moelab.diffusion.evaluate import Evaluator, evaluate_model
+    from moelab.diffusion.evaluate import METRIC_COLUMNS, Evaluator, evaluate_model, format_table, write_json
     from moelab.diffusion.lit import load_model, read_checkpoint
     from moelab.diffusion.sample import grid_labels, sample, save_grid
     from moelab.diffusion.training import fit
