@@ -102,11 +102,10 @@ class MoEFsDiC_UNet(nn.Module):  # noqa: N801 - the name the quick-start uses
         t, c = batch_conditions(x, t, c, self.num_classes)
         cond = Conditioning(self.time_embed(t), self.class_embed(c))
 
-        n = self.layers_per_block
         h = self.stem(x)
         skips = []
         for i, down in enumerate(self.downs):
-            for blk in self.enc_blocks[i * n : (i + 1) * n]:
+            for blk in self._level(self.enc_blocks, i):
                 h = blk(h, cond)
             skips.append(h)
             h = down(h)
@@ -114,7 +113,7 @@ class MoEFsDiC_UNet(nn.Module):  # noqa: N801 - the name the quick-start uses
         for i in reversed(range(len(self.ups))):
             h = self.ups[i](h)
             h = self.merges[i](torch.cat([h, skips[i]], dim=1))
-            for blk in self.dec_blocks[i * n : (i + 1) * n]:
+            for blk in self._level(self.dec_blocks, i):
                 h = blk(h, cond)
         out = self.out_conv(F.gelu(self.out_norm(h)))
         return out, self.moe_logits()
@@ -123,9 +122,13 @@ class MoEFsDiC_UNet(nn.Module):  # noqa: N801 - the name the quick-start uses
         """Router logits of the last forward, one ``[B, E]`` tensor per MoE block in forward order."""
         return [layer.last_routing.logits for layer in self._moe_in_forward_order() if layer.last_routing is not None]
 
-    def _moe_in_forward_order(self) -> list[MoELayer]:
+    def _level(self, blocks: nn.ModuleList, i: int) -> nn.ModuleList:
+        """Level ``i``'s blocks of ``enc_blocks`` / ``dec_blocks``, in forward order."""
         n = self.layers_per_block
-        dec = [b for i in reversed(range(len(self.ups))) for b in self.dec_blocks[i * n : (i + 1) * n]]
+        return blocks[i * n : (i + 1) * n]  # type: ignore[return-value]
+
+    def _moe_in_forward_order(self) -> list[MoELayer]:
+        dec = [b for i in reversed(range(len(self.ups))) for b in self._level(self.dec_blocks, i)]
         blocks: list[nn.Module] = [*self.enc_blocks, self.mid, *dec]
         return [m for b in blocks for m in moe_layers(b)]
 
