@@ -1,11 +1,8 @@
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
 
 # CI has two CPU cores and several tests start subprocesses (DDP workers, killed trainings): one
 # thread per process avoids oversubscription, which was measured to slow steps down up to 40x.
@@ -18,8 +15,3 @@ def one_torch_thread():
     """Every test starts with one intra-op thread, whatever an earlier test set."""
     torch.set_num_threads(1)
     yield
-
-
-@pytest.fixture
-def shared_data() -> Path:
-    return SHARED_DATA

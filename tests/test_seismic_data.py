@@ -17,10 +17,6 @@ from moelab.errors import ConfigError, DataError  # noqa: E402
 from moelab.seismic import synth  # noqa: E402
 from moelab.seismic.data import open_dataset, resolve_data  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-STEAD_CSV = SHARED / "seismic" / "stead-100-metadata" / "100samples.csv"
-
-
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth") / "ds"
@@ -89,18 +85,37 @@ def test_same_seed_same_data_other_seed_differs(small, tmp_path):
     assert not np.array_equal(a.get_waveforms(3), c.get_waveforms(3))
 
 
-@pytest.mark.skipif(not STEAD_CSV.exists(), reason="shared STEAD metadata absent: falls back to built-in distributions")
-def test_source_parameters_come_from_real_stead_metadata(small):
+def test_source_parameters_come_from_the_packaged_real_stead_metadata(small):
+    import pandas as pd
+
+    raw = pd.read_csv(synth.STEAD_METADATA)
+    assert len(raw) == 100 and (synth.STEAD_METADATA.parent / "STEAD_100SAMPLES_LICENSE.txt").is_file()
+    eq = raw[raw["trace_category"].astype(str).str.startswith("earthquake")]
+    table, origin = synth.load_source_table()
+    assert origin == f"STEAD metadata stead_100samples.csv ({len(table['distance_km'])} events)"
+    # every finite earthquake row becomes one source, in file order
+    depth = pd.to_numeric(eq["source_depth_km"], errors="coerce")
+    keep = eq[depth.notna() & eq["source_magnitude"].notna() & eq["source_distance_km"].notna()]
+    assert 0 < len(table["distance_km"]) <= len(keep)
+    np.testing.assert_array_equal(np.isin(table["p_fraction"] * 6000.0, keep["p_arrival_sample"].to_numpy(float)), True)
     m = sbd.WaveformDataset(small).metadata
-    assert m["trace_source"].iloc[0].startswith("STEAD metadata")
-    ev = m[m["trace_category"] == "earthquake_local"]
-    assert ev["trace_snr_db"].median() > 25  # STEAD's SNRs are high (median ~50 dB in the 100 samples)
+    assert (m["trace_source"] == origin).all()
 
 
-def test_fallback_distributions_warn(tmp_path):
-    with pytest.warns(UserWarning, match="STEAD metadata not found"):
-        out = synth.make_dataset(tmp_path / "fb", n_traces=6, seed=1, n_samples=2000, shared_data=tmp_path)
-    assert sbd.WaveformDataset(out).metadata["trace_source"].iloc[0] == "built-in distributions"
+def test_source_metadata_file_can_be_given_and_bad_files_are_refused(tmp_path):
+    import pandas as pd
+
+    raw = pd.read_csv(synth.STEAD_METADATA)
+    one = raw[raw["trace_category"].str.startswith("earthquake")].head(1)
+    one.to_csv(tmp_path / "one.csv", index=False)
+    out = synth.make_dataset(tmp_path / "one", n_traces=6, seed=1, n_samples=2000, noise_fraction=0.0, source_metadata=tmp_path / "one.csv")
+    m = sbd.WaveformDataset(out).metadata
+    assert (m["source_magnitude"] == float(one["source_magnitude"].iloc[0])).all()  # every event drawn from the one row
+    with pytest.raises(DataError, match="does not exist"):
+        synth.load_source_table(tmp_path / "missing.csv")
+    raw.drop(columns=["snr_db"]).to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(DataError, match=r"lacks the column\(s\) \['snr_db'\]"):
+        synth.load_source_table(tmp_path / "bad.csv")
 
 
 def test_refuses_to_overwrite_and_bad_sizes(small):

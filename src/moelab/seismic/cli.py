@@ -155,7 +155,7 @@ def add_make_dataset_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-samples", "--n_samples", dest="n_samples", type=int, default=6000, help="samples per trace at 100 Hz (default 6000 = 60 s, like STEAD)")
     p.add_argument("--noise-fraction", "--noise_fraction", dest="noise_fraction", type=float, default=0.3)
-    p.add_argument("--shared-data", "--shared_data", dest="shared_data", help="folder holding seismic/stead-100-metadata/100samples.csv (default: ../shared/data next to the checkout)")
+    p.add_argument("--source-metadata", "--source_metadata", dest="source_metadata", help="STEAD-format metadata CSV to draw distances, depths, magnitudes, SNRs and P positions from (default: the 100 real STEAD traces shipped with moelab)")
     p.add_argument("--overwrite", action="store_true")
     return p
 
@@ -163,7 +163,7 @@ def add_make_dataset_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser
 def run_make_dataset(args: argparse.Namespace) -> int:
     from moelab.seismic.synth import make_dataset
 
-    out = make_dataset(args.out, n_traces=args.n_traces, seed=args.seed, n_samples=args.n_samples, noise_fraction=args.noise_fraction, shared_data=args.shared_data, overwrite=args.overwrite)
+    out = make_dataset(args.out, n_traces=args.n_traces, seed=args.seed, n_samples=args.n_samples, noise_fraction=args.noise_fraction, source_metadata=args.source_metadata, overwrite=args.overwrite)
     import pandas as pd
 
     m = pd.read_csv(out / "metadata.csv")

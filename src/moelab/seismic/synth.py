@@ -11,9 +11,10 @@ available offline, keeping every ingredient real where possible:
 * noise: real background noise cut from long ObsPy recordings (an hour of two co-located 200 Hz
   sensors, a New Zealand broadband record, a Bavarian short-period record);
 * onsets: S-P times from ObsPy TauP (iasp91) travel times for sampled distances/depths, drawn from
-  the real STEAD metadata in ``shared/data/seismic/stead-100-metadata/100samples.csv`` when present
-  (distance, depth, magnitude, SNR and the P position within the trace); otherwise from documented
-  built-in distributions with a warning.
+  the metadata of 100 real STEAD traces shipped with this package (``resources/stead_100samples.csv``,
+  from the MIT-licensed EQTransformer repository; see ``resources/STEAD_100SAMPLES_LICENSE.txt``):
+  distance, depth, magnitude, SNR and the P position within the trace. Any other metadata file in
+  STEAD's column layout (the full STEAD ``merge.csv``, say) can be given instead.
 
 Diversity comes from time stretching, horizontal rotation, polarity flips and SNR. The result is
 written with `seisbench.data.WaveformDataWriter` (``metadata.csv`` + ``waveforms.hdf5``, splits
@@ -35,7 +36,10 @@ from moelab.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 SAMPLING_RATE = 100.0
-STEAD_METADATA = Path("seismic") / "stead-100-metadata" / "100samples.csv"
+#: The packaged real STEAD metadata (100 traces) the source parameters are drawn from by default.
+STEAD_METADATA = Path(__file__).resolve().parent / "resources" / "stead_100samples.csv"
+#: STEAD metadata columns the generator reads.
+STEAD_COLUMNS = ("trace_category", "source_distance_km", "source_depth_km", "source_magnitude", "snr_db", "p_arrival_sample")
 
 # Real three-component local events: (file relative to the obspy package or None for obspy.read(),
 # station, P onset s, S onset s). Onsets were read off the 1-20 Hz band-passed, 100 Hz resampled
@@ -56,16 +60,6 @@ NOISE_RECORDINGS: tuple[str, ...] = (
     "signal/tests/data/CRLZ.HHZ.10.NZ.SAC",
     "io/mseed/tests/data/timingquality.mseed",
 )
-
-# Built-in fallbacks when the STEAD metadata is absent (roughly STEAD's local-event ranges).
-FALLBACK = {
-    "distance_km": "lognormal(mean=log(40), sigma=0.8), clipped to [2, 250] km",
-    "depth_km": "uniform(0, 20) km",
-    "snr_db": "normal(45, 12) dB, clipped to [10, 80]",
-    "p_fraction": "uniform(0.066, 0.15) of the trace length (STEAD: 400-900 of 6000 samples)",
-    "magnitude": "uniform(0.5, 4.5)",
-}
-
 
 @dataclass(frozen=True)
 class EventTrain:
@@ -183,46 +177,47 @@ def _parse_snr(value) -> float:
         return float("nan")
 
 
-def load_source_table(shared_data: Path | None) -> tuple[dict[str, np.ndarray], str]:
-    """Per-event source parameters from the real STEAD metadata, or the built-in fallback."""
-    path = None if shared_data is None else Path(shared_data) / STEAD_METADATA
-    if path is not None and path.is_file():
-        import pandas as pd
+def load_source_table(metadata: str | Path | None = None) -> tuple[dict[str, np.ndarray], str]:
+    """Per-event source parameters from real STEAD metadata.
 
+    ``metadata``: a CSV in STEAD's column layout; ``None`` reads the 100-trace file shipped with the
+    package, so every machine generates the same data set from the same seed.
+    """
+    import pandas as pd
+
+    path = STEAD_METADATA if metadata is None else Path(metadata)
+    if not path.is_file():
+        raise DataError(f"STEAD metadata file '{path}' does not exist: pass a STEAD-format metadata CSV, or omit it to use the packaged one")
+    try:
         m = pd.read_csv(path)
-        m = m[m["trace_category"].astype(str).str.startswith("earthquake")]
-        table = {
-            "distance_km": m["source_distance_km"].to_numpy(float),
-            "depth_km": m["source_depth_km"].to_numpy(float),
-            "magnitude": m["source_magnitude"].to_numpy(float),
-            "snr_db": np.array([_parse_snr(v) for v in m["snr_db"]]),
-            "p_fraction": m["p_arrival_sample"].to_numpy(float) / 6000.0,
-        }
-        ok = np.all([np.isfinite(v) for v in table.values()], axis=0)
-        return {k: v[ok] for k, v in table.items()}, f"STEAD metadata {path} ({int(ok.sum())} events)"
-    warnings.warn(
-        f"STEAD metadata not found ({path}); using built-in source distributions {FALLBACK}", stacklevel=2
-    )
-    return {}, "built-in distributions"
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"STEAD metadata file '{path}' is not a readable CSV: {e}") from None
+    missing = [c for c in STEAD_COLUMNS if c not in m.columns]
+    if missing:
+        raise DataError(f"STEAD metadata file '{path}' lacks the column(s) {missing}: it must use STEAD's metadata layout")
+    m = m[m["trace_category"].astype(str).str.startswith("earthquake")]
+    table = {
+        "distance_km": pd.to_numeric(m["source_distance_km"], errors="coerce").to_numpy(float),
+        "depth_km": pd.to_numeric(m["source_depth_km"], errors="coerce").to_numpy(float),
+        "magnitude": pd.to_numeric(m["source_magnitude"], errors="coerce").to_numpy(float),
+        "snr_db": np.array([_parse_snr(v) for v in m["snr_db"]], dtype=float),
+        "p_fraction": pd.to_numeric(m["p_arrival_sample"], errors="coerce").to_numpy(float) / 6000.0,
+    }
+    ok = np.all([np.isfinite(v) for v in table.values()], axis=0)
+    if not ok.any():
+        raise DataError(f"STEAD metadata file '{path}' holds no earthquake row with finite distance, depth, magnitude, SNR and P sample")
+    return {k: v[ok] for k, v in table.items()}, f"STEAD metadata {path.name} ({int(ok.sum())} events)"
 
 
 def _sample_source(table: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, float]:
-    if table:
-        i = rng.integers(len(table["distance_km"]))
-        return {
-            # jitter so that 100 real events become a continuous distribution around them
-            "distance_km": float(np.clip(table["distance_km"][i] * np.exp(rng.normal(0, 0.25)), 2.0, 250.0)),
-            "depth_km": float(np.clip(table["depth_km"][i] + rng.normal(0, 2.0), 0.0, 40.0)),
-            "magnitude": float(table["magnitude"][i]),
-            "snr_db": float(np.clip(table["snr_db"][i] + rng.normal(0, 3.0), 5.0, 90.0)),
-            "p_fraction": float(np.clip(table["p_fraction"][i] + rng.normal(0, 0.01), 0.03, 0.3)),
-        }
+    i = rng.integers(len(table["distance_km"]))
     return {
-        "distance_km": float(np.clip(np.exp(rng.normal(np.log(40), 0.8)), 2.0, 250.0)),
-        "depth_km": float(rng.uniform(0, 20)),
-        "magnitude": float(rng.uniform(0.5, 4.5)),
-        "snr_db": float(np.clip(rng.normal(45, 12), 10, 80)),
-        "p_fraction": float(rng.uniform(0.066, 0.15)),
+        # jitter so that 100 real events become a continuous distribution around them
+        "distance_km": float(np.clip(table["distance_km"][i] * np.exp(rng.normal(0, 0.25)), 2.0, 250.0)),
+        "depth_km": float(np.clip(table["depth_km"][i] + rng.normal(0, 2.0), 0.0, 40.0)),
+        "magnitude": float(table["magnitude"][i]),
+        "snr_db": float(np.clip(table["snr_db"][i] + rng.normal(0, 3.0), 5.0, 90.0)),
+        "p_fraction": float(np.clip(table["p_fraction"][i] + rng.normal(0, 0.01), 0.03, 0.3)),
     }
 
 
@@ -327,10 +322,13 @@ def make_dataset(
     n_samples: int = 6000,
     noise_fraction: float = 0.3,
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
-    shared_data: str | Path | None = None,
+    source_metadata: str | Path | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write a SeisBench data set of ``n_traces`` 100 Hz three-component traces to ``out``.
+
+    ``source_metadata``: a STEAD-format metadata CSV the source parameters are drawn from; ``None``
+    uses the 100 real STEAD traces shipped with the package.
 
     Returns the folder; load it with ``seisbench.data.WaveformDataset(out)``.
     """
@@ -345,9 +343,7 @@ def make_dataset(
         raise ConfigError(f"noise_fraction must be in [0, 1), got {noise_fraction}")
     if (out / "metadata.csv").exists() and not overwrite:
         raise DataError(f"'{out}' already holds a data set (metadata.csv); pick another --out or delete it")
-    if shared_data is None:
-        shared_data = default_shared_data()
-    table, origin = load_source_table(Path(shared_data) if shared_data else None)
+    table, origin = load_source_table(source_metadata)
     log.info("source parameters from %s", origin)
 
     rng = np.random.default_rng(seed)
@@ -392,13 +388,3 @@ def make_dataset(
             )
             writer.add_trace(meta, x.astype(np.float32))
     return out
-
-
-def default_shared_data() -> Path | None:
-    """``<repo>/../shared/data`` when this package runs from a checkout next to it."""
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        cand = parent.parent / "shared" / "data"
-        if (parent / "pyproject.toml").exists() and cand.is_dir():
-            return cand
-    return None
