@@ -8,7 +8,6 @@ and the fix (with the closest valid key for typos), so later code can trust the 
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 from dataclasses import dataclass, field
@@ -16,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from moelab.errors import ConfigError
+from moelab.validation import check_type as _check_type
+from moelab.validation import did_you_mean
 
 MODELS: tuple[str, ...] = ("SeisMoE", "EQTransformer")
 
@@ -104,25 +105,7 @@ def looks_like_path(data: str) -> bool:
 
 
 def _suggest(key: str, options: list[str] | tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.6)
-    if not close:
-        close = [o for o in options if o.lower() == key.lower()]
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def _type_name(types: tuple[type, ...]) -> str:
-    names = {int: "an integer", float: "a number", str: "a string", bool: "true/false", dict: "an object", list: "a list", type(None): "null"}
-    if float in types:
-        types = tuple(t for t in types if t is not int)
-    return " or ".join(dict.fromkeys(names.get(t, t.__name__) for t in types))
-
-
-def _check_type(where: str, value: Any, types: tuple[type, ...], desc: str) -> None:
-    ok = isinstance(value, types)
-    if isinstance(value, bool) and bool not in types:
-        ok = False  # JSON true/false is not a number here
-    if not ok:
-        raise ConfigError(f"{where} must be {_type_name(types)} ({desc}), got {json.dumps(value)}")
+    return did_you_mean(key, options, cutoff=0.6)
 
 
 def validate(raw: Any, source: str = "<dict>") -> BenchmarkConfig:

@@ -9,7 +9,6 @@ window) becomes a `DataError`/`ConfigError` here, before any training starts.
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import logging
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import numpy as np
 
 from moelab.errors import ConfigError, DataError
 from moelab.seismic.config import looks_like_path
+from moelab.validation import did_you_mean
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +72,7 @@ def resolve_data(data: str, data_root: str | Path | None = None) -> DataSource:
             f"data folder {where} does not exist; create one with `moelab seismic make-dataset --out {data}` "
             "or point 'data' at a SeisBench folder (metadata.csv + waveforms.hdf5)"
         )
-    close = difflib.get_close_matches(data, names, n=1, cutoff=0.5) or difflib.get_close_matches(data.upper(), [n.upper() for n in names], n=1, cutoff=0.5)
-    hint = f" (did you mean '{lower.get(close[0].lower(), close[0])}'?)" if close else ""
+    hint = did_you_mean(data, names)
     raise ConfigError(
         f"unknown data '{data}'{hint}: it is neither a SeisBench data set ({', '.join(names[:12])}, ...) nor an existing folder"
     )

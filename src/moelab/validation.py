@@ -1,0 +1,64 @@
+"""Config validation helpers shared by both applications' loaders.
+
+Both config loaders (MoEFsDiC's YAML, SeisMoE's pick-benchmark JSON) report the same kinds of
+mistakes — an unknown key, a value of the wrong type, a choice that does not exist — and should
+word them alike: the key, what was given, what is allowed and the closest valid spelling. The
+matching and the type checks live here once; the loaders only say where in their files a value is.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from moelab.errors import ConfigError
+
+_TYPE_NAMES: dict[type, str] = {
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    bool: "true/false",
+    dict: "a mapping",
+    list: "a list",
+    type(None): "null",
+}
+
+
+def closest(word: str, options: Iterable[str], cutoff: float = 0.5) -> str | None:
+    """The valid spelling nearest to ``word`` (case-insensitive as a fallback), or ``None``."""
+    options = [str(o) for o in options]
+    match = difflib.get_close_matches(str(word), options, n=1, cutoff=cutoff)
+    if match:
+        return match[0]
+    upper = {o.upper(): o for o in options}
+    match = difflib.get_close_matches(str(word).upper(), list(upper), n=1, cutoff=cutoff)
+    return upper[match[0]] if match else None
+
+
+def did_you_mean(word: str, options: Iterable[str], cutoff: float = 0.5) -> str:
+    """``" (did you mean 'x'?)"`` for the closest option, or ``""`` when nothing is close."""
+    match = closest(word, options, cutoff)
+    return f" (did you mean '{match}'?)" if match else ""
+
+
+def type_name(types: tuple[type, ...]) -> str:
+    """``(int, float)`` -> ``"a number"``; ``(str, type(None))`` -> ``"a string or null"``."""
+    if float in types:
+        types = tuple(t for t in types if t is not int)
+    return " or ".join(dict.fromkeys(_TYPE_NAMES.get(t, t.__name__) for t in types))
+
+
+def is_instance(value: Any, types: tuple[type, ...]) -> bool:
+    """``isinstance`` where a boolean is not a number (YAML/JSON ``true`` is no integer)."""
+    if isinstance(value, bool) and bool not in types:
+        return False
+    return isinstance(value, types)
+
+
+def check_type(where: str, value: Any, types: tuple[type, ...], desc: str = "") -> None:
+    """Raise a `ConfigError` naming ``where``, the expected type(s) and the value given."""
+    if not is_instance(value, types):
+        about = f" ({desc})" if desc else ""
+        raise ConfigError(f"{where} must be {type_name(types)}{about}, got {json.dumps(value, default=repr)}")
