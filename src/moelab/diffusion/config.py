@@ -17,10 +17,11 @@ from typing import Any
 
 import yaml
 
+from moelab.configs import config_dir, resolve_config
 from moelab.errors import ConfigError
 
 #: Where ``extends:`` of an in-memory dict (no file to be relative to) is also looked up.
-CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs" / "diffusion"
+CONFIG_DIR = config_dir("diffusion")
 
 # Schema: section -> key -> (default, allowed type(s) or tuple of allowed values). The defaults are
 # the full model of the quick-start (configs/diffusion/default.yaml states the same values).
@@ -107,8 +108,7 @@ def _closest(word: str, options: list[str]) -> str:
 
 
 def _read_yaml(path: Path) -> dict:
-    if not path.exists():
-        raise ConfigError(f"config file '{path}' does not exist: check the path (configs are in configs/diffusion/)")
+    path = resolve_config(path, "diffusion")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
@@ -295,7 +295,7 @@ def _check_values(cfg: dict) -> None:
 def load_config(source: str | Path | Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """Read (YAML path or dict), follow ``extends:``, apply ``overrides`` ({"train.lr": 1e-3} or nested), validate."""
     if isinstance(source, (str, Path)):
-        path = Path(source)
+        path = resolve_config(source, "diffusion")
         raw = _resolve(_read_yaml(path), path.resolve().parent)
     elif isinstance(source, Mapping):
         raw = _resolve(source, None)

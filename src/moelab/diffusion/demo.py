@@ -12,7 +12,7 @@ from typing import Any
 
 DEFAULT_CONFIG = Path("configs/digits.yaml")
 
-#: Sampling settings of the demo (tuned on configs/digits.yaml; see bench/sampling.py): 20 steps of
+#: Sampling settings of the demo (tuned on configs/digits.yaml; see perf/sampling.py): 20 steps of
 #: SDE-DPM-Solver++(2M) at guidance 1.25. The stochastic solver gives the lower Fréchet distance at
 #: 20 steps (0.85 vs 1.33 deterministic; its fresh noise corrects model errors). Guidance 1.25 is
 #: where the Fréchet distance bottoms out with accuracy ~0.99, for MoEFsDiC and the dense baseline
@@ -47,10 +47,6 @@ def run_demo(
 
     wall0 = time.perf_counter()
     out = Path(out_dir)
-    if Path(config) == DEFAULT_CONFIG and not DEFAULT_CONFIG.exists():  # run from outside the repository root
-        from moelab.diffusion.config import CONFIG_DIR
-
-        config = CONFIG_DIR / "digits.yaml"
     cfg = load_config(config, {"train.checkpoint_every": 1} if max_steps is not None else None)
     log(f"[demo] training {config} ({cfg['data']['dataset']}, {cfg['model']['image_size']}px) -> {out / 'checkpoints'}")
     t0 = time.perf_counter()

@@ -255,9 +255,9 @@ def check_accelerator(accelerator: Any, where: str = "--device") -> None:
 
 def load_config(path: str | os.PathLike) -> BenchmarkConfig:
     """Read and validate a JSON config file."""
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"config '{path}' does not exist (the seismic configs live in configs/seismic/, e.g. configs/stead_seismoe.json)")
+    from moelab.configs import resolve_config
+
+    path = resolve_config(path, "seismic")
     if path.is_dir():
         raise ConfigError(f"config '{path}' is a folder; pass a JSON file such as configs/stead_seismoe.json")
     try:

@@ -5,7 +5,7 @@ load-balance loss times ``moe_loss_coef`` for SeisMoE), backward and an Adam ste
 `moelab.seismic.lit` does per batch, without the data loader. The two models are stepped
 alternately after warm-up (so machine load hits both alike); the median of the per-round ratios is
 reported with the medians of each. Last line: ``seismoe_train: moe/eqt=<ratio>`` (goal <= 1.10).
-Usage: ``python bench/seismoe_train.py [--rounds 15] [--batch 16] [--in-samples 6000] [--threads 1]``.
+Usage: ``python perf/seismoe_train.py [--rounds 15] [--batch 16] [--in-samples 6000] [--threads 1]``.
 """
 
 from __future__ import annotations
