@@ -87,7 +87,7 @@ def _routed(layer: MoELayer, expert: int, n: int = 10) -> None:
 def test_collapse_monitor_warns_after_patience_and_keeps_counters():
     import warnings
 
-    from moelab.moe import ExpertCollapseWarning, ExpertUsageMonitor
+    from moelab.moe.callbacks import ExpertCollapseWarning, ExpertUsageMonitor
 
     m = Tiny()
     mon = ExpertUsageMonitor(interval=1, max_share=0.8, patience=2)
@@ -107,3 +107,32 @@ def test_collapse_monitor_warns_after_patience_and_keeps_counters():
     reset_moe_stats(m)
     _routed(m.moe, 1)
     assert mon.check(m)["moe/moe/max_share"] == 1.0 and mon.strikes["moe"] == 3
+
+
+def test_usage_counts_are_not_buffers_and_follow_the_routing_device():
+    """Counts are per-process truths: a buffer would be broadcast from rank 0 by DDP."""
+    m = Tiny()
+    assert not any("counts" in n for n, _ in m.named_buffers())
+    assert "moe.usage.counts" not in m.state_dict()
+    m(torch.randn(2, 5, 6))
+    assert m.moe.usage.global_counts() is m.moe.usage.counts  # not distributed: the counts themselves
+
+
+def test_idle_experts_get_an_exact_zero_gradient_and_outputs_are_unchanged():
+    """Every expert parameter is in every backward (DDP with find_unused_parameters=False)."""
+    torch.manual_seed(0)
+    experts = nn.ModuleList(nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 6)) for _ in range(4))
+    router = TopKRouter(6, 4, 1)
+    with torch.no_grad():
+        router.net.weight.zero_()
+        router.net.bias.copy_(torch.tensor([5.0, 0.0, 0.0, 0.0]))  # every unit goes to expert 0
+    layer = MoELayer(router, experts)
+    x = torch.randn(9, 6)
+    y = layer(x)
+    with torch.no_grad():
+        torch.testing.assert_close(y, experts[0](x), atol=0, rtol=0)
+    y.sum().backward()
+    assert experts[0][0].weight.grad.abs().sum() > 0
+    for e in (1, 2, 3):
+        for p in experts[e].parameters():
+            assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p))

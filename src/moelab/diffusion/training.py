@@ -23,7 +23,7 @@ from moelab.diffusion.data import load_split
 from moelab.diffusion.lit import MoEFsDiCLit, _prefixed, check_state_dict, read_checkpoint
 from moelab.diffusion.progress import MoEProgressBar
 from moelab.errors import CheckpointError, ConfigError, NonFiniteLossError
-from moelab.moe import ExpertUsageMonitor
+from moelab.moe.callbacks import ExpertUsageMonitor
 
 CKPT_RE = re.compile(r"checkpoint_epoch_(\d+)\.pth$")
 

@@ -3,6 +3,13 @@
 A layer routes units (dim 0 of its input; `TokenMoE` flattens ``[B, T, D]`` tokens into units),
 dispatches them to experts, records its last `Routing` (for aux losses and analysis) and counts
 expert usage in an `ExpertUsage` until `reset_moe_stats` clears it.
+
+Every expert parameter takes part in every backward, even when no unit was routed to its expert
+in this batch (grouped dispatch skips such experts): the layer adds a zero-weighted element of every
+expert parameter to its output. Their gradient is then an exact 0 instead of missing, which is
+what DistributedDataParallel's default (``find_unused_parameters=False``) needs: otherwise an
+expert that goes idle on one rank -- exactly what happens when routing collapses -- stops training
+with "Expected to have finished reduction in the prior iteration".
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from moelab.moe.dispatch import dispatch
+from moelab.moe.dispatch import ExpertBank, dispatch
 from moelab.moe.losses import LossKind, aux_loss
 from moelab.moe.router import Gate, Routing, TopKRouter
 from moelab.moe.stats import ExpertUsage
@@ -48,8 +55,24 @@ class MoELayer(nn.Module):
         self.last_routing = routing
         self.usage.update(routing.indices)
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(dispatch, self.experts, x, routing, use_reentrant=False)
-        return dispatch(self.experts, x, routing)
+            y = checkpoint(dispatch, self.experts, x, routing, use_reentrant=False)
+        else:
+            y = dispatch(self.experts, x, routing)
+        return self._touch_all_experts(y)
+
+    def _touch_all_experts(self, y: Tensor) -> Tensor:
+        """``y`` plus 0 x (one element of every trainable expert parameter): same values, every expert in the graph.
+
+        An `ExpertBank` needs nothing: its stacked parameters are indexed for every unit, so they
+        are always in the graph.
+        """
+        if not torch.is_grad_enabled() or isinstance(self.experts, ExpertBank):
+            return y
+        params = [p for p in self.experts.parameters() if p.requires_grad]
+        if not params:
+            return y
+        zero = torch.stack([p.reshape(-1)[0].to(y.dtype) for p in params]).sum() * 0.0
+        return y + zero
 
     @classmethod
     def upcycle(
@@ -94,17 +117,15 @@ def router_logits(model: nn.Module) -> list[Tensor]:
 
 
 def model_aux_loss(model: nn.Module, kind: LossKind = "switch", z_coef: float = 0.0) -> Tensor:
-    """Aux load loss of the model's last forward, averaged over its MoE layers."""
-    layers = [m for m in moe_layers(model) if m.last_routing is not None]
-    if not layers:
+    """Aux load loss of the model's last forward, averaged over its MoE layers.
+
+    Each layer's loss is computed from its recorded `Routing` (its own k, its own selected experts).
+    """
+    routings = [m.last_routing for m in moe_layers(model) if m.last_routing is not None]
+    if not routings:
         p = next(model.parameters(), None)
         return torch.zeros((), device=p.device if p is not None else None)
-    ks = {m.k for m in layers}
-    if len(ks) == 1:
-        return aux_loss([m.last_routing.logits for m in layers], ks.pop(), kind, z_coef)  # type: ignore[union-attr]
-    return torch.stack(
-        [aux_loss([m.last_routing.logits], m.k, kind, z_coef) for m in layers]  # type: ignore[union-attr]
-    ).mean()
+    return aux_loss(routings, kind=kind, z_coef=z_coef)
 
 
 def reset_moe_stats(model: nn.Module) -> None:
@@ -113,6 +134,10 @@ def reset_moe_stats(model: nn.Module) -> None:
         m.usage.reset()
 
 
-def moe_usage(model: nn.Module) -> dict[str, dict]:
-    """Usage summary (counts, max/min share, normalised entropy) per MoE layer, keyed by module name."""
-    return {name: m.usage.summary() for name, m in model.named_modules() if isinstance(m, MoELayer)}
+def moe_usage(model: nn.Module, across_ranks: bool = False) -> dict[str, dict]:
+    """Usage summary (counts, max/min share, normalised entropy) per MoE layer, keyed by module name.
+
+    ``across_ranks``: sum every layer's counts over the DDP ranks first (a collective: call it on
+    every rank), which is what logs and monitors should show; by default this process's own counts.
+    """
+    return {name: m.usage.summary(across_ranks) for name, m in model.named_modules() if isinstance(m, MoELayer)}

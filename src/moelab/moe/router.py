@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 Gate = Literal["topk_softmax", "softmax_topk"]
 GATES: tuple[str, ...] = ("topk_softmax", "softmax_topk")
+_RECORD = "_moe_indices"  # attribute of a router's logits tensor: the top-k indices chosen from it
 
 
 @dataclass
@@ -18,7 +19,7 @@ class Routing:
 
     logits: Tensor  # [N, E] router logits (after jitter), what the aux losses are computed from
     indices: Tensor  # [N, k] expert ids, best first
-    weights: Tensor  # [N, k] combine weights, each row sums to 1
+    weights: Tensor  # [N, k] combine weights; rows sum to 1 (k = 1 with softmax_topk: Switch's p)
 
     @property
     def num_experts(self) -> int:
@@ -30,21 +31,50 @@ class Routing:
 
 
 def route(logits: Tensor, k: int, gate: Gate = "topk_softmax") -> Routing:
-    """Select the top-k experts per row of ``logits`` and their weights.
+    """Select the top-k experts per row of ``logits`` and their combine weights.
 
-    ``topk_softmax`` (default, MoEFsDiC's quick-start): softmax over the k selected logits.
-    ``softmax_topk`` (Switch/GShard style): softmax over all logits, keep the top k, renormalise.
-    Both give weights that sum to exactly one per unit, so identical experts reproduce the dense output.
+    For k >= 2:
+
+    * ``topk_softmax`` (default, MoEFsDiC's quick-start): softmax over the k selected logits.
+    * ``softmax_topk`` (GShard style): softmax over all logits, keep the top k, renormalise.
+
+    Both give weights that sum to one per unit, so identical experts reproduce the dense output,
+    and the router learns from the task loss through the relative weights of the k experts.
+
+    For k = 1 either renormalisation would make the single weight the constant 1 and leave the
+    router without any gradient from the task loss (it would then be trained by the load loss
+    alone). So at k = 1 the weight carries the chosen expert's full-softmax probability ``p``:
+
+    * ``softmax_topk``: the weight is ``p`` itself, not renormalised (Switch Transformer,
+      Fedus et al. 2022, eq. 2): the unit's output is scaled by ``p`` in ``[1/E, 1]``.
+    * ``topk_softmax``: the weight is ``p / p.detach()`` -- exactly 1 in the forward pass (so an
+      upcycled layer still equals its dense FFN and the quick-start's "weights sum to 1" holds),
+      with the gradient of ``log p`` in the backward pass (a straight-through estimate of Switch's
+      gradient, scaled by ``1/p <= E``).
     """
+    if gate not in GATES:
+        raise ValueError(f"unknown gate {gate!r}; use one of {GATES}")
     top, indices = logits.topk(k, dim=-1)
-    if gate == "topk_softmax":
+    if k == 1:
+        p = logits.float().softmax(dim=-1).gather(-1, indices)
+        weights = p if gate == "softmax_topk" else p / p.detach()
+    elif gate == "topk_softmax":
         weights = top.float().softmax(dim=-1)
-    elif gate == "softmax_topk":
+    else:
         weights = logits.float().softmax(dim=-1).gather(-1, indices)
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    else:
-        raise ValueError(f"unknown gate {gate!r}; use one of {GATES}")
+    setattr(logits, _RECORD, indices)  # integer tensor, no autograd history: no reference cycle
     return Routing(logits=logits, indices=indices, weights=weights.to(logits.dtype))
+
+
+def recorded_indices(logits: Tensor) -> Tensor | None:
+    """The experts a router selected from ``logits`` (``[N, k]``), or None for any other tensor.
+
+    `route` records its choice on the logits tensor it returns, so that a loss handed only a
+    model's router logits (MoEFsDiC's ``moe_logits``) still uses the experts actually selected --
+    that layer's own k and indices -- instead of re-deriving a top-k it would have to be told.
+    """
+    return getattr(logits, _RECORD, None)
 
 
 class TopKRouter(nn.Module):

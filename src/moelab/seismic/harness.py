@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import Sampler
 
 from moelab.checkpoint import check_state_dict
-from moelab.moe import ExpertUsageMonitor
+from moelab.moe.callbacks import ExpertUsageMonitor
 from moelab.errors import CheckpointError, ConfigError, DataError, MoelabError
 from moelab.seismic.config import BenchmarkConfig, check_accelerator
 from moelab.seismic.data import DataSource, check_window, open_dataset, resolve_data, split_data

@@ -1,4 +1,8 @@
-"""Lightning callback that logs expert usage and warns when routing collapses onto one expert."""
+"""Lightning callback that logs expert usage and warns when routing collapses onto one expert.
+
+Kept apart from the rest of the core: ``import moelab.moe`` does not import Lightning; the
+trainers import this module (``from moelab.moe.callbacks import ExpertUsageMonitor``).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import lightning.pytorch as pl
 import torch
 
 from moelab.moe.layer import MoELayer
-from moelab.moe.stats import ExpertUsage
+from moelab.moe.stats import usage_summary
 
 
 class ExpertCollapseWarning(UserWarning):
@@ -22,7 +26,14 @@ class ExpertUsageMonitor(pl.Callback):
     If one expert gets more than ``max_share`` of a layer's routing assignments for ``patience``
     consecutive intervals, warn naming the layer and the fix. The monitor reads the layers'
     counters without resetting them (it keeps its own snapshot), so per-epoch usage figures that a
-    LightningModule logs stay intact.
+    LightningModule logs stay intact. Under DDP it reads the counts summed over all ranks (every
+    rank runs the check at the same step), so the shares it logs and judges are global ones.
+
+    Args:
+        interval (`int`, defaults to 50): training steps between two checks.
+        max_share (`float`, defaults to 0.9): share of one expert above which an interval counts
+            as collapsed.
+        patience (`int`, defaults to 3): consecutive collapsed intervals before the warning.
     """
 
     def __init__(self, interval: int = 50, max_share: float = 0.9, patience: int = 3) -> None:
@@ -34,28 +45,25 @@ class ExpertUsageMonitor(pl.Callback):
         if trainer.global_step > 0 and trainer.global_step % self.interval == 0:
             self.check(pl_module, trainer)
 
-    def interval_usage(self, name: str, layer: MoELayer) -> ExpertUsage:
-        """Usage since the previous check (counters reset in between count from zero)."""
-        now = layer.usage.counts.detach().clone()
+    def interval_counts(self, name: str, layer: MoELayer) -> torch.Tensor:
+        """Counts (summed over ranks) since the previous check; counters reset in between count from zero."""
+        now = layer.usage.global_counts().detach().clone()
         before = self._seen.get(name)
         self._seen[name] = now
-        delta = ExpertUsage(layer.num_experts).to(now.device)
-        delta.counts.copy_(now if before is None or bool((now < before).any()) else now - before)
-        return delta
+        return now if before is None or bool((now < before).any()) else now - before
 
     def check(self, pl_module: pl.LightningModule, trainer: pl.Trainer | None = None) -> dict[str, float]:
         metrics: dict[str, float] = {}
         for name, layer in pl_module.named_modules():
             if not isinstance(layer, MoELayer):
                 continue
-            usage = self.interval_usage(name, layer)
-            if usage.total == 0:
+            s = usage_summary(self.interval_counts(name, layer))
+            if s["total"] == 0:
                 continue
-            s = usage.summary()
             metrics[f"moe/{name}/max_share"] = float(s["max_share"])
             metrics[f"moe/{name}/entropy"] = float(s["entropy"])
             self.strikes[name] = self.strikes.get(name, 0) + 1 if s["max_share"] > self.max_share else 0
-            if self.strikes[name] == self.patience:
+            if self.strikes[name] == self.patience and (trainer is None or trainer.is_global_zero):
                 warnings.warn(
                     f"expert collapse in MoE block '{name}': one expert received {s['max_share']:.0%} of the "
                     f"routing for {self.patience} consecutive intervals of {self.interval} steps "
