@@ -146,3 +146,79 @@ def test_cli_make_dataset(tmp_path, capsys):
     assert rc == 0
     assert "wrote 8 traces" in capsys.readouterr().out
     assert len(sbd.WaveformDataset(tmp_path / "c")) == 8
+
+
+# ------------------------------------------------------------------------------------- domains
+@pytest.fixture(scope="module")
+def domains(tmp_path_factory):
+    root = tmp_path_factory.mktemp("domains")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return {
+            d: synth.make_dataset(root / d, n_traces=30, seed=4, domain=d, n_samples=int(20 * synth.DOMAINS[d].sampling_rate))
+            for d in ("ethz_like", "geofon_like")
+        }
+
+
+@pytest.mark.parametrize("name", ["ethz_like", "geofon_like"])
+def test_domain_presets_write_their_rate_distances_and_picks(domains, name):
+    dom = synth.DOMAINS[name]
+    ds = sbd.WaveformDataset(domains[name], component_order="ZNE", dimension_order="NCW")
+    m = ds.metadata
+    n = int(20 * dom.sampling_rate)
+    assert (m["trace_sampling_rate_hz"] == dom.sampling_rate).all() and (m["trace_npts"] == n).all()
+    assert ds.get_waveforms(0).shape == (3, n) and (m["trace_domain"] == name).all()
+    ev = m[m["trace_category"] != "noise"]
+    assert (ev["trace_category"] == dom.category).all() and len(ev) == 30 - round(0.3 * 30)
+    lo, hi = dom.distance_km
+    assert ev["source_distance_km"].between(lo, hi).all()
+    assert ev["trace_p_arrival_sample"].between(0, n - 1).all()
+    if dom.s_picks:
+        s, p = ev["trace_s_arrival_sample"].to_numpy(), ev["trace_p_arrival_sample"].to_numpy()
+        assert (s > p).all()
+        # S-P at the domain's rate is the TauP S-P unless it was shortened to fit the trace
+        expected = (ev["path_s_travel_sec"] - ev["path_p_travel_sec"]).to_numpy() * dom.sampling_rate
+        fits = p + expected < n - 2 * dom.sampling_rate
+        assert fits.any()
+        np.testing.assert_allclose((s - p)[fits], expected[fits], atol=dom.sampling_rate / 100 + 1)
+    else:  # GEOFON-like: P picks only, S beyond the trace for nearly every teleseismic event
+        assert ev["trace_s_arrival_sample"].isna().all() and m["trace_s_arrival_sample"].isna().all()
+        tp, ts = ev["path_p_travel_sec"].to_numpy(), ev["path_s_travel_sec"].to_numpy()
+        in_trace = ev["trace_p_arrival_sample"].to_numpy() + (ts - tp) * dom.sampling_rate <= n - 2 * dom.sampling_rate
+        np.testing.assert_array_equal(ev["trace_s_in_trace"].to_numpy(bool), in_trace)
+
+
+def test_domains_differ_as_stead_ethz_geofon_do():
+    st, et, ge = (synth.DOMAINS[d] for d in ("stead_like", "ethz_like", "geofon_like"))
+    assert st.distance_km is None and st.s_picks  # local distances from the STEAD metadata
+    assert et.distance_km[1] <= 300 < ge.distance_km[1] and ge.distance_km[0] >= 300
+    assert len({st.sampling_rate, et.sampling_rate, ge.sampling_rate}) == 3
+    assert not ge.s_picks and et.noise_band_hz != ge.noise_band_hz
+    with pytest.raises(ConfigError, match="did you mean 'geofon_like'"):
+        synth.get_domain("geofon_lik")
+
+
+def test_targets_of_a_resampled_domain_point_at_the_onsets(domains, tmp_path):
+    """Loaded at 100 Hz (as the harness does), 20 Hz GEOFON-like onsets move to 100 Hz samples."""
+    from moelab.seismic.evaluate import generate_targets
+
+    ds = open_dataset(resolve_data(str(domains["geofon_like"])), sampling_rate=100.0)
+    tg = generate_targets(ds, tmp_path / "t", task1_window_s=10.0, task23_window_s=5.0)
+    import pandas as pd
+
+    t23 = pd.read_csv(tg / "task23.csv")
+    raw = sbd.WaveformDataset(domains["geofon_like"]).metadata.set_index("trace_name")
+    assert len(t23) > 0 and set(t23["phase_label"]) == {"P"}
+    np.testing.assert_allclose(t23["phase_onset"], raw.loc[t23["trace_name"], "trace_p_arrival_sample"].to_numpy() * 5)
+    assert ((t23["start_sample"] <= t23["phase_onset"]) & (t23["phase_onset"] < t23["end_sample"])).all()
+
+
+def test_cli_make_dataset_domain(tmp_path, capsys):
+    from moelab.cli import main
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rc = main(["seismic", "make-dataset", "--out", str(tmp_path / "g"), "--n-traces", "6", "--domain", "geofon_like"])
+    assert rc == 0 and "wrote 6 traces" in capsys.readouterr().out
+    m = sbd.WaveformDataset(tmp_path / "g").metadata
+    assert (m["trace_npts"] == synth.DOMAINS["geofon_like"].n_samples).all() and (m["trace_sampling_rate_hz"] == 20.0).all()

@@ -63,6 +63,7 @@ _MOE_ARGS: dict[str, tuple[tuple[type, ...], str]] = {
     "gate": ((str,), "router gate (see moelab.moe.GATES)"),
     "router_jitter": ((int, float), "router noise in training >= 0"),
     "aux_loss": ((str,), "load-balance loss kind (see moelab.moe.LOSS_KINDS)"),
+    "detach_router_input": ((bool,), "route on gradient-free features, so the load loss moves only the routers (default true)"),
 }
 MODEL_ARGS: dict[str, dict[str, tuple[tuple[type, ...], str]]] = {
     "SeisMoE": {**_COMMON_ARGS, **_MOE_ARGS},

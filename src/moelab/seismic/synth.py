@@ -61,6 +61,107 @@ NOISE_RECORDINGS: tuple[str, ...] = (
     "io/mseed/tests/data/timingquality.mseed",
 )
 
+#: Largest epicentral distance the travel-time grid covers (first P is still a direct P there).
+MAX_DISTANCE_KM = 9000.0
+
+
+@dataclass(frozen=True)
+class Domain:
+    """How one generated data set differs from another, the way STEAD, ETHZ and GEOFON differ.
+
+    Args:
+        name: preset name (``stead_like``, ``ethz_like``, ``geofon_like``).
+        description: one line saying what it imitates.
+        sampling_rate: Hz the traces are stored at (SeisBench resamples on loading, as for GEOFON).
+        n_samples: default trace length in samples at ``sampling_rate``.
+        distance_km: epicentral distance range, drawn log-uniformly; ``None`` draws the distance
+            from the real STEAD metadata (local events), as the original generator did.
+        depth_km: source depth range (uniform); ``None``: from the STEAD metadata.
+        snr_db: (mean, std) of a normal SNR draw; ``None``: from the STEAD metadata.
+        snr_clip: SNR range the draw is clipped to.
+        p_fraction: range of the P position as a fraction of the trace; ``None``: STEAD metadata.
+        stretch: range of the event time-stretch factor; larger factors lower the corner
+            frequency (teleseismic P is far poorer in high frequencies than a local P).
+        noise_band_hz: extra band-pass of the real noise (noise type: ``None`` keeps the
+            1-20 Hz broadband noise, a high band imitates cultural noise, a low one microseism).
+        s_picks: whether S onsets are labelled; ``False`` gives P-only metadata as in GEOFON,
+            whose training then needs ``detection_fixed_window`` (pick-benchmark: 2000 samples).
+        s_must_fit: shorten S-P so that S and 2 s of S wave fit in the trace (local data sets);
+            ``False`` leaves S out of the trace when TauP puts it beyond the end (teleseismic).
+        category: ``trace_category`` of the event traces.
+    """
+
+    name: str
+    description: str
+    sampling_rate: float = SAMPLING_RATE
+    n_samples: int = 6000
+    distance_km: tuple[float, float] | None = None
+    depth_km: tuple[float, float] | None = None
+    snr_db: tuple[float, float] | None = None
+    snr_clip: tuple[float, float] = (5.0, 90.0)
+    p_fraction: tuple[float, float] | None = None
+    stretch: tuple[float, float] = (0.8, 1.25)
+    noise_band_hz: tuple[float, float] | None = None
+    s_picks: bool = True
+    s_must_fit: bool = True
+    category: str = "earthquake_local"
+
+
+#: Named presets of `make_dataset` (``moelab seismic make-dataset --domain NAME``).
+DOMAINS: dict[str, Domain] = {
+    d.name: d
+    for d in (
+        Domain(
+            "stead_like",
+            "STEAD: local events (distance, depth, SNR and P position from real STEAD metadata), 100 Hz, P and S picks",
+        ),
+        Domain(
+            "ethz_like",
+            "ETHZ: local-to-regional events at 10-300 km, crustal depths, lower SNR, high-frequency (cultural) noise, 200 Hz, P and S picks",
+            sampling_rate=200.0,
+            n_samples=12000,
+            distance_km=(10.0, 300.0),
+            depth_km=(0.0, 25.0),
+            snr_db=(18.0, 8.0),
+            snr_clip=(3.0, 50.0),
+            p_fraction=(0.05, 0.3),
+            stretch=(0.7, 1.4),
+            noise_band_hz=(3.0, 20.0),
+            category="earthquake_regional",
+        ),
+        Domain(
+            "geofon_like",
+            "GEOFON: regional-to-teleseismic events at 300-9000 km, low-frequency P, microseism-dominated noise, low SNR, 20 Hz, P picks only",
+            sampling_rate=20.0,
+            n_samples=1200,
+            distance_km=(300.0, MAX_DISTANCE_KM),
+            depth_km=(0.0, 40.0),
+            snr_db=(12.0, 6.0),
+            snr_clip=(0.0, 35.0),
+            p_fraction=(0.1, 0.4),
+            stretch=(2.0, 4.0),
+            noise_band_hz=(1.0, 4.0),
+            s_picks=False,
+            s_must_fit=False,
+            category="earthquake_teleseismic",
+        ),
+    )
+}
+
+
+def get_domain(domain: str | Domain | None) -> Domain:
+    """The preset named ``domain`` (``None``: ``stead_like``, the original generator)."""
+    if isinstance(domain, Domain):
+        return domain
+    if domain is None:
+        return DOMAINS["stead_like"]
+    if domain not in DOMAINS:
+        from moelab.validation import did_you_mean
+
+        raise ConfigError(f"unknown domain '{domain}'{did_you_mean(str(domain), list(DOMAINS))}; choose one of {', '.join(DOMAINS)}")
+    return DOMAINS[domain]
+
+
 @dataclass(frozen=True)
 class EventTrain:
     """One real event: P train (P onset to S onset) and S train (S onset onwards), 3 x samples, ZNE."""
@@ -139,7 +240,8 @@ def _travel_time_grid() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
     from obspy.taup import TauPyModel
 
     model = TauPyModel("iasp91")
-    dists = np.geomspace(1.0, 300.0, 14)
+    # local/regional points as before, then up to 9,000 km (~81 deg, before P diffracts at the core)
+    dists = np.concatenate([np.geomspace(1.0, 300.0, 14), np.geomspace(300.0, MAX_DISTANCE_KM, 12)[1:]])
     depths = np.array([0.0, 5.0, 10.0, 20.0, 40.0])
     tp = np.zeros((len(dists), len(depths)))
     ts = np.zeros_like(tp)
@@ -221,6 +323,51 @@ def _sample_source(table: dict[str, np.ndarray], rng: np.random.Generator) -> di
     }
 
 
+def sample_source(table: dict[str, np.ndarray], rng: np.random.Generator, domain: Domain) -> dict[str, float]:
+    """Source parameters of one event: the STEAD-metadata draw, then the domain's own ranges.
+
+    The STEAD draw comes first for every domain, so ``stead_like`` reproduces the original
+    generator's data exactly; other domains replace distance, depth, SNR and P position.
+    """
+    src = _sample_source(table, rng)
+    if domain.distance_km is not None:
+        lo, hi = domain.distance_km
+        src["distance_km"] = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+    if domain.depth_km is not None:
+        src["depth_km"] = float(rng.uniform(*domain.depth_km))
+    if domain.snr_db is not None:
+        src["snr_db"] = float(np.clip(rng.normal(*domain.snr_db), *domain.snr_clip))
+    if domain.p_fraction is not None:
+        src["p_fraction"] = float(rng.uniform(*domain.p_fraction))
+    return src
+
+
+def _band(x: np.ndarray, band_hz: tuple[float, float] | None) -> np.ndarray:
+    """Zero-phase band-pass of (3, n) noise at 100 Hz, each component back to unit std."""
+    if band_hz is None:
+        return x
+    from scipy.signal import butter, sosfiltfilt
+
+    sos = butter(4, band_hz, btype="bandpass", fs=SAMPLING_RATE, output="sos")
+    y = sosfiltfilt(sos, x, axis=-1)
+    return y / (y.std(axis=-1, keepdims=True) + 1e-12)
+
+
+def _resample(x: np.ndarray, sampling_rate: float, n: int) -> np.ndarray:
+    """(3, m) trace at 100 Hz to ``sampling_rate`` (polyphase, anti-aliased), exactly ``n`` samples."""
+    if sampling_rate == SAMPLING_RATE:
+        return x[:, :n]
+    from fractions import Fraction
+
+    from scipy.signal import resample_poly
+
+    f = Fraction(sampling_rate / SAMPLING_RATE).limit_denominator(1000)
+    y = resample_poly(x, f.numerator, f.denominator, axis=-1)
+    if y.shape[-1] < n:
+        y = np.pad(y, ((0, 0), (0, n - y.shape[-1])), mode="edge")
+    return y[:, :n]
+
+
 def _noise(n: int, rng: np.random.Generator) -> np.ndarray:
     recs = [r for r in noise_records() if len(r) > n]
     out = np.empty((3, n))
@@ -262,38 +409,53 @@ def _taper_end(x: np.ndarray, length: int) -> np.ndarray:
     return x
 
 
-def make_event_trace(n: int, source: dict[str, float], rng: np.random.Generator) -> tuple[np.ndarray, dict]:
-    """One 3 x n earthquake trace (ZNE) with P and S onsets where TauP puts them for ``source``."""
+def make_event_trace(
+    n: int, source: dict[str, float], rng: np.random.Generator, domain: Domain | None = None
+) -> tuple[np.ndarray, dict]:
+    """One 3 x n earthquake trace (ZNE, 100 Hz) with P and S onsets where TauP puts them for ``source``.
+
+    ``domain`` decides the stretch range, the noise band, whether S must fit in the trace (else
+    S is left out when TauP puts it beyond the end: P and its coda only) and whether S is labelled.
+    """
+    domain = get_domain(domain)
     t_p, t_s = travel_times(source["distance_km"], source["depth_km"])
     sp = int(round((t_s - t_p) * SAMPLING_RATE))
     p = int(round(source["p_fraction"] * n))
-    if p + sp > n - int(2 * SAMPLING_RATE):  # keep the S onset and 2 s of S wave inside the trace
-        p = max(int(0.03 * n), n - int(2 * SAMPLING_RATE) - sp)
-    if p + sp > n - int(2 * SAMPLING_RATE):
-        sp = n - int(2 * SAMPLING_RATE) - p
+    tail = int(2 * SAMPLING_RATE)
+    if domain.s_must_fit:
+        if p + sp > n - tail:  # keep the S onset and 2 s of S wave inside the trace
+            p = max(int(0.03 * n), n - tail - sp)
+        if p + sp > n - tail:
+            sp = n - tail - p
+    has_s = p + sp <= n - tail
     s = p + sp
 
     ev = event_trains()[rng.integers(len(event_trains()))]
-    factor = float(np.exp(rng.uniform(np.log(0.8), np.log(1.25))))
-    p_train = _taper_end(_p_coda(_stretch(ev.p_train, factor), sp), int(0.2 * SAMPLING_RATE))
-    s_train = _taper_end(_stretch(ev.s_train, factor)[:, : n - s], int(1.0 * SAMPLING_RATE))
+    factor = float(np.exp(rng.uniform(np.log(domain.stretch[0]), np.log(domain.stretch[1]))))
+    p_len = sp if has_s else n - p
+    p_train = _taper_end(_p_coda(_stretch(ev.p_train, factor), p_len), int(0.2 * SAMPLING_RATE))
+    s_train = _taper_end(_stretch(ev.s_train, factor)[:, : n - s], int(1.0 * SAMPLING_RATE)) if has_s else None
     # random horizontal rotation and polarity: the same event seen at another azimuth
     a = rng.uniform(0, 2 * np.pi)
     rot = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]]) * rng.choice([-1.0, 1.0])
-    p_train, s_train = rot @ p_train, rot @ s_train
-
-    # SNR as STEAD defines it: 10 log10 of signal over noise power (unit-variance noise here)
-    sig_rms = np.sqrt(np.mean(s_train[:, : int(4 * SAMPLING_RATE)] ** 2)) + 1e-12
+    p_train = rot @ p_train
+    # SNR as STEAD defines it: 10 log10 of signal over noise power (unit-variance noise here); the
+    # signal is the S wave when there is one, else the P wave (teleseismic P-only traces)
+    ref = rot @ s_train if s_train is not None else p_train
+    sig_rms = np.sqrt(np.mean(ref[:, : int(4 * SAMPLING_RATE)] ** 2)) + 1e-12
     amp = 10 ** (source["snr_db"] / 20.0) / sig_rms
-    x = _noise(n, rng)
+    x = _band(_noise(n, rng), domain.noise_band_hz)
     x[:, p : p + p_train.shape[-1]] += amp * p_train
-    x[:, s : s + s_train.shape[-1]] += amp * s_train
+    if s_train is not None:
+        x[:, s : s + s_train.shape[-1]] += amp * (rot @ s_train)
+    labelled_s = has_s and domain.s_picks
     meta = {
-        "trace_category": "earthquake_local",
+        "trace_category": domain.category,
         "trace_p_arrival_sample": p,
-        "trace_s_arrival_sample": s,
+        "trace_s_arrival_sample": s if labelled_s else np.nan,
         "trace_p_status": "synthetic",
-        "trace_s_status": "synthetic",
+        "trace_s_status": "synthetic" if labelled_s else "",
+        "trace_s_in_trace": bool(has_s),
         "path_p_travel_sec": round(t_p, 3),
         "path_s_travel_sec": round(t_s, 3),
         "source_distance_km": round(source["distance_km"], 3),
@@ -306,8 +468,9 @@ def make_event_trace(n: int, source: dict[str, float], rng: np.random.Generator)
     return x, meta
 
 
-def make_noise_trace(n: int, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
-    x = _noise(n, rng)
+def make_noise_trace(n: int, rng: np.random.Generator, domain: Domain | None = None) -> tuple[np.ndarray, dict]:
+    """One 3 x n noise trace (100 Hz) of the domain's noise type."""
+    x = _band(_noise(n, rng), get_domain(domain).noise_band_hz)
     return x, {
         "trace_category": "noise",
         "trace_p_arrival_sample": np.nan,
@@ -319,32 +482,51 @@ def make_dataset(
     out: str | Path,
     n_traces: int = 1000,
     seed: int = 0,
-    n_samples: int = 6000,
+    n_samples: int | None = None,
     noise_fraction: float = 0.3,
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
     source_metadata: str | Path | None = None,
     overwrite: bool = False,
+    domain: str | Domain | None = None,
 ) -> Path:
-    """Write a SeisBench data set of ``n_traces`` 100 Hz three-component traces to ``out``.
+    """Write a SeisBench data set of ``n_traces`` three-component traces of one domain to ``out``.
 
-    ``source_metadata``: a STEAD-format metadata CSV the source parameters are drawn from; ``None``
-    uses the 100 real STEAD traces shipped with the package.
+    Args:
+        out: folder for ``metadata.csv`` + ``waveforms.hdf5``.
+        n_traces: traces in all splits together; ``noise_fraction`` of them are noise.
+        seed: generator seed (same seed, same domain: the same data set on every machine).
+        n_samples: samples per trace at the domain's sampling rate (default: the domain's,
+            60 s).
+        noise_fraction: share of noise traces, in [0, 1).
+        split_fractions: train/dev/test shares.
+        source_metadata: a STEAD-format metadata CSV the source parameters are drawn from;
+            ``None`` uses the 100 real STEAD traces shipped with the package.
+        overwrite: replace a data set already in ``out``.
+        domain: a `DOMAINS` preset name (``stead_like`` when ``None``, the original generator) or
+            a `Domain`.
 
     Returns the folder; load it with ``seisbench.data.WaveformDataset(out)``.
     """
     import seisbench.data as sbd
 
+    dom = get_domain(domain)
+    sr = dom.sampling_rate
+    n_samples = dom.n_samples if n_samples is None else n_samples
     out = Path(out)
     if n_traces < 3:
         raise ConfigError(f"n_traces must be >= 3 (one per split), got {n_traces}")
-    if n_samples < 1000:
-        raise ConfigError(f"n_samples must be >= 1000 (10 s at 100 Hz) to hold a P and S onset, got {n_samples}")
+    if n_samples < 10 * sr:
+        raise ConfigError(
+            f"n_samples must be >= {int(10 * sr)} (10 s at {sr:g} Hz, domain {dom.name}) to hold a P and S onset, got {n_samples}"
+        )
     if not 0.0 <= noise_fraction < 1.0:
         raise ConfigError(f"noise_fraction must be in [0, 1), got {noise_fraction}")
     if (out / "metadata.csv").exists() and not overwrite:
         raise DataError(f"'{out}' already holds a data set (metadata.csv); pick another --out or delete it")
     table, origin = load_source_table(source_metadata)
     log.info("source parameters from %s", origin)
+    n100 = int(np.ceil(n_samples * SAMPLING_RATE / sr))  # generated at 100 Hz, then resampled
+    to_rate = sr / SAMPLING_RATE
 
     rng = np.random.default_rng(seed)
     n_noise = int(round(noise_fraction * n_traces))
@@ -367,23 +549,28 @@ def make_dataset(
             "measurement": "velocity",
             "unit": "normalised counts",
             "instrument_response": "not restituted",
-            "sampling_rate": SAMPLING_RATE,
+            "sampling_rate": sr,
         }
         for i in range(n_traces):
             if kinds[i]:
-                x, meta = make_event_trace(n_samples, _sample_source(table, rng), rng)
+                x, meta = make_event_trace(n100, sample_source(table, rng, dom), rng, dom)
             else:
-                x, meta = make_noise_trace(n_samples, rng)
+                x, meta = make_noise_trace(n100, rng, dom)
+            x = _resample(x, sr, n_samples)
+            for key in ("trace_p_arrival_sample", "trace_s_arrival_sample"):
+                if np.isfinite(meta[key]):
+                    meta[key] = int(round(meta[key] * to_rate))
             meta.update(
                 {
                     "trace_name": f"synth_{i:06d}",
                     "split": split[i],
-                    "trace_sampling_rate_hz": SAMPLING_RATE,
+                    "trace_sampling_rate_hz": sr,
                     "trace_npts": n_samples,
                     "trace_component_order": "ZNE",
                     "station_network_code": "SY",
                     "station_code": f"S{i % 97:02d}",
                     "trace_source": origin,
+                    "trace_domain": dom.name,
                 }
             )
             writer.add_trace(meta, x.astype(np.float32))
