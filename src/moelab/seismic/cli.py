@@ -1,4 +1,4 @@
-"""`moelab seismic <train|eval|targets|make-dataset|pick>` and the argument parsers that
+"""`moelab seismic <train|eval|targets|make-dataset|pick|export>` and the argument parsers that
 benchmark/train.py, benchmark/eval.py and benchmark/generate_eval_targets.py share with them."""
 
 from __future__ import annotations
@@ -174,38 +174,64 @@ def run_make_dataset(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------ pick
 def add_pick_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--model_path", required=True, help="training checkpoint (.ckpt) of a SeisMoE or EQTransformer")
-    p.add_argument("--p_threshold", type=float, default=0.1)
-    p.add_argument("--s_threshold", type=float, default=0.1)
-    p.add_argument("--waveforms", nargs="+", help="files ObsPy can read to pick instead of the ObsPy test event")
+    p.add_argument("--model_path", required=True, help="training checkpoint (.ckpt) or exported SeisBench weights (DIR/NAME of moelab seismic export)")
+    p.add_argument("--waveforms", nargs="+", metavar="FILE_OR_DIR", help="waveform files or folders (any format ObsPy reads, any length; folders searched recursively); without it: ObsPy's AR-picker test event")
+    p.add_argument("--out", help="folder for picks.csv, picks.xml, summary.txt (and annotations/); required with --waveforms")
+    p.add_argument("--annotations", action="store_true", help="also write the probability traces as miniSEED (OUT/annotations/<NET.STA.LOC>.mseed)")
+    p.add_argument("--p_threshold", type=float, help="P pick threshold (default: the model's tuned default_args, else SeisBench's 0.1)")
+    p.add_argument("--s_threshold", type=float, help="S pick threshold (default: as --p_threshold)")
+    p.add_argument("--batch_size", type=int, help="windows per forward pass (SeisBench default 256)")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
     return p
 
 
 def run_pick(args: argparse.Namespace) -> int:
     from moelab.errors import DataError
-    from moelab.seismic.realcheck import load_model, pick_recording
+    from moelab.seismic.model import load_trained
 
     for key in ("p_threshold", "s_threshold"):
-        if not 0 < getattr(args, key) < 1:
-            raise ConfigError(f"--{key} must be in (0, 1), got {getattr(args, key)}")
-    model = load_model(args.model_path)
-    if args.waveforms:
-        import obspy
+        v = getattr(args, key)
+        if v is not None and not 0 < v < 1:
+            raise ConfigError(f"--{key} must be in (0, 1), got {v}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ConfigError(f"--batch_size must be >= 1, got {args.batch_size}")
+    if args.waveforms and not args.out:
+        raise ConfigError("--waveforms needs --out DIR (where picks.csv and picks.xml go)")
+    if (args.out or args.annotations) and not args.waveforms:
+        raise ConfigError("--out/--annotations apply to --waveforms FILES_OR_DIRS; without --waveforms the ObsPy test event is picked and printed")
+    model = load_trained(args.model_path)
+    if not args.waveforms:
+        from moelab.seismic.realcheck import pick_recording
 
-        st = obspy.Stream()
-        for f in args.waveforms:
-            try:
-                st += obspy.read(f)
-            except Exception as e:  # noqa: BLE001 - ObsPy raises many types for unreadable files
-                raise DataError(f"cannot read waveforms '{f}' with ObsPy ({type(e).__name__}: {e})") from None
-        from moelab.seismic.realcheck import annotate_args
-
-        out = model.classify(st, P_threshold=args.p_threshold, S_threshold=args.s_threshold, **annotate_args(model))
-        for pick in out.picks:
-            print(pick)
-        print(f"{len(out.picks)} picks")
+        print(pick_recording(model, args.p_threshold, args.s_threshold).format())
         return 0
-    print(pick_recording(model, args.p_threshold, args.s_threshold).format())
+    from moelab.seismic.picking import pick_files
+
+    kwargs = {k: v for k, v in (("P_threshold", args.p_threshold), ("S_threshold", args.s_threshold), ("batch_size", args.batch_size)) if v is not None}
+    run = pick_files(model, args.waveforms, out=args.out, annotations=args.annotations, progress=not args.no_progress, **kwargs)
+    print(run.summary())
+    if not run.stations:
+        raise DataError("no station could be picked (see the reasons above); check the --waveforms paths and files")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- export
+def add_export_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--model_path", required=True, help="training checkpoint, e.g. weights/SeisMoE_synth/model.ckpt")
+    p.add_argument("--out", required=True, help="DIR/NAME: writes DIR/NAME.json + DIR/NAME.pt (SeisBench's save format)")
+    p.add_argument("--results", help="results.csv of benchmark/eval.py (default: eval/results.csv beside the checkpoint)")
+    return p
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from moelab.seismic.export import export_weights
+
+    json_path, pt_path = export_weights(args.model_path, args.out, results=args.results)
+    meta = json.loads(json_path.read_text())
+    tuned = ", ".join(f"{k}={v:.4f}" for k, v in meta["default_args"].items() if k.endswith("_threshold"))
+    print(f"wrote {json_path} and {pt_path} (default_args: {tuned})")
+    loader = "moelab.seismic.model.SeisMoE" if "num_experts" in meta["model_args"] else "seisbench.models.EQTransformer"
+    print(f"load with {loader}.load('{args.out}'), or pass it as base_model or --model_path")
     return 0
 
 
@@ -217,7 +243,8 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
         ("eval", add_eval_args, run_eval, "pick-benchmark tasks 1-3 on dev/test (= benchmark/eval.py)"),
         ("targets", add_targets_args, run_targets, "write evaluation targets (= benchmark/generate_eval_targets.py)"),
         ("make-dataset", add_make_dataset_args, run_make_dataset, "generate a SeisBench data set from real recordings + TauP onsets"),
-        ("pick", add_pick_args, run_pick, "pick a real recording with a trained model (default: ObsPy's AR-picker test event)"),
+        ("pick", add_pick_args, run_pick, "pick continuous records (QuakeML/CSV) with a trained model (default: ObsPy's AR-picker test event)"),
+        ("export", add_export_args, run_export, "save a checkpoint as SeisBench weights (json + pt) with the thresholds tuned on dev"),
     ):
         p = add(sub.add_parser(name, help=help_))
         p.set_defaults(func=run)

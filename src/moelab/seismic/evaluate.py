@@ -8,6 +8,11 @@
   correlation at the dev-chosen threshold.
 * Task 3, onset regression: the same windows; residual of the argmax sample of the P (S)
   probability against the labelled onset, in seconds: mean, std, RMS and MAE.
+* Pick thresholds for continuous picking (``P_threshold``, ``S_threshold``, SeisBench ``classify``
+  arguments): for each phase, the F1-optimal threshold on dev of the window's peak probability of
+  that phase, windows holding that phase's onset (task 2/3) being positive and windows holding the
+  other phase (task 2/3) or noise (task 1) negative. With ``det_threshold`` (task 1) they are what
+  ``moelab seismic export`` stores as the model's ``default_args``.
 
 Targets are generated once per data set (``task1.csv``, ``task23.csv``, one row per window with the
 split it belongs to) with a fixed seed so that every model is scored on the same windows.
@@ -23,13 +28,13 @@ import numpy as np
 import pandas as pd
 
 from moelab.errors import DataError
+from moelab.seismic.lit import PHASE_DICT  # metadata columns holding P or S onsets (pick-benchmark's)
 
 log = logging.getLogger(__name__)
 
-#: Metadata columns holding P or S onsets (pick-benchmark's phase dictionary).
-from moelab.seismic.lit import PHASE_DICT  # noqa: E402  (shared with the Lightning modules)
-
 TASK_FILES = ("task1.csv", "task23.csv")
+#: The thresholds chosen on dev that ``results.csv`` carries (detection, P/S ratio, P and S picks).
+THRESHOLD_KEYS: tuple[str, ...] = ("det_threshold", "phase_threshold", "P_threshold", "S_threshold")
 
 
 # ---------------------------------------------------------------------------------------- targets
@@ -82,10 +87,10 @@ def generate_targets(
     w1, w23 = int(task1_window_s * sr), int(task23_window_s * sr)
     spacing = int(0.5 * sr)  # minimum distance to a neighbouring onset in task 2/3 windows
     task1, task23 = [], []
-    meta = ds.metadata
     for idx in range(len(ds)):
-        row = meta.iloc[idx].to_dict()
-        npts = int(ds.get_waveforms(idx).shape[-1])
+        # get_sample: onsets at the data set's sampling rate, also for traces stored at another one (GEOFON)
+        x, row = ds.get_sample(idx)
+        npts = int(x.shape[-1])
         base = {"trace_name": row["trace_name"], "trace_idx": idx, "trace_split": row.get("split", ""), "sampling_rate": sr}
         arrivals = _arrivals(row, npts)
         if not arrivals:
@@ -167,14 +172,62 @@ def predict(module, split_ds, targets: pd.DataFrame, batch_size: int = 64, accel
     generator = sbg.SteeredGenerator(split_ds, targets)
     generator.add_augmentations(module.get_eval_augmentations())
     loader = DataLoader(generator, batch_size=batch_size, shuffle=False, num_workers=0)
-    trainer = pl.Trainer(accelerator=accelerator, devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
-    batches = trainer.predict(module, loader)
+    peaks = _PeakProbabilities(module.model)
+    trainer = pl.Trainer(
+        accelerator=accelerator, devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[peaks.callback]
+    )
+    try:
+        batches = trainer.predict(module, loader)
+    finally:
+        peaks.remove()
     merged = [torch.cat([b[i].detach().cpu().reshape(-1) for b in batches]).double().numpy() for i in range(4)]
     targets["score_detection"] = merged[0]
     targets["score_p_or_s"] = merged[1]
     targets["p_sample_pred"] = merged[2] + targets["start_sample"].to_numpy()
     targets["s_sample_pred"] = merged[3] + targets["start_sample"].to_numpy()
+    targets["score_p"] = np.concatenate(peaks.p) if peaks.p else np.zeros(0)
+    targets["score_s"] = np.concatenate(peaks.s) if peaks.s else np.zeros(0)
     return targets
+
+
+class _PeakProbabilities:
+    """Peak P and S probability inside each target window, read off the model's own forward pass.
+
+    pick-benchmark's ``predict_step`` reports only their ratio (task 2); the pick thresholds need
+    the values themselves. A forward hook keeps the model's last outputs and a Lightning callback
+    masks them with the batch's ``window_borders`` as ``predict_step`` does, so the model runs once.
+    """
+
+    def __init__(self, model) -> None:
+        import lightning.pytorch as pl
+
+        self.p: list[np.ndarray] = []
+        self.s: list[np.ndarray] = []
+        self._last = None
+        self._handle = model.register_forward_hook(self._keep)
+        owner = self
+
+        class _Callback(pl.Callback):
+            def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+                owner._collect(batch)
+
+        self.callback = _Callback()
+
+    def _keep(self, module, inputs, output) -> None:
+        self._last = output
+
+    def _collect(self, batch: dict) -> None:
+        import torch
+
+        _, p, s = (t.detach().cpu() for t in self._last)
+        borders = torch.as_tensor(batch["window_borders"]).cpu().reshape(-1, 2).long()
+        idx = torch.arange(p.shape[-1])[None]
+        outside = (idx < borders[:, :1]) | (idx >= borders[:, 1:])
+        self.p.append(p.masked_fill(outside, 0.0).amax(dim=-1).double().numpy())
+        self.s.append(s.masked_fill(outside, 0.0).amax(dim=-1).double().numpy())
+
+    def remove(self) -> None:
+        self._handle.remove()
 
 
 # ---------------------------------------------------------------------------------------- metrics
@@ -281,7 +334,7 @@ def evaluate_module(
             if len(sub) and len(split_ds) == 0:
                 raise DataError(f"the targets have '{split}' windows but the data set has no '{split}' traces")
             p = predict(module, split_ds, sub, batch_size=batch_size, accelerator=accelerator) if len(sub) else sub.assign(
-                score_detection=[], score_p_or_s=[], p_sample_pred=[], s_sample_pred=[]
+                score_detection=[], score_p_or_s=[], p_sample_pred=[], s_sample_pred=[], score_p=[], score_s=[]
             )
             preds.setdefault(task, {})[split] = p
             if pred_dir is not None:
@@ -294,7 +347,30 @@ def evaluate_module(
         stats.update(task1_metrics(preds["task1"].get(dev_name, empty), preds["task1"].get(test_name, empty)))
     if "task23" in preds:
         stats.update(task23_metrics(preds["task23"].get(dev_name, empty), preds["task23"].get(test_name, empty)))
+        stats.update(pick_thresholds(preds["task23"].get(dev_name, empty), preds.get("task1", {}).get(dev_name, empty)))
     return stats
+
+
+def pick_thresholds(dev23: pd.DataFrame, dev1: pd.DataFrame | None = None) -> dict[str, float]:
+    """``P_threshold`` / ``S_threshold``: the F1-optimal peak-probability threshold of each phase on dev.
+
+    Positives: task 2/3 windows holding that phase's onset; negatives: those holding the other
+    phase and the task 1 noise windows. Kept within [0.01, 0.99] so that SeisBench's trigger
+    (on above the threshold, off below half of it) stays meaningful; a phase without both classes
+    on dev keeps SeisBench's default 0.1.
+    """
+    out: dict[str, float] = {}
+    noise = dev1[dev1["trace_type"] == "noise"] if dev1 is not None and len(dev1) and "score_p" in dev1 else pd.DataFrame()
+    for phase in ("P", "S"):
+        col = f"score_{phase.lower()}"
+        if len(dev23) == 0 or col not in dev23:
+            continue
+        y = np.concatenate([(dev23["phase_label"] == phase).to_numpy(), np.zeros(len(noise), dtype=bool)])
+        score = np.concatenate([dev23[col].to_numpy(float), noise[col].to_numpy(float) if len(noise) else np.zeros(0)])
+        score = np.nan_to_num(score, nan=0.0)
+        thr = _f1_threshold(y, score)[0] if len(np.unique(y)) == 2 else float("nan")
+        out[f"{phase}_threshold"] = float(np.clip(thr, 0.01, 0.99)) if np.isfinite(thr) else 0.1
+    return out
 
 
 SUMMARY_ROWS: tuple[tuple[str, str], ...] = (
@@ -306,7 +382,7 @@ SUMMARY_ROWS: tuple[tuple[str, str], ...] = (
 
 
 def format_results(stats: dict[str, Any], sets: tuple[str, ...] = ("dev", "test")) -> str:
-    """A readable table: one line per task and split."""
+    """A readable table: one line per task and split, then the thresholds tuned on dev."""
     lines = []
     for title, keys in SUMMARY_ROWS:
         for split in sets:
@@ -317,4 +393,7 @@ def format_results(stats: dict[str, Any], sets: tuple[str, ...] = ("dev", "test"
                     parts.append(f"{k.split('_', 1)[1] if k.startswith(('det_', 'phase_')) else k}={v:.4f}")
             if parts:
                 lines.append(f"{title:<20} {split:<5} " + "  ".join(parts))
+    tuned = [f"{k}={stats[k]:.4f}" for k in THRESHOLD_KEYS if k in stats]
+    if tuned:
+        lines.append(f"{'thresholds (dev)':<20} {sets[0]:<5} " + "  ".join(tuned))
     return "\n".join(lines)

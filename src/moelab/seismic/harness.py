@@ -259,18 +259,14 @@ def train(
 # --------------------------------------------------------------------------------- evaluation
 def load_for_eval(cfg: BenchmarkConfig, path: str | Path):
     """The trained module from ``path`` (weights_only), checked against the config's architecture."""
-    from moelab.checkpoint import safe_load
+    from moelab.seismic.weights import holds_moe, read_lightning_checkpoint
 
     path = Path(path)
     if not path.exists():
         hint = f" (train it first: python benchmark/train.py {cfg.source})" if path.name == f"{BEST_NAME}.ckpt" else ""
         raise CheckpointError(f"checkpoint '{path}' does not exist{hint}")
-    ckpt = safe_load(path)
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
-        raise CheckpointError(f"'{path}' is not a Lightning checkpoint (no 'state_dict'); pass the model.ckpt written by benchmark/train.py")
-    state = ckpt["state_dict"]
-    hp = dict(ckpt.get("hyper_parameters") or {})
-    is_moe = any(".experts" in k or ".router" in k for k in state)
+    state, hp = read_lightning_checkpoint(path, fix="pass the model.ckpt written by benchmark/train.py")
+    is_moe = holds_moe(state)
     held = "SeisMoE" if is_moe else "EQTransformer"
     if held != cfg.model:
         raise CheckpointError(

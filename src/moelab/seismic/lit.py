@@ -33,11 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moelab.checkpoint import safe_load
 from moelab.errors import CheckpointError, ConfigError, check_finite_loss
 from moelab.moe import freeze_non_moe as _freeze_non_moe
 from moelab.moe import MoELayer, moe_layers, reset_moe_stats, trainable_report
 from moelab.seismic.augment import DuplicateEvent
+from moelab.seismic.weights import read_lightning_checkpoint
 
 #: Metadata columns labelled as P or S (pick-benchmark's phase dictionary, SeisBench column names).
 PHASE_DICT: dict[str, str] = {
@@ -141,16 +141,13 @@ class EQTransformerLit(SeisBenchModuleLit):
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, map_location: Any = "cpu") -> "EQTransformerLit":
         """Module restored from a Lightning checkpoint without running pickled code or re-fetching weights."""
-        ckpt = safe_load(path, map_location=map_location)
-        if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-            raise CheckpointError(f"'{path}' is not a Lightning checkpoint (no 'state_dict'); pass the .ckpt written by training")
-        hparams = dict(ckpt.get("hyper_parameters") or {})
+        state, hparams = read_lightning_checkpoint(path, map_location=map_location)
         try:
             module = cls(**hparams)
         except TypeError as e:
             raise CheckpointError(f"'{path}' was not written by {cls.__name__} ({e})") from None
         try:
-            module.load_state_dict(ckpt["state_dict"])
+            module.load_state_dict(state)
         except RuntimeError as e:
             raise CheckpointError(f"'{path}' does not fit {cls.__name__}{hparams.get('model_args', '')}: {str(e).splitlines()[0]}") from None
         return module

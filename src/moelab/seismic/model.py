@@ -21,14 +21,16 @@ from seisbench.models import EQTransformer
 from seisbench.models.eqtransformer import FeedForward
 from torch import Tensor, nn
 
+from moelab.checkpoint import safe_load
 from moelab.errors import CheckpointError, ConfigError
 from moelab.moe import GATES, LOSS_KINDS, TokenMoE, model_aux_loss, moe_usage, reset_moe_stats
 from moelab.moe.layer import moe_layers
+from moelab.seismic.weights import MOE_ARGS, BaseWeights, apply_metadata, eqtransformer_from, holds_moe, load_base_weights, load_local
+
+__all__ = ["MOE_ARGS", "MOE_BLOCKS", "SeisMoE", "load_trained", "window_annotate_args"]
 
 #: The EQTransformer blocks whose feed-forward network becomes an MoE layer.
 MOE_BLOCKS: tuple[str, ...] = ("transformer_d0", "transformer_d")
-#: Model arguments SeisMoE adds to EQTransformer's (stored by ``save`` in the json).
-MOE_ARGS: tuple[str, ...] = ("num_experts", "num_experts_per_token", "gate", "router_jitter", "aux_loss", "detach_router_input")
 
 
 class TokenFeedForward(nn.Module):
@@ -169,13 +171,15 @@ class SeisMoE(EQTransformer):
         a trained SeisMoE (router keys present) are loaded as they are. The architecture arguments
         stored with the weights are used; ``kwargs`` add the MoE arguments and may override others.
         """
-        from moelab.seismic.weights import load_base_weights
+        return cls.from_weights(load_base_weights(base_model), **kwargs)
 
-        base = load_base_weights(base_model)
+    @classmethod
+    def from_weights(cls, base: BaseWeights | None, **kwargs: Any) -> "SeisMoE":
+        """`from_base` on weights already read (`moelab.seismic.weights.BaseWeights`; None: random)."""
         if base is None:
             return cls(**kwargs)
         model = cls(**{**base.model_args, **kwargs})
-        if any(".ff.router." in key for key in base.state_dict):
+        if holds_moe(base.state_dict):
             try:
                 model.load_state_dict(base.state_dict)
             except RuntimeError as e:
@@ -185,9 +189,7 @@ class SeisMoE(EQTransformer):
                 ) from None
         else:
             model.load_dense_state_dict(base.state_dict)
-        model.default_args.update(copy.deepcopy(base.metadata.get("default_args") or {}))
-        model._weights_docstring = base.metadata.get("docstring", "")
-        model._weights_version = base.metadata.get("version", "1")
+        apply_metadata(model, base.metadata)
         return model
 
     def load_dense_state_dict(self, state_dict: dict[str, Tensor]) -> None:
@@ -272,8 +274,6 @@ class SeisMoE(EQTransformer):
     @classmethod
     def load(cls, path: str | os.PathLike, version_str: str | None = None, **kwargs: Any) -> "SeisMoE":
         """Load a SeisMoE saved with `save` without running pickled code (``weights_only=True``)."""
-        from moelab.checkpoint import safe_load
-
         path_json, path_pt = cls._get_weights_file_paths(Path(path), version_str)
         if not path_json.is_file():
             raise CheckpointError(f"SeisMoE metadata '{path_json}' not found: pass the path given to save() (without .json/.pt)")
@@ -297,3 +297,34 @@ class SeisMoE(EQTransformer):
         except RuntimeError as e:
             raise CheckpointError(f"weights '{path_pt}' do not fit the model described by '{path_json}': {str(e).splitlines()[0]}") from None
         return model
+
+
+# --------------------------------------------------------------------------------- trained models
+def window_annotate_args(in_samples: int) -> dict[str, Any]:
+    """SeisBench's EQTransformer ``annotate`` defaults (overlap 3000, blinding 500 of 6000 samples)
+    scaled to a model window of ``in_samples``, so models trained on shorter windows pick continuous
+    records too (an unscaled overlap of 3000 does not fit a window of 1001 samples)."""
+    n = int(in_samples)
+    return {"overlap": n // 2, "blinding": (n // 12, n // 12)}
+
+
+def load_trained(path: str | os.PathLike) -> EQTransformer:
+    """A trained SeisMoE or EQTransformer, in eval mode, from any file training or export writes.
+
+    ``path``: a Lightning ``.ckpt`` of `SeisMoELit`/`EQTransformerLit`, or SeisBench weights (the
+    ``DIR/NAME`` given to ``save``/``moelab seismic export``, either of its files, or its folder).
+    Which model it is comes from the weights (`moelab.seismic.weights.holds_moe`); the architecture
+    and the ``default_args`` stored with them (tuned thresholds) are used, and an ``overlap`` and
+    ``blinding`` fitting the model window are added where the weights set none.
+    """
+    path = Path(path).expanduser()
+    if not path.exists() and not (path.parent / f"{path.name}.json").is_file():
+        raise CheckpointError(
+            f"model '{path}' does not exist: pass a training checkpoint (weights/<name>/model.ckpt, written by "
+            "benchmark/train.py) or exported SeisBench weights (DIR/NAME written by moelab seismic export)"
+        )
+    base = load_local(path)
+    model = SeisMoE.from_weights(base) if holds_moe(base.state_dict) else eqtransformer_from(base)
+    for key, value in window_annotate_args(model.in_samples).items():
+        model.default_args.setdefault(key, value)
+    return model.eval()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moelab.errors import CheckpointError, DataError
+from moelab.errors import DataError
 
 RECORDING = "loc_RJOB20050801145719850"
 REFERENCE_P_S = 30.635  # obspy test_trigger.py: ptime == 30.6350002289
@@ -76,42 +76,29 @@ def recording_stream():
     return obspy.Stream(traces)
 
 
-def load_model(path: str | Path):
-    """The SeisBench model inside a training checkpoint (SeisMoE or EQTransformer, weights_only)."""
-    from moelab.checkpoint import safe_load
-    from moelab.seismic.lit import EQTransformerLit, SeisMoELit
+def pick_recording(model, p_threshold: float | None = None, s_threshold: float | None = None, stream=None) -> PickReport:
+    """Annotate and classify the recording with ``model`` and compare with the reference picks.
 
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint '{path}' does not exist; train one first (python benchmark/train.py CONFIG)")
-    ckpt = safe_load(path)
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise CheckpointError(f"'{path}' is not a Lightning checkpoint (no 'state_dict')")
-    is_moe = any(".experts" in k or ".router" in k for k in ckpt["state_dict"])
-    cls = SeisMoELit if is_moe else EQTransformerLit
-    module = cls.from_checkpoint(path)
-    module.eval()
-    return module.model
-
-
-def annotate_args(model) -> dict:
-    """SeisBench's EQTransformer defaults (overlap 3000, blinding 500 of 6000 samples) scaled to the
-    model's window, so models trained on shorter windows annotate continuous data too."""
-    n = int(model.in_samples)
-    return {"overlap": n // 2, "blinding": (n // 12, n // 12)}
-
-
-def pick_recording(model, p_threshold: float = 0.1, s_threshold: float = 0.1, stream=None) -> PickReport:
-    """Annotate and classify the recording with ``model`` and compare with the reference picks."""
+    Thresholds left as None come from the model's ``default_args`` (the dev-tuned ones of exported
+    weights), else SeisBench's default 0.1; the window overlap and blinding fit the model window
+    unless its ``default_args`` set them.
+    """
     import torch
+
+    from moelab.seismic.model import window_annotate_args
 
     st = recording_stream() if stream is None else stream
     t0 = st[0].stats.starttime
     model.eval()
+    kwargs = {**window_annotate_args(model.in_samples), **model.default_args}
+    if p_threshold is not None:
+        kwargs["P_threshold"] = p_threshold
+    if s_threshold is not None:
+        kwargs["S_threshold"] = s_threshold
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        ann = model.annotate(st.copy(), **annotate_args(model))
-        out = model.classify(st.copy(), P_threshold=p_threshold, S_threshold=s_threshold, **annotate_args(model))
+        ann = model.annotate(st.copy(), **{k: v for k, v in kwargs.items() if not k.endswith("_threshold")})
+        out = model.classify(st.copy(), **kwargs)
     picks = list(out.picks)
 
     def best(phase: str) -> tuple[float | None, float]:

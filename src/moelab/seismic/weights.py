@@ -12,9 +12,17 @@
 
 The architecture arguments stored with the weights (``model_args`` in the json, e.g.
 ``original_compatible``, ``lstm_blocks`` and ``norm`` of the ``"original"`` weights) are returned with
-them so the model is built to fit. SeisBench 0.12.6 reads weights with a bare ``torch.load`` (safe
-only where torch defaults to ``weights_only=True``), so the files are read here with
-`moelab.checkpoint.safe_load` (or safetensors) instead: a pickle payload is refused, never run.
+them so the model is built to fit.
+
+Pretrained names go through SeisBench's public API (``EQTransformer.from_pretrained`` /
+``list_versions`` and its cache ``seisbench.cache_model_root``). SeisBench 0.12.6's ``load`` calls a
+bare ``torch.load``, which refuses pickled code only where torch defaults to ``weights_only=True``
+(torch >= 2.6): there SeisBench reads the files itself; with an older torch, and for every local
+file, they are read here with `moelab.checkpoint.safe_load` (or safetensors) instead, so a pickle
+payload is refused, never run.
+
+This module reads weight files only; it builds no SeisMoE (that is `moelab.seismic.model`, which
+imports this module and never the other way round).
 """
 
 from __future__ import annotations
@@ -22,11 +30,15 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urljoin
 
+import seisbench
+import torch
 from packaging import version as _version
 from seisbench.models import EQTransformer
 from torch import Tensor
@@ -34,6 +46,8 @@ from torch import Tensor
 from moelab.checkpoint import safe_load
 from moelab.errors import CheckpointError, ConfigError
 
+#: Model arguments a SeisMoE's weights carry besides EQTransformer's (``SeisMoE.get_model_args``).
+MOE_ARGS: tuple[str, ...] = ("num_experts", "num_experts_per_token", "gate", "router_jitter", "aux_loss", "detach_router_input")
 NO_BASE = frozenset({"", "none", "null", "random", "scratch"})
 WEIGHT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
 _VERSIONED = re.compile(r"^(?P<stem>.+)\.(?P<kind>json|pt)(?:\.v(?P<version>[^/]+))?$")
@@ -47,6 +61,32 @@ class BaseWeights:
     model_args: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+
+
+def holds_moe(state_dict: dict[str, Any]) -> bool:
+    """Whether a state dict (plain, or a Lightning one with ``model.`` prefixes) holds SeisMoE weights.
+
+    The one place that tells the two models' weights apart: SeisMoE's feed-forward layers have a
+    router and experts (``transformer_d0.ff.router.*``, ``transformer_d.ff.experts.<e>.*``).
+    """
+    return any(".ff.router." in k or ".ff.experts." in k for k in state_dict)
+
+
+def read_lightning_checkpoint(
+    path: str | os.PathLike, fix: str = "pass the .ckpt written by training", map_location: Any = "cpu"
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """``(state_dict, hyper_parameters)`` of a Lightning checkpoint, read with ``weights_only=True``.
+
+    Every seismic reader of training checkpoints (the Lightning modules, evaluation, picking,
+    export) comes through here, so a missing, corrupt, pickled or non-Lightning file fails with the
+    same message everywhere; ``fix`` ends the message for a file that is not a Lightning checkpoint.
+    """
+    path = Path(path)
+    ckpt = safe_load(path, map_location=map_location)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise CheckpointError(f"'{path}' is not a Lightning checkpoint (no 'state_dict'); {fix}")
+    hparams = ckpt.get("hyper_parameters") or {}
+    return ckpt["state_dict"], dict(hparams) if isinstance(hparams, dict) else {}
 
 
 def load_base_weights(base_model: str | os.PathLike | None) -> BaseWeights | None:
@@ -75,8 +115,13 @@ def _looks_like_path(s: str) -> bool:
 
 # --------------------------------------------------------------------------- SeisBench pretrained
 def cache_folder() -> Path:
-    """Where SeisBench keeps EQTransformer weights (``<cache>/models/v3/eqtransformer``)."""
-    return EQTransformer._model_path()
+    """Where SeisBench keeps EQTransformer weights (``seisbench.cache_model_root / "eqtransformer"``)."""
+    return Path(seisbench.cache_model_root) / "eqtransformer"
+
+
+def remote_folder() -> str:
+    """SeisBench's remote repository of EQTransformer weights (``seisbench.remote_model_root``)."""
+    return urljoin(seisbench.remote_model_root, "eqtransformer")
 
 
 def available_offline(base_model: str | os.PathLike | None) -> bool:
@@ -91,37 +136,68 @@ def available_offline(base_model: str | os.PathLike | None) -> bool:
         return False
 
 
+def torch_load_refuses_pickles() -> bool:
+    """Whether a bare ``torch.load`` (as SeisBench's ``load`` calls it) defaults to ``weights_only=True``.
+
+    True from torch 2.6 on unless ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` is set; only then may SeisBench
+    itself read downloaded weights without the risk of running code from the file.
+    """
+    if os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "0").lower() in ("1", "y", "yes", "true"):
+        return False
+    return _version.parse(torch.__version__.split("+")[0]) >= _version.parse("2.6")
+
+
 def load_pretrained(name: str) -> BaseWeights:
-    """SeisBench pretrained EQTransformer weights ``name``, from the cache or downloaded by SeisBench."""
-    cls = EQTransformer
+    """SeisBench pretrained EQTransformer weights ``name``, from the cache or downloaded by SeisBench.
+
+    Goes through SeisBench's public ``EQTransformer.from_pretrained`` (cache lookup, download, version
+    warnings) when torch reads files with ``weights_only=True`` by default; with an older torch the
+    cached pair is read by our own safe reader instead, and downloading is left to the user.
+    """
+    if not torch_load_refuses_pickles():
+        return _cached_pretrained(name)
     try:
-        versions = cls.list_versions(name, remote=False)
-    except Exception:  # noqa: BLE001 - an unreadable cache is treated like an empty one
-        versions = []
-    if not versions:
-        try:
-            versions = cls.list_versions(name, remote=True)
-        except Exception as e:  # noqa: BLE001 - requests/HTTP errors all mean "not reachable"
-            raise CheckpointError(_offline_message(name, e)) from None
-        if not versions:
+        model = EQTransformer.from_pretrained(name)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"SeisBench's cached weights '{name}' in {cache_folder()} were refused: they hold Python objects "
+            f"that would have to be executed ({str(e).splitlines()[0][:200]}); delete them and download again"
+        ) from None
+    except ValueError as e:
+        if "No version" in str(e):
             raise CheckpointError(
                 f"SeisBench has no EQTransformer weights named '{name}'; see "
                 "seisbench.models.EQTransformer.list_pretrained() for the names (e.g. 'stead', 'original', 'ethz')"
-            )
-    best = max(versions, key=lambda v: _version.parse(v) if v else _version.parse("0"))
-    cls._version_warnings(name, best)
-    weight_path, metadata_path = cls._pretrained_path(name, best)
-    try:
-        cls._ensure_weight_files(name, best, weight_path, metadata_path, False, False)
-    except Exception as e:  # noqa: BLE001
+            ) from None
         raise CheckpointError(_offline_message(name, e)) from None
-    metadata = _read_json(metadata_path)
+    except Exception as e:  # noqa: BLE001 - requests/HTTP/OS errors all mean "not reachable"
+        raise CheckpointError(_offline_message(name, e)) from None
+    metadata = {
+        "docstring": model.weights_docstring or "",
+        "version": model.weights_version,
+        "default_args": dict(model.default_args),
+        "model_args": model.get_model_args(),
+    }
     return BaseWeights(
-        state_dict=_read_state_dict(weight_path),
-        model_args=dict(metadata.get("model_args", {})),
+        state_dict=model.state_dict(),
+        model_args=dict(metadata["model_args"]),
         metadata=metadata,
-        source=f"SeisBench EQTransformer weights '{name}' (version {best}, {weight_path})",
+        source=f"SeisBench EQTransformer weights '{name}' (version {model.weights_version}, {cache_folder()})",
     )
+
+
+def _cached_pretrained(name: str) -> BaseWeights:
+    try:
+        versions = EQTransformer.list_versions(name, remote=False)
+    except Exception:  # noqa: BLE001 - an unreadable cache is treated like an empty one
+        versions = []
+    pair = _seisbench_pair(cache_folder(), name) if versions and cache_folder().is_dir() else None
+    if pair is None:
+        raise CheckpointError(
+            _offline_message(name, RuntimeError(f"torch {torch.__version__} would unpickle downloaded files; moelab does not let it"))
+            + "; or upgrade torch to >= 2.6 so that SeisBench may download them"
+        )
+    return _load_pair(*pair)
 
 
 def _offline_message(name: str, error: BaseException) -> str:
@@ -131,7 +207,7 @@ def _offline_message(name: str, error: BaseException) -> str:
         f"pretrained EQTransformer weights '{name}' are not in SeisBench's cache and could not be downloaded "
         f"({type(error).__name__}: {reason}). Fix: run once with internet access (SeisBench then caches them), or "
         f"copy the files '{name}.json.v<N>' and '{name}.pt.v<N>' (or unversioned '{name}.json' + '{name}.pt') "
-        f"from {EQTransformer._remote_path()}/ into {folder}/ ; or pass a local path as base_model "
+        f"from {remote_folder()}/ into {folder}/ ; or pass a local path as base_model "
         "(a SeisBench .json+.pt pair or its folder, a .pt state dict, a .ckpt, or a .safetensors file); "
         "or base_model='none' to start from random weights"
     )
@@ -223,8 +299,6 @@ def _as_state_dict(raw: Any, path: Path) -> tuple[dict[str, Tensor], dict[str, A
 
 
 def _model_arg_names() -> set[str]:
-    from moelab.seismic.model import MOE_ARGS
-
     names = set(inspect.signature(EQTransformer.__init__).parameters) - {"self", "kwargs"}
     return names | set(MOE_ARGS) | {"component_order"}
 
@@ -257,11 +331,19 @@ def _read_json(path: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- dense baseline
 def build_eqtransformer(base_model: str | os.PathLike | None = None, **kwargs: Any) -> EQTransformer:
     """Plain SeisBench EQTransformer from ``base_model`` (same resolution as SeisMoE), for baselines."""
-    base = load_base_weights(base_model)
+    return eqtransformer_from(load_base_weights(base_model), **kwargs)
+
+
+def eqtransformer_from(base: BaseWeights | None, **kwargs: Any) -> EQTransformer:
+    """Plain EQTransformer built to fit ``base`` (None: random initialisation), ``kwargs`` overriding its arguments.
+
+    The weights' ``default_args`` (e.g. tuned pick thresholds) and docstring come along, as
+    SeisBench's own ``load`` does.
+    """
     args = {**(base.model_args if base else {}), **kwargs}
-    if base is not None and any(".ff.router." in k or ".ff.experts." in k for k in base.state_dict):
+    if base is not None and holds_moe(base.state_dict):
         raise CheckpointError(f"{base.source} holds SeisMoE weights, not a plain EQTransformer: load them with SeisMoE")
-    args = {k: v for k, v in args.items() if k not in _moe_only_args()}
+    args = {k: v for k, v in args.items() if k not in MOE_ARGS}
     try:
         model = EQTransformer(**args)
     except (TypeError, ValueError) as e:
@@ -274,13 +356,12 @@ def build_eqtransformer(base_model: str | os.PathLike | None = None, **kwargs: A
                 f"{base.source} does not fit EQTransformer({args}): {str(e).splitlines()[0]}; pass the model "
                 "arguments the weights were trained with"
             ) from None
-        model.default_args.update(base.metadata.get("default_args") or {})
-        model._weights_docstring = base.metadata.get("docstring", "")
-        model._weights_version = base.metadata.get("version", "1")
+        apply_metadata(model, base.metadata)
     return model
 
 
-def _moe_only_args() -> set[str]:
-    from moelab.seismic.model import MOE_ARGS
-
-    return set(MOE_ARGS)
+def apply_metadata(model: EQTransformer, metadata: dict[str, Any]) -> None:
+    """Give ``model`` the ``default_args``, docstring and version stored with its weights (as SeisBench's ``load``)."""
+    model.default_args.update(json.loads(json.dumps(metadata.get("default_args") or {})))
+    model._weights_docstring = metadata.get("docstring", "")
+    model._weights_version = metadata.get("version", "1")
