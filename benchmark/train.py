@@ -1,8 +1,9 @@
 """Train SeisMoE or EQTransformer from a pick-benchmark style JSON config.
 
-    python benchmark/train.py configs/stead_seismoe.json [--max_epochs N] [--weights_dir DIR] [--resume] ...
+    python benchmark/train.py configs/stead_seismoe.json [--max_epochs N] [--weights_dir DIR] [--resume weights/<name>/last.ckpt] ...
 
-Checkpoints: weights/<name>/model.ckpt (best val_loss) and last.ckpt; logs: weights/<name>/version_*/.
+Checkpoints: weights/<name>/model.ckpt (best val_loss) and last.ckpt (end of the latest epoch, what
+--resume PATH continues from); logs: weights/<name>/version_*/.
 Same code as `moelab seismic train`.
 """
 

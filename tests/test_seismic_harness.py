@@ -102,7 +102,8 @@ def test_exact_resume_seismoe(dataset, tmp_path):
     over = {**QUIET, "limit_val_batches": 1}
     full = harness.train(validate(raw), weights_dir=tmp_path / "a", trainer_overrides=over, check_weights=False)
     harness.train(validate({**raw, "max_epochs": 1}), weights_dir=tmp_path / "b", trainer_overrides=over, check_weights=False)
-    resumed = harness.train(validate(raw), weights_dir=tmp_path / "b", resume=True, trainer_overrides=over, check_weights=False)
+    last_b = tmp_path / "b" / "SeisMoE_synth" / "last.ckpt"
+    resumed = harness.train(validate(raw), weights_dir=tmp_path / "b", resume=last_b, trainer_overrides=over, check_weights=False)
     a = safe_load(full.parent / "last.ckpt")
     b = safe_load(resumed.parent / "last.ckpt")
     assert a["epoch"] == b["epoch"] == 1 and a["global_step"] == b["global_step"] > 0
@@ -116,8 +117,8 @@ def test_exact_resume_seismoe(dataset, tmp_path):
 def test_resume_without_checkpoint_is_a_clear_error(dataset, tmp_path):
     from moelab.errors import CheckpointError
 
-    with pytest.raises(CheckpointError, match="no '.*last.ckpt' to resume from"):
-        harness.train(validate(config("SeisMoE", dataset)), weights_dir=tmp_path, resume=True, check_weights=False)
+    with pytest.raises(CheckpointError, match="--resume '.*last.ckpt' does not exist: pass a training checkpoint such as"):
+        harness.train(validate(config("SeisMoE", dataset)), weights_dir=tmp_path, resume=tmp_path / "x" / "last.ckpt", check_weights=False)
 
 
 def test_atomic_checkpoint_io_is_the_trainer_plugin(tmp_path):
@@ -148,3 +149,89 @@ def test_guide_commands_offline(tmp_path):
     assert "SeisBench data set 'STEAD' is not in SeisBench's cache" in r.stderr
     assert "local SeisBench folder" in r.stderr
     assert "base_model: pretrained EQTransformer weights 'stead'" in r.stderr
+
+
+def _tiny_seismoe(dataset, **extra) -> dict:
+    return config("SeisMoE", dataset, batch_size=8, training_fraction=0.1, **extra)
+
+
+def test_last_ckpt_is_the_end_of_every_epoch_even_when_val_loss_worsens(dataset, tmp_path, monkeypatch):
+    """last.ckpt must hold epoch N after N epochs. Lightning's save_last only copied on a new best,
+    so a val_loss that stops improving left last.ckpt behind; here val_loss grows every epoch."""
+    from moelab.seismic.lit import EQTransformerLit
+
+    real = EQTransformerLit.shared_step
+
+    def worsening(self, batch, stage):
+        if stage != "val":
+            return real(self, batch, stage)
+        weights = self.loss_weights
+        self.loss_weights = tuple(w * 10.0**self.current_epoch for w in weights)
+        try:
+            return real(self, batch, stage)
+        finally:
+            self.loss_weights = weights
+
+    monkeypatch.setattr(EQTransformerLit, "shared_step", worsening)
+    epochs = 3
+    best = harness.train(validate(_tiny_seismoe(dataset, max_epochs=epochs)), weights_dir=tmp_path,
+                         trainer_overrides={**QUIET, "limit_val_batches": 1}, check_weights=False)
+    last, top = safe_load(best.parent / "last.ckpt"), safe_load(best)
+    assert top["epoch"] == 0  # the first epoch stayed the best
+    assert last["epoch"] == epochs - 1 and last["global_step"] == epochs * (top["global_step"])
+    assert not list(best.parent.glob(".*.tmp"))
+
+
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(dataset, tmp_path):
+    """benchmark/train.py killed with SIGKILL inside an epoch: last.ckpt on disk is the end of the
+    latest finished epoch (at most the epoch in progress is recomputed) and --resume from it ends
+    with the weights of an uninterrupted run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    epochs = 4
+    raw = config("SeisMoE", dataset, batch_size=8, training_fraction=0.4, max_epochs=epochs,
+                 trainer_args={"enable_progress_bar": False, "num_sanity_val_steps": 0, "limit_val_batches": 1})
+    cfg_path = tmp_path / "tiny.json"
+    cfg_path.write_text(json.dumps(raw))
+    full = harness.train(validate(raw), weights_dir=tmp_path / "full", check_weights=False)
+    a = safe_load(full.parent / "last.ckpt")
+    steps_per_epoch = a["global_step"] // epochs
+    assert a["epoch"] == epochs - 1 and a["global_step"] == epochs * steps_per_epoch
+
+    weights = tmp_path / "killed"
+    last = weights / full.parent.name / "last.ckpt"
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    p = subprocess.Popen([sys.executable, str(REPO / "benchmark" / "train.py"), str(cfg_path), "--weights_dir", str(weights)],
+                         cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seen, seen_at, epoch_s = -1, None, None
+    try:
+        deadline = time.time() + 240
+        while p.poll() is None and time.time() < deadline:
+            if last.exists():
+                e = safe_load(last)["epoch"]
+                if e > seen:
+                    now = time.time()
+                    epoch_s = None if seen_at is None else now - seen_at
+                    seen, seen_at = e, now
+                if seen >= 1 and epoch_s is not None:
+                    time.sleep(epoch_s / 2)  # inside the next epoch
+                    p.send_signal(signal.SIGKILL)
+                    break
+            time.sleep(0.02)
+        p.wait(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-epoch"
+    b = safe_load(last)
+    assert seen <= b["epoch"] < epochs - 1  # killed before the end, nothing finished was lost
+    assert b["global_step"] == (b["epoch"] + 1) * steps_per_epoch  # an end-of-epoch state
+
+    resumed = harness.train(validate(raw), weights_dir=weights, resume=last, check_weights=False)
+    c = safe_load(resumed.parent / "last.ckpt")
+    assert (c["epoch"], c["global_step"]) == (a["epoch"], a["global_step"])
+    for k, v in a["state_dict"].items():
+        assert torch.allclose(v.float(), c["state_dict"][k].float(), atol=1e-6, rtol=0), k

@@ -2,7 +2,7 @@
 
 Randomness of a training step (timesteps, noise, label dropout) comes from a generator seeded
 with (seed, epoch, batch index, rank), and the data order from a per-epoch seeded sampler
-(`moelab.diffusion.training.EpochSampler`): resuming from a checkpoint needs no hidden RNG state
+(`moelab.seeding.EpochSampler`): resuming from a checkpoint needs no hidden RNG state
 and continues exactly as an uninterrupted run would. (The global torch RNG, used only by the
 optional router jitter, is saved in the checkpoint as well.)
 """
@@ -27,16 +27,9 @@ from moelab.diffusion.losses import MoELoss
 from moelab.diffusion.noise import training_scheduler
 from moelab.diffusion.unet import build_model
 from moelab.errors import CheckpointError, ConfigError, NonFiniteLossError
+from moelab.seeding import step_seed
 
 METRICS = ("loss", "dm_loss", "load_loss")
-
-
-def step_seed(seed: int, epoch: int, batch_idx: int, rank: int = 0) -> int:
-    """A distinct 63-bit seed for every (seed, epoch, batch, rank)."""
-    h = seed
-    for v in (epoch, batch_idx, rank):
-        h = (h * 1_000_003 + v + 1) % (2**63 - 1)
-    return h
 
 
 class MoEFsDiCLit(pl.LightningModule):

@@ -4,18 +4,16 @@ expert-usage monitoring)."""
 
 from __future__ import annotations
 
-import math
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 from lightning.pytorch.callbacks import EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from moelab.checkpoint import AtomicCheckpointIO
 from moelab.diffusion.config import load_config
@@ -24,40 +22,9 @@ from moelab.diffusion.lit import MoEFsDiCLit, _prefixed, check_state_dict, read_
 from moelab.diffusion.progress import MoEProgressBar
 from moelab.errors import CheckpointError, ConfigError, NonFiniteLossError
 from moelab.moe.callbacks import ExpertUsageMonitor
+from moelab.seeding import EpochSampler
 
 CKPT_RE = re.compile(r"checkpoint_epoch_(\d+)\.pth$")
-
-
-class EpochSampler(Sampler[int]):
-    """Shuffled order that is a pure function of (seed, epoch); sharded across DDP ranks.
-
-    Lightning calls `set_epoch` at the start of every epoch, so a resumed run sees exactly the
-    order an uninterrupted run would (no sampler RNG state to save).
-    """
-
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed, self.epoch = size, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    @staticmethod
-    def _world() -> tuple[int, int]:
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-        return 0, 1
-
-    def __len__(self) -> int:
-        return math.ceil(self.size / self._world()[1])
-
-    def __iter__(self) -> Iterator[int]:
-        rank, world = self._world()
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.size, generator=g)
-        total = len(self) * world
-        if total > self.size:  # pad by wrapping so every rank gets the same number of samples
-            order = torch.cat([order, order[: total - self.size]])
-        return iter(order[rank::world].tolist())
 
 
 class EpochCheckpoint(ModelCheckpoint):

@@ -19,7 +19,7 @@ def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--weights_dir", default="weights", help="checkpoints go to WEIGHTS_DIR/<name>/ (default: weights)")
     p.add_argument("--data_root", help="folder holding local data sets: relative 'data' paths and DATA_ROOT/<name>/ are looked up here")
     p.add_argument("--device", help="cpu, gpu/cuda or auto (default: auto)")
-    p.add_argument("--resume", action="store_true", help="continue exactly from WEIGHTS_DIR/<name>/last.ckpt")
+    p.add_argument("--resume", metavar="PATH", help="training checkpoint to continue exactly from, e.g. weights/<name>/last.ckpt")
     p.add_argument("--name", help="experiment name (default <model>_<data>)")
     p.add_argument("--max_epochs", type=int)
     p.add_argument("--batch_size", type=int)

@@ -4,10 +4,12 @@ Training follows pick-benchmark: the Lightning module supplies SeisBench augment
 ``GenericGenerator`` feeds a DataLoader, a Lightning Trainer fits with a CSV logger. On top:
 
 * checkpoints go to ``weights/<name>/`` through `AtomicCheckpointIO`: ``model.ckpt`` is the best
-  (lowest ``val_loss``) and ``last.ckpt`` the latest, both overwritten in place atomically;
+  (lowest ``val_loss``, synchronised across DDP ranks) and ``last.ckpt`` the state at the end of
+  the latest epoch (written after every epoch, so a crash loses at most the epoch in progress),
+  both overwritten in place atomically;
 * exact resume: the data order and every augmentation/dropout draw are functions of
-  (seed, epoch) — `EpochSampler` reseeds them when an epoch starts — so ``--resume`` from an
-  epoch-end checkpoint continues exactly without storing hidden RNG state;
+  (seed, epoch, rank) — `moelab.seeding.EpochSampler` reseeds them when an epoch starts — so
+  ``resume="weights/<name>/last.ckpt"`` continues exactly without storing hidden RNG state;
 * the config is checked once (`moelab.seismic.config`) and the data/weights are checked before any
   work starts, so an offline STEAD run fails with one clear message.
 """
@@ -17,19 +19,18 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Sampler
 
 from moelab.checkpoint import check_state_dict
 from moelab.moe.callbacks import ExpertUsageMonitor
 from moelab.errors import CheckpointError, ConfigError, DataError, MoelabError
 from moelab.seismic.config import BenchmarkConfig, check_accelerator
 from moelab.seismic.data import DataSource, check_window, open_dataset, resolve_data, split_data
+from moelab.seeding import EpochSampler, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -41,47 +42,6 @@ def lit_class(model: str):
     from moelab.seismic.lit import EQTransformerLit, SeisMoELit
 
     return {"SeisMoE": SeisMoELit, "EQTransformer": EQTransformerLit}[model]
-
-
-def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
-    """A 32-bit seed that depends only on (seed, epoch, stream)."""
-    return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1)[0])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-class EpochSampler(Sampler[int]):
-    """Shuffled order that is a pure function of (seed, epoch); Lightning calls ``set_epoch``.
-
-    It also fixes every other random draw of the epoch, because it runs when an epoch starts
-    producing batches: ``set_epoch`` reseeds the DataLoader's ``generator`` (the worker seeds come
-    from it) and, for the training loader (``reseed_global``), the first fetch of each epoch reseeds
-    Python/NumPy/torch (augmentations in the main process, dropout). Resuming at an epoch boundary
-    therefore needs no stored RNG state and reproduces an uninterrupted run exactly.
-    """
-
-    def __init__(self, n: int, seed: int, shuffle: bool = True, reseed_global: bool = False) -> None:
-        self.n, self.seed, self.shuffle, self.reseed_global, self.epoch = n, seed, shuffle, reseed_global, 0
-        self.generator = torch.Generator()
-        self.set_epoch(0)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.generator.manual_seed(epoch_seed(self.seed, epoch, 2))
-
-    def __iter__(self) -> Iterator[int]:
-        if self.reseed_global:
-            seed_everything(epoch_seed(self.seed, self.epoch))
-        if not self.shuffle:
-            return iter(range(self.n))
-        return iter(np.random.default_rng(epoch_seed(self.seed, self.epoch, 1)).permutation(self.n).tolist())
-
-    def __len__(self) -> int:
-        return self.n
 
 
 def _worker_init(worker_id: int) -> None:
@@ -190,12 +150,16 @@ def train(
     cfg: BenchmarkConfig,
     weights_dir: str | Path = "weights",
     data_root: str | Path | None = None,
-    resume: bool = False,
+    resume: str | Path | None = None,
     device: str | None = None,
     trainer_overrides: dict[str, Any] | None = None,
     check_weights: bool = True,
 ) -> Path:
-    """Fit ``cfg`` and return the best checkpoint (``weights/<name>/model.ckpt``)."""
+    """Fit ``cfg`` and return the best checkpoint (``weights/<name>/model.ckpt``).
+
+    ``resume``: a training checkpoint to continue from exactly, normally ``weights/<name>/last.ckpt``
+    (the end of the latest finished epoch).
+    """
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
@@ -206,8 +170,9 @@ def train(
     source = preflight(cfg, data_root, check_weights=check_weights)
     out = Path(weights_dir) / cfg.experiment_name
     last = out / f"{LAST_NAME}.ckpt"
-    if resume and not last.exists():
-        raise CheckpointError(f"--resume: no '{last}' to resume from; train without --resume first")
+    if resume is not None and not Path(resume).is_file():
+        what = "is a folder" if Path(resume).is_dir() else "does not exist"
+        raise CheckpointError(f"--resume '{resume}' {what}: pass a training checkpoint such as '{last}' (train without --resume first)")
     module = build_module(cfg)
     ds = open_dataset(source, sampling_rate=cfg.sampling_rate)
     check_window(ds, module.in_samples, source.label)
@@ -217,23 +182,24 @@ def train(
     _dump_config(cfg, out)
     logger = CSVLogger(save_dir=str(Path(weights_dir)), name=cfg.experiment_name)
     logger.log_hyperparams({"config": json.dumps(cfg.raw)})
-    checkpoint = ModelCheckpoint(
-        dirpath=out, filename=BEST_NAME, monitor="val_loss", mode="min", save_top_k=1, save_last=True, enable_version_counter=False
-    )
-    checkpoint.CHECKPOINT_NAME_LAST = LAST_NAME
+    best_ckpt = ModelCheckpoint(dirpath=out, filename=BEST_NAME, monitor="val_loss", mode="min", save_top_k=1, enable_version_counter=False)
+    # last.ckpt: its own every-epoch checkpoint. Lightning's save_last=True on the best checkpoint
+    # only copies when a new best is saved, so it fell behind as soon as val_loss stopped improving.
+    last_ckpt = ModelCheckpoint(dirpath=out, filename=LAST_NAME, monitor=None, save_top_k=1, every_n_epochs=1, enable_version_counter=False)
     trainer_args: dict[str, Any] = {
         "max_epochs": cfg.max_epochs,
         "accelerator": device or "auto",
         "devices": 1 if (device or "auto") in ("cpu", "auto") else "auto",
         "log_every_n_steps": 1,
         "enable_model_summary": False,
+        "use_distributed_sampler": False,  # EpochSampler shards by rank itself, keeping exact resume
         **cfg.trainer_args,
         **(trainer_overrides or {}),
     }
     if "accelerator" in cfg.trainer_args and device is not None:
         trainer_args["accelerator"] = device
     check_accelerator(trainer_args.get("accelerator"))
-    callbacks: list[pl.Callback] = [checkpoint]
+    callbacks: list[pl.Callback] = [best_ckpt, last_ckpt]  # best first: last.ckpt holds its updated state
     if cfg.model == "SeisMoE":
         callbacks.append(
             ExpertUsageMonitor(
@@ -249,7 +215,7 @@ def train(
         plugins=[AtomicCheckpointIO()],
         **trainer_args,
     )
-    trainer.fit(module, train_loader, dev_loader, ckpt_path=str(last) if resume else None)
+    trainer.fit(module, train_loader, dev_loader, ckpt_path=str(resume) if resume is not None else None)
     best = out / f"{BEST_NAME}.ckpt"
     if not best.exists():
         raise CheckpointError(f"training finished without writing '{best}' (no validation ran?); check limit_val_batches")

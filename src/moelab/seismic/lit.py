@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from moelab.errors import CheckpointError, ConfigError, check_finite_loss
 from moelab.moe import freeze_non_moe as _freeze_non_moe
-from moelab.moe import MoELayer, moe_layers, reset_moe_stats, trainable_report
+from moelab.moe import MoELayer, moe_layers, moe_usage, reset_moe_stats, trainable_report
 from moelab.seismic.augment import DuplicateEvent
 from moelab.seismic.weights import read_lightning_checkpoint
 
@@ -174,14 +174,15 @@ class EQTransformerLit(SeisBenchModuleLit):
         aux = self.moe_loss()
         loss = task + self.moe_loss_coef_value() * aux
         on_step = stage == "train"
+        sync = stage != "train"  # validation figures select the best checkpoint: mean over all DDP ranks
         n = x.shape[0]
-        self.log(f"{stage}_loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=n)
+        self.log(f"{stage}_loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=sync)
         self.log_dict(
             {f"{stage}_task_loss": task, f"{stage}_det_loss": det, f"{stage}_p_loss": p, f"{stage}_s_loss": s},
-            on_step=False, on_epoch=True, batch_size=n,
+            on_step=False, on_epoch=True, batch_size=n, sync_dist=sync,
         )
         if moe_layers(self.model):
-            self.log(f"{stage}_moe_loss", aux, on_step=False, on_epoch=True, batch_size=n)
+            self.log(f"{stage}_moe_loss", aux, on_step=False, on_epoch=True, batch_size=n, sync_dist=sync)
         return loss
 
     def detection_label_warning(self, metadata: Any) -> str | None:
@@ -371,8 +372,9 @@ class SeisMoELit(EQTransformerLit):
 
     # ------------------------------------------------------------------ expert usage per epoch
     def _log_usage(self, prefix: str) -> None:
+        """Per-layer usage of the epoch, counts summed over DDP ranks (every rank calls this at epoch end)."""
         metrics: dict[str, float] = {}
-        for name, s in self.model.moe_usage().items():
+        for name, s in moe_usage(self.model, across_ranks=True).items():
             if not s["total"]:
                 continue
             metrics[f"{prefix}/{name}/entropy"] = s["entropy"]

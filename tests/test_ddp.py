@@ -1,0 +1,176 @@
+"""The MoE core and both applications under DistributedDataParallel: 2 gloo processes on CPU.
+
+* usage counts are each rank's own truth (DDP broadcasts buffers from rank 0; the counts are not
+  buffers) and the logged/monitored figures are their sum over ranks;
+* an expert that gets no unit on one rank does not stop training (every expert parameter takes
+  part in every backward, with DDP's default ``find_unused_parameters=False``), and the weights
+  stay identical across ranks after every step, for a token MoE, MoEFsDiC and SeisMoE;
+* Lightning DDP training of MoEFsDiC resumed from a checkpoint equals an uninterrupted run.
+
+Workers are started with torch.multiprocessing (spawn) and set up their process group themselves;
+the Lightning runs inside them see an externally launched 2-process job (LOCAL_RANK, WORLD_SIZE).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _setup(rank: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank),
+                      LOCAL_RANK=str(rank), NODE_RANK="0", OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+
+
+def _gather(t: torch.Tensor) -> list[torch.Tensor]:
+    out = [torch.empty_like(t) for _ in range(WORLD)]
+    dist.all_gather(out, t.contiguous())
+    return out
+
+
+def _assert_same_weights(model: nn.Module, what: str) -> None:
+    for name, p in model.named_parameters():
+        a, b = _gather(p.detach())
+        assert torch.equal(a, b), f"{what}: {name} differs across ranks"
+
+
+def _train_and_check(model: nn.Module, batches, loss_fn, what: str, lr: float = 1e-2) -> None:
+    """DDP with the defaults (find_unused_parameters=False, broadcast_buffers=True); rank-own counts checked."""
+    from moelab.moe import moe_layers
+
+    ddp = DDP(model)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    layers = moe_layers(model)
+    for step, batch in enumerate(batches):
+        before = [m.usage.counts.clone() for m in layers]
+        loss = loss_fn(ddp, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        for m, c0 in zip(layers, before):  # this rank's counts grew by exactly this rank's routing
+            own = torch.bincount(m.last_routing.indices.reshape(-1), minlength=m.num_experts)
+            assert torch.equal(m.usage.counts - c0, own), f"{what}: counts are not this rank's routing at step {step}"
+        _assert_same_weights(model, f"{what}, step {step}")
+
+
+# ------------------------------------------------------------------------------ core + both apps
+def _core_worker(rank: int, port: int) -> None:
+    _setup(rank, port)
+    from moelab.moe import TokenMoE, moe_usage
+    from moelab.moe.callbacks import ExpertUsageMonitor
+
+    # 1. token MoE, k = 1: rank 0 routes to experts 0-2 only, rank 1 to expert 3 only (idle experts on both ranks)
+    torch.manual_seed(0)
+    ffn = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 6))
+    model = nn.Sequential(nn.Identity(), TokenMoE.upcycle(ffn, num_experts=4, k=1, router_in_features=6))
+    moe = model[1]
+    with torch.no_grad():
+        moe.router.net.weight.zero_()
+        moe.router.net.weight[:4, :4] = 50 * torch.eye(4)
+        moe.router.net.bias.zero_()
+    g = torch.Generator().manual_seed(100 + rank)
+
+    def batch():
+        experts = torch.randint(0, 3, (5, 4), generator=g) if rank == 0 else torch.full((5, 4), 3)
+        x = torch.randn(5, 4, 6, generator=g)
+        x[..., :4] = nn.functional.one_hot(experts, 6)[..., :4].float() * 5.0
+        return x
+
+    def loss_fn(ddp, x):
+        return ddp(x).pow(2).mean()
+
+    batches = [batch() for _ in range(4)]
+    monitor = ExpertUsageMonitor(interval=1, max_share=0.99, patience=10)
+    _train_and_check(model, batches, loss_fn, "token MoE", lr=1e-3)
+    local = moe.usage.counts.clone()
+    assert (local[3] == 0) if rank == 0 else bool((local[:3] == 0).all()), f"rank {rank} routing {local.tolist()}"
+    total = sum(_gather(local))
+    assert moe_usage(model, across_ranks=True)["1"]["counts"] == total.tolist()  # what is logged
+    assert moe_usage(model)["1"]["counts"] == local.tolist()
+    shares = monitor.check(model)  # what the collapse monitor judges
+    assert shares["moe/1/max_share"] == pytest.approx(float(total.max()) / float(total.sum()))
+
+    # 2. MoEFsDiC tiny (gathered conv experts, per-sample routing), rank-specific images and classes
+    from moelab import MoEFsDiC_UNet, MoELoss
+
+    cfg = {"model": {"model_channels": 8, "channel_mults": [1, 2], "image_size": 16, "in_channels": 1, "num_classes": 4},
+           "moe": {"num_experts": 4, "k_active": 1, "router_hidden": 8}}
+    torch.manual_seed(0)
+    unet = MoEFsDiC_UNet(cfg)
+    crit = MoELoss(lambda_load=0.01)
+    gi = torch.Generator().manual_seed(200 + rank)
+    imgs = [(torch.randn(3, 1, 16, 16, generator=gi) + 3 * rank, torch.randint(0, 1000, (3,), generator=gi),
+             torch.full((3,), rank)) for _ in range(3)]
+
+    def unet_loss(ddp, b):
+        x, t, c = b
+        pred, logits = ddp(x, t, c)
+        return crit(pred, x, logits)[0]
+
+    _train_and_check(unet, imgs, unet_loss, "MoEFsDiC")
+
+    # 3. SeisMoE tiny (token MoE in EQTransformer's transformer FFNs), k = 1
+    from moelab.seismic.model import SeisMoE
+
+    torch.manual_seed(0)
+    seis = SeisMoE(num_experts=4, num_experts_per_token=1, in_samples=400)
+    gs = torch.Generator().manual_seed(300 + rank)
+    traces = [torch.randn(2, 3, 400, generator=gs) * (1 + 4 * rank) for _ in range(3)]
+
+    def seis_loss(ddp, x):
+        det, p, s = ddp(x)
+        return det.mean() + p.mean() + s.mean() + 0.01 * seis.get_moe_loss()
+
+    _train_and_check(seis, traces, seis_loss, "SeisMoE")
+    dist.destroy_process_group()
+
+
+def test_ddp_counts_usage_idle_experts_and_identical_weights():
+    pytest.importorskip("seisbench")
+    mp.spawn(_core_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+
+
+# ------------------------------------------------------------------------ Lightning DDP resume
+def _resume_worker(rank: int, port: int, folder: str) -> None:
+    _setup(rank, port)
+    from pathlib import Path
+
+    from moelab.checkpoint import safe_load
+    from moelab.diffusion.training import fit
+
+    cfg = {"model": {"in_channels": 1, "model_channels": 8, "channel_mults": [1], "image_size": 16},
+           "moe": {"num_experts": 4, "k_active": 1, "router_hidden": 8},
+           "train": {"batch_size": 8, "lr": 2e-3, "epochs": 2, "log_every": 1, "monitor_interval": 1, "ema": False},
+           "data": {"dataset": "digits", "fit": "pad", "subset": 32}}
+    out = Path(folder)
+    kw = dict(accelerator="cpu", devices=WORLD, progress=False)
+    full = fit(cfg, checkpoint_dir=out / "full", max_epochs=2, **kw)
+    first = fit(cfg, checkpoint_dir=out / "part", max_epochs=1, **kw)
+    resumed = fit(cfg, checkpoint_dir=out / "part", max_epochs=2, resume=first, **kw)
+    if rank == 0:
+        a, b, e1 = safe_load(full), safe_load(resumed), safe_load(first)
+        assert (a["epoch"], a["global_step"]) == (b["epoch"], b["global_step"]) == (1, 4)  # 32 / 2 ranks / 8 per batch x 2
+        diff = max(float((a["state_dict"][k] - b["state_dict"][k]).abs().max()) for k in a["state_dict"])
+        moved = max(float((a["state_dict"][k] - e1["state_dict"][k]).abs().max()) for k in a["state_dict"])
+        assert diff <= 1e-6 and moved > 1e-4, (diff, moved)
+
+
+def test_ddp_resume_equals_uninterrupted(tmp_path):
+    mp.spawn(_resume_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
