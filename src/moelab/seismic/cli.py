@@ -153,7 +153,8 @@ def add_make_dataset_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser
     p.add_argument("--out", required=True, help="folder to write metadata.csv + waveforms.hdf5 to")
     p.add_argument("--n-traces", "--n_traces", dest="n_traces", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-samples", "--n_samples", dest="n_samples", type=int, default=6000, help="samples per trace at 100 Hz (default 6000 = 60 s, like STEAD)")
+    p.add_argument("--domain", default=None, help="preset: stead_like (default), ethz_like or geofon_like (distances, noise, sampling rate, P-only picks)")
+    p.add_argument("--n-samples", "--n_samples", dest="n_samples", type=int, default=None, help="samples per trace at the domain's sampling rate (default: 60 s, e.g. 6000 at 100 Hz, like STEAD)")
     p.add_argument("--noise-fraction", "--noise_fraction", dest="noise_fraction", type=float, default=0.3)
     p.add_argument("--source-metadata", "--source_metadata", dest="source_metadata", help="STEAD-format metadata CSV to draw distances, depths, magnitudes, SNRs and P positions from (default: the 100 real STEAD traces shipped with moelab)")
     p.add_argument("--overwrite", action="store_true")
@@ -163,7 +164,7 @@ def add_make_dataset_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser
 def run_make_dataset(args: argparse.Namespace) -> int:
     from moelab.seismic.synth import make_dataset
 
-    out = make_dataset(args.out, n_traces=args.n_traces, seed=args.seed, n_samples=args.n_samples, noise_fraction=args.noise_fraction, source_metadata=args.source_metadata, overwrite=args.overwrite)
+    out = make_dataset(args.out, n_traces=args.n_traces, seed=args.seed, n_samples=args.n_samples, noise_fraction=args.noise_fraction, source_metadata=args.source_metadata, overwrite=args.overwrite, domain=args.domain)
     import pandas as pd
 
     m = pd.read_csv(out / "metadata.csv")
@@ -235,6 +236,19 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------- quality
+def _add_quality_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from moelab.seismic.quality import add_args
+
+    return add_args(p)
+
+
+def _run_quality(args: argparse.Namespace) -> int:
+    from moelab.seismic.quality import main_from_args
+
+    return main_from_args(args)
+
+
 def add_commands(parser: argparse.ArgumentParser) -> None:
     """Called by `moelab.cli`: registers the seismic subcommands."""
     sub = parser.add_subparsers(dest="command", required=True)
@@ -245,6 +259,7 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
         ("make-dataset", add_make_dataset_args, run_make_dataset, "generate a SeisBench data set from real recordings + TauP onsets"),
         ("pick", add_pick_args, run_pick, "pick continuous records (QuakeML/CSV) with a trained model (default: ObsPy's AR-picker test event)"),
         ("export", add_export_args, run_export, "save a checkpoint as SeisBench weights (json + pt) with the thresholds tuned on dev"),
+        ("quality", _add_quality_args, _run_quality, "upcycle-and-fine-tune benchmark: SeisMoE vs EQTransformer over seeds and domains (= perf/seismoe_quality.py)"),
     ):
         p = add(sub.add_parser(name, help=help_))
         p.set_defaults(func=run)

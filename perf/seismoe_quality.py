@@ -1,0 +1,30 @@
+"""Does SeisMoE earn its experts? The user guide's upcycle-and-fine-tune workflow over seeds and domains.
+
+EQTransformer trained on generated domain A (stead_like) is the "pretrained" base; on domain B
+(ethz_like) EQTransformer is fine-tuned, SeisMoE is upcycled from the base and fine-tuned with
+``freeze_non_moe`` (the guide's recipe) or fully, and SeisMoE is trained from scratch; every model
+is scored on pick-benchmark's tasks 1/2/3 (thresholds from dev) in-domain and on A and C
+(geofon_like). The work is done by `moelab.seismic.quality` through the benchmark harness; this
+script (like ``moelab seismic quality``) only parses the size flags. Prints mean ± std tables and
+ends with
+
+``seismoe_quality: mcc moe-eqt=<±x.xxx> p_mae moe/eqt=<x.xx> s_mae moe/eqt=<x.xx> det_auc moe-eqt=<±x.xxx>``
+
+Usage: ``python perf/seismoe_quality.py [--seeds 0 1 2] [--traces 1200] [--base-epochs 20] [--ft-epochs 8] [--out DIR]``
+(trained models and data are reused when the folder already holds them with the same config).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from moelab.seismic.quality import add_args, main_from_args
+
+
+def main() -> int:
+    parser = add_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    return main_from_args(parser.parse_args())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

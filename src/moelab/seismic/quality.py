@@ -1,0 +1,300 @@
+"""Does SeisMoE earn its experts? The user guide's upcycle-and-fine-tune workflow, measured over seeds.
+
+The guide's promise: take an EQTransformer pretrained on a large data set (STEAD), upcycle its
+feed-forward layers into experts and fine-tune on a new data set (ETHZ, only the MoE layers
+training), and SeisMoE picks at least as well as EQTransformer fine-tuned the same way. This module
+runs exactly that on three generated domains (`moelab.seismic.synth.DOMAINS`), through the
+benchmark harness (`moelab.seismic.harness.train` / `evaluate`, the python API of
+benchmark/train.py and eval.py), so nothing here is a second trainer or evaluator:
+
+1. ``base``: EQTransformer trained from scratch on domain A (``stead_like``), the "pretrained" model;
+2. on domain B (``ethz_like``), for every seed: ``eqt_ft`` (EQTransformer fine-tuned from the base),
+   ``moe_frozen`` (SeisMoE upcycled from the base, ``freeze_non_moe``: the guide's ETHZ recipe),
+   ``moe_full`` (upcycled, everything trains) and ``moe_scratch`` (SeisMoE from random weights);
+3. every model is scored on pick-benchmark's tasks 1/2/3 with thresholds chosen on the dev split
+   of the data set it is tested on; in-domain on B, cross-domain on A and C (``geofon_like``,
+   P-only, stored at 20 Hz).
+
+The summary gives mean ± std over seeds per variant, and the last line compares the headline
+SeisMoE variant with ``eqt_ft`` (differences / ratios of the means over seeds, in-domain test):
+``seismoe_quality: mcc moe-eqt=<±x.xxx> p_mae moe/eqt=<x.xx> s_mae moe/eqt=<x.xx> det_auc moe-eqt=<±x.xxx>``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moelab.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+#: Fine-tuning variants on domain B, in table order.
+VARIANTS: tuple[str, ...] = ("eqt_ft", "moe_frozen", "moe_full", "moe_scratch")
+#: Reported metrics (harness.evaluate keys without the split prefix).
+METRICS: tuple[str, ...] = ("det_auc", "phase_mcc", "P_mae_s", "S_mae_s")
+#: Trainer settings of every run: no progress bar or sanity check (logs go to the CSV logger).
+QUIET: dict[str, Any] = {"enable_progress_bar": False, "num_sanity_val_steps": 0, "enable_model_summary": False}
+
+
+@dataclass
+class QualitySettings:
+    """Size and recipe of one quality run; every field maps onto a harness config key.
+
+    Args:
+        out: working folder (data sets, weights, tables).
+        seeds: training seeds of the domain-B variants (the base and the data sets are fixed).
+        domains: (A, B, C): pretraining domain, fine-tuning domain, extra cross-domain test.
+        traces: traces per generated domain (70/15/15 train/dev/test).
+        trace_seconds: length of every generated trace.
+        data_seed: seed of the generated data sets.
+        in_samples: model window at 100 Hz (pick-benchmark: 6000).
+        sigma: width of the P/S label Gaussians in samples.
+        batch_size: traces per batch.
+        base_epochs / base_lr: training of the pretrained EQTransformer on A.
+        ft_epochs / ft_lr: fine-tuning on B (also SeisMoE from scratch, at ``base_lr``).
+        moe_args: SeisMoE model_args of every SeisMoE variant (the levers: num_experts,
+            num_experts_per_token, moe_loss_coef, detach_router_input, router_jitter, gate, ...).
+        variants: which of `VARIANTS` to run (``eqt_ft`` is needed for the last line).
+        headline: the SeisMoE variant the last line compares with ``eqt_ft``.
+        base_seed: seed of the base training.
+    """
+
+    out: Path = Path("outputs/seismoe_quality")
+    seeds: tuple[int, ...] = (0, 1, 2)
+    domains: tuple[str, str, str] = ("stead_like", "ethz_like", "geofon_like")
+    traces: int = 1200
+    trace_seconds: float = 60.0
+    data_seed: int = 0
+    in_samples: int = 3001
+    sigma: float = 20.0
+    batch_size: int = 32
+    base_epochs: int = 20
+    base_lr: float = 1e-3
+    ft_epochs: int = 8
+    ft_lr: float = 5e-4
+    moe_args: dict[str, Any] = field(default_factory=lambda: {"num_experts": 4, "num_experts_per_token": 2, "moe_loss_coef": 0.02})
+    variants: tuple[str, ...] = VARIANTS
+    headline: str = "moe_frozen"
+    base_seed: int = 0
+
+    def check(self) -> None:
+        from moelab.seismic.synth import DOMAINS
+
+        for d in self.domains:
+            if d not in DOMAINS:
+                raise ConfigError(f"unknown domain '{d}'; choose from {', '.join(DOMAINS)}")
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown:
+            raise ConfigError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+        if "eqt_ft" not in self.variants or self.headline not in self.variants:
+            raise ConfigError(f"variants must include eqt_ft and the headline '{self.headline}' (the last line compares them)")
+        if not self.headline.startswith("moe_"):
+            raise ConfigError(f"headline must be a SeisMoE variant ({', '.join(v for v in VARIANTS if v.startswith('moe_'))}), got '{self.headline}'")
+        if not self.seeds:
+            raise ConfigError("seeds is empty; give at least one training seed")
+        if self.trace_seconds * 100 < self.in_samples:
+            raise ConfigError(f"trace_seconds={self.trace_seconds} is shorter than the model window in_samples={self.in_samples} at 100 Hz")
+        if min(self.base_epochs, self.ft_epochs, self.traces, self.batch_size) < 1:
+            raise ConfigError("base_epochs, ft_epochs, traces and batch_size must all be >= 1")
+
+
+# --------------------------------------------------------------------------------- building blocks
+def make_domains(s: QualitySettings) -> dict[str, Path]:
+    """Generate the three domain data sets under ``out/data/`` (kept when already there)."""
+    from moelab.seismic.synth import DOMAINS, make_dataset
+
+    paths = {}
+    for d in s.domains:
+        path = s.out / "data" / d
+        if not (path / "metadata.csv").exists():
+            n = int(round(s.trace_seconds * DOMAINS[d].sampling_rate))
+            make_dataset(path, n_traces=s.traces, seed=s.data_seed, n_samples=n, domain=d, overwrite=True)
+        paths[d] = path
+    return paths
+
+
+def _config(s: QualitySettings, name: str, model: str, data: Path, seed: int, epochs: int, model_args: dict[str, Any]) -> dict[str, Any]:
+    margs = {"lr": s.base_lr, "sigma": s.sigma, "in_samples": s.in_samples, **model_args}
+    if "geofon" in data.name:  # P-only picks: pick-benchmark's fixed detection window
+        margs.setdefault("detection_fixed_window", 2000)
+    return {"model": model, "data": str(data), "name": name, "model_args": margs, "batch_size": s.batch_size, "max_epochs": epochs, "seed": seed}
+
+
+def variant_config(s: QualitySettings, variant: str, base_ckpt: Path, data: Path, seed: int) -> dict[str, Any]:
+    """Harness config of one domain-B variant (what benchmark/train.py would be given)."""
+    base = str(base_ckpt)
+    moe = dict(s.moe_args)
+    if variant == "eqt_ft":
+        return _config(s, f"{variant}_s{seed}", "EQTransformer", data, seed, s.ft_epochs, {"base_model": base, "lr": s.ft_lr})
+    if variant == "moe_frozen":
+        return _config(s, f"{variant}_s{seed}", "SeisMoE", data, seed, s.ft_epochs, {**moe, "base_model": base, "freeze_non_moe": True, "lr": s.ft_lr})
+    if variant == "moe_full":
+        return _config(s, f"{variant}_s{seed}", "SeisMoE", data, seed, s.ft_epochs, {**moe, "base_model": base, "freeze_non_moe": False, "lr": s.ft_lr})
+    if variant == "moe_scratch":
+        return _config(s, f"{variant}_s{seed}", "SeisMoE", data, seed, s.ft_epochs, {**moe, "base_model": None, "lr": s.base_lr})
+    raise ConfigError(f"unknown variant '{variant}'; choose from {', '.join(VARIANTS)}")
+
+
+def evaluate_on(raw: dict[str, Any], ckpt: Path, data: Path, out: Path, in_samples: int) -> dict[str, float]:
+    """Score a checkpoint on another data set with the harness (thresholds from that set's dev split)."""
+    from moelab.seismic import harness
+    from moelab.seismic.config import validate
+
+    cfg = validate({**raw, "data": str(data), "model_args": {k: v for k, v in raw["model_args"].items() if k != "detection_fixed_window"}})
+    stats, _ = harness.evaluate(cfg, ckpt, targets=data / f"targets_{in_samples}", output=out)
+    return stats
+
+
+def _get(stats: dict[str, float], metric: str) -> float:
+    """A test metric, NaN when the task has no windows (no S picks on a P-only domain: no phase MCC)."""
+    if metric.startswith("phase_") and not stats.get("test_S_n"):
+        return float("nan")
+    return float(stats.get(f"test_{metric}", float("nan")))
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return float("nan"), float("nan")
+    return statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
+
+
+def _cell(values: list[float]) -> str:
+    m, sd = _mean_std(values)
+    return "n/a" if math.isnan(m) else f"{m:.3f} ± {sd:.3f}"
+
+
+def summary_line(results: dict[str, dict[str, list[dict[str, float]]]], headline: str, domain: str) -> str:
+    """The last line: headline SeisMoE vs fine-tuned EQTransformer, means over seeds, in-domain test."""
+
+    def mean(variant: str, metric: str) -> float:
+        return _mean_std([_get(r, metric) for r in results[variant][domain]])[0]
+
+    mcc = mean(headline, "phase_mcc") - mean("eqt_ft", "phase_mcc")
+    p = mean(headline, "P_mae_s") / mean("eqt_ft", "P_mae_s")
+    s_ = mean(headline, "S_mae_s") / mean("eqt_ft", "S_mae_s")
+    auc = mean(headline, "det_auc") - mean("eqt_ft", "det_auc")
+    return f"seismoe_quality: mcc moe-eqt={mcc:+.3f} p_mae moe/eqt={p:.2f} s_mae moe/eqt={s_:.2f} det_auc moe-eqt={auc:+.3f}"
+
+
+def format_tables(s: QualitySettings, results: dict[str, dict[str, list[dict[str, float]]]], base: dict[str, dict[str, float]]) -> str:
+    """Markdown tables: in-domain (B) per variant, then cross-domain (trained on B, tested on A and C)."""
+    a, b, c = s.domains
+    head = "| model | " + " | ".join(f"test {m}" for m in METRICS) + " |\n|---|" + "---|" * len(METRICS) + "\n"
+    lines = [f"In-domain: trained on {b}, tested on {b} (mean ± std over seeds {list(s.seeds)}; thresholds from {b} dev)\n", head]
+    lines.append(f"| base EQTransformer ({a} only, not fine-tuned) | " + " | ".join(_cell([_get(base[b], m)]) for m in METRICS) + " |\n")
+    for v in s.variants:
+        lines.append(f"| {v} | " + " | ".join(_cell([_get(r, m) for r in results[v][b]]) for m in METRICS) + " |\n")
+    for d in (a, c):
+        lines.append(f"\nCross-domain: trained on {b}, tested on {d} (thresholds from {d} dev)\n\n")
+        lines.append(head)
+        lines.append(f"| base EQTransformer (trained on {a}) | " + " | ".join(_cell([_get(base[d], m)]) for m in METRICS) + " |\n")
+        for v in s.variants:
+            lines.append(f"| {v} | " + " | ".join(_cell([_get(r, m) for r in results[v][d]]) for m in METRICS) + " |\n")
+    return "".join(lines)
+
+
+# ----------------------------------------------------------------------------------------- the run
+def run(s: QualitySettings, echo: Callable[[str], None] = print) -> str:
+    """Run the whole workflow; writes ``out/results.json`` and ``out/quality.md``; returns the last line."""
+    from moelab.checkpoint import atomic_write_bytes
+    from moelab.seismic import harness
+    from moelab.seismic.config import validate
+
+    s.check()
+    s.out.mkdir(parents=True, exist_ok=True)
+    data = make_domains(s)
+    a, b, c = s.domains
+    weights = s.out / "weights"
+
+    def train(raw: dict[str, Any]) -> Path:
+        cfg = validate(raw, source=raw["name"])
+        best = weights / cfg.experiment_name / f"{harness.BEST_NAME}.ckpt"
+        if best.exists() and (weights / cfg.experiment_name / "config.json").exists():
+            if json.loads((weights / cfg.experiment_name / "config.json").read_text()) == raw:
+                echo(f"{raw['name']}: reusing {best}")
+                return best
+        return harness.train(cfg, weights_dir=weights, trainer_overrides=QUIET)
+
+    def score(raw: dict[str, Any], ckpt: Path) -> dict[str, dict[str, float]]:
+        return {d: evaluate_on(raw, ckpt, data[d], ckpt.parent / f"eval_{d}", s.in_samples) for d in (a, b, c)}
+
+    base_raw = _config(s, "base_eqt", "EQTransformer", data[a], s.base_seed, s.base_epochs, {"base_model": None})
+    base_ckpt = train(base_raw)
+    base = score(base_raw, base_ckpt)
+    echo(f"base EQTransformer on {a}: " + "  ".join(f"{d}: " + " ".join(f"{m} {_get(base[d], m):.3f}" for m in METRICS) for d in (a, b, c)))
+
+    results: dict[str, dict[str, list[dict[str, float]]]] = {v: {d: [] for d in (a, b, c)} for v in s.variants}
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()}
+
+    def write(seeds_done: list[int]) -> tuple[str, str]:
+        # after every seed, so that a run stopped early still leaves the table of its complete seeds
+        done = QualitySettings(**{**asdict(s), "seeds": tuple(seeds_done)})
+        tables = format_tables(done, results, base)
+        last = summary_line(results, s.headline, b)
+        doc = {"settings": settings, "seeds_done": seeds_done, "base": base, "results": results}
+        atomic_write_bytes(json.dumps(doc, indent=1).encode(), s.out / "results.json")
+        atomic_write_bytes((tables + "\n" + last + "\n").encode(), s.out / "quality.md")
+        return tables, last
+
+    for i, seed in enumerate(s.seeds):
+        for v in s.variants:
+            raw = variant_config(s, v, base_ckpt, data[b], seed)
+            stats = score(raw, train(raw))
+            for d in (a, b, c):
+                results[v][d].append(stats[d])
+            echo(f"{v:<12} seed {seed}: {b} " + " ".join(f"{m} {_get(stats[b], m):.3f}" for m in METRICS))
+        tables, last = write(list(s.seeds[: i + 1]))
+    echo("\n" + tables)
+    return last
+
+
+def add_args(p: Any) -> Any:
+    """Command-line flags of `QualitySettings` (perf/seismoe_quality.py and `moelab seismic quality`)."""
+    d = QualitySettings()
+    p.add_argument("--out", default=str(d.out), help="working folder (data, weights, quality.md, results.json)")
+    p.add_argument("--seeds", type=int, nargs="+", default=list(d.seeds))
+    p.add_argument("--domains", nargs=3, default=list(d.domains), metavar=("A", "B", "C"), help="pretraining, fine-tuning and extra test domain")
+    p.add_argument("--traces", type=int, default=d.traces, help="traces per domain")
+    p.add_argument("--trace-seconds", type=float, default=d.trace_seconds)
+    p.add_argument("--data-seed", type=int, default=d.data_seed)
+    p.add_argument("--in-samples", type=int, default=d.in_samples)
+    p.add_argument("--sigma", type=float, default=d.sigma)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--base-epochs", type=int, default=d.base_epochs)
+    p.add_argument("--base-lr", type=float, default=d.base_lr)
+    p.add_argument("--ft-epochs", type=int, default=d.ft_epochs)
+    p.add_argument("--ft-lr", type=float, default=d.ft_lr)
+    p.add_argument("--moe-args", type=json.loads, default=d.moe_args, help='SeisMoE model_args as JSON, e.g. \'{"num_experts": 8, "num_experts_per_token": 2}\'')
+    p.add_argument("--variants", nargs="+", default=list(d.variants), choices=VARIANTS)
+    p.add_argument("--headline", default=d.headline, choices=[v for v in VARIANTS if v.startswith("moe_")])
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared CPU)")
+    return p
+
+
+def settings_from_args(args: Any) -> QualitySettings:
+    return QualitySettings(
+        out=Path(args.out), seeds=tuple(args.seeds), domains=tuple(args.domains), traces=args.traces,
+        trace_seconds=args.trace_seconds, data_seed=args.data_seed, in_samples=args.in_samples, sigma=args.sigma,
+        batch_size=args.batch_size, base_epochs=args.base_epochs, base_lr=args.base_lr, ft_epochs=args.ft_epochs,
+        ft_lr=args.ft_lr, moe_args=dict(args.moe_args), variants=tuple(args.variants), headline=args.headline,
+    )
+
+
+def main_from_args(args: Any) -> int:
+    import warnings
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", module="lightning")
+    last = run(settings_from_args(args))
+    print(last)
+    return 0

@@ -1,0 +1,114 @@
+"""The upcycle-and-fine-tune quality workflow (moelab.seismic.quality) runs end to end, writes its
+tables, and scores every model on thresholds chosen on dev. Model-vs-model claims are made by
+perf/seismoe_quality.py over seeds, never here."""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytest.importorskip("seisbench")
+pytest.importorskip("obspy")
+
+from moelab.errors import ConfigError  # noqa: E402
+from moelab.seismic import quality  # noqa: E402
+from moelab.seismic.config import validate  # noqa: E402
+
+LAST = re.compile(r"^seismoe_quality: mcc moe-eqt=[+-]\d\.\d{3} p_mae moe/eqt=\d+\.\d{2} s_mae moe/eqt=\d+\.\d{2} det_auc moe-eqt=[+-]\d\.\d{3}$")
+
+
+def tiny(out) -> quality.QualitySettings:
+    return quality.QualitySettings(
+        out=out, seeds=(0,), traces=40, trace_seconds=20.0, in_samples=1001, batch_size=8,
+        base_epochs=1, ft_epochs=1, variants=("eqt_ft", "moe_frozen"),
+    )
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory):
+    s = tiny(tmp_path_factory.mktemp("quality"))
+    lines: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        last = quality.run(s, echo=lines.append)
+    return s, last, lines
+
+
+def test_runs_end_to_end_and_writes_its_tables(done):
+    s, last, lines = done
+    assert LAST.match(last), last
+    md = (s.out / "quality.md").read_text()
+    assert md.rstrip().endswith(last)
+    for d in s.domains:
+        assert f"tested on {d}" in md
+    doc = json.loads((s.out / "results.json").read_text())
+    assert doc["seeds_done"] == [0]
+    for v in s.variants:
+        assert f"| {v} |" in md
+        for d in s.domains:
+            assert len(doc["results"][v][d]) == len(s.seeds)
+            folder = s.out / "weights" / f"{v}_s0" / f"eval_{d}"
+            assert (folder / "results.csv").is_file() and (folder / "test_task1.csv").is_file()
+    # the P-only GEOFON-like domain has no S windows: no phase MCC, reported as n/a, not as 0
+    assert "n/a" in md.split("tested on geofon_like")[1]
+
+
+def test_thresholds_come_from_dev(done):
+    """The detection threshold applied to test is the F1-optimal one of the dev predictions."""
+    from sklearn.metrics import precision_recall_curve
+
+    s, _, _ = done
+    doc = json.loads((s.out / "results.json").read_text())
+    stats = doc["results"]["eqt_ft"]["ethz_like"][0]
+    dev = pd.read_csv(s.out / "weights" / "eqt_ft_s0" / "eval_ethz_like" / "dev_task1.csv")
+    prec, rec, thr = precision_recall_curve(dev["trace_type"] == "earthquake", dev["score_detection"].fillna(0.0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = (2 * prec * rec / (prec + rec))[:-1]
+    assert stats["det_threshold"] == pytest.approx(float(thr[int(np.nanargmax(f1))]))
+
+
+def test_upcycled_variants_start_from_the_base_weights(done):
+    s, _, _ = done
+    base = s.out / "weights" / "base_eqt" / "model.ckpt"
+    for v in quality.VARIANTS:
+        raw = quality.variant_config(s, v, base, s.out / "data" / "ethz_like", 3)
+        cfg = validate(raw)
+        assert cfg.seed == 3 and cfg.model == ("EQTransformer" if v == "eqt_ft" else "SeisMoE")
+        assert cfg.model_args["base_model"] == (None if v == "moe_scratch" else str(base))
+        assert cfg.model_args.get("freeze_non_moe", False) is (v == "moe_frozen")
+    raw = quality._config(s, "x", "EQTransformer", s.out / "data" / "geofon_like", 0, 1, {})
+    assert raw["model_args"]["detection_fixed_window"] == 2000  # P-only picks, as pick-benchmark trains GEOFON
+
+
+def test_summary_line_compares_means_over_seeds():
+    def r(mcc, p, s_, auc):
+        return {"test_phase_mcc": mcc, "test_P_mae_s": p, "test_S_mae_s": s_, "test_det_auc": auc, "test_S_n": 5}
+
+    results = {
+        "eqt_ft": {"B": [r(0.8, 0.2, 0.4, 0.99), r(0.9, 0.4, 0.2, 0.97)]},
+        "moe_frozen": {"B": [r(0.85, 0.15, 0.3, 0.98), r(0.95, 0.3, 0.3, 0.96)]},
+    }
+    line = quality.summary_line(results, "moe_frozen", "B")
+    assert line == "seismoe_quality: mcc moe-eqt=+0.050 p_mae moe/eqt=0.75 s_mae moe/eqt=1.00 det_auc moe-eqt=-0.010"
+
+
+def test_bad_settings_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="unknown domain"):
+        quality.QualitySettings(out=tmp_path, domains=("stead_like", "ethz", "geofon_like")).check()
+    with pytest.raises(ConfigError, match="must include eqt_ft"):
+        quality.QualitySettings(out=tmp_path, variants=("moe_frozen",)).check()
+    with pytest.raises(ConfigError, match="shorter than the model window"):
+        quality.QualitySettings(out=tmp_path, trace_seconds=5.0, in_samples=1001).check()
+
+
+def test_cli_reaches_the_benchmark(capsys):
+    from moelab.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["seismic", "quality", "--help"])
+    assert e.value.code == 0 and "--ft-epochs" in capsys.readouterr().out
