@@ -112,3 +112,24 @@ def test_cli_reaches_the_benchmark(capsys):
     with pytest.raises(SystemExit) as e:
         main(["seismic", "quality", "--help"])
     assert e.value.code == 0 and "--ft-epochs" in capsys.readouterr().out
+
+
+def test_levers_reach_the_model_and_optimizer():
+    """The config levers the benchmark varies (issue 14 item 3) are accepted and take effect."""
+    from moelab.seismic import harness
+
+    raw = {
+        "model": "SeisMoE", "data": "STEAD",
+        "model_args": {"base_model": None, "in_samples": 1001, "num_experts": 6, "num_experts_per_token": 1,
+                       "moe_loss_coef": 0.0, "detach_router_input": False, "router_lr": 1e-2, "lr": 1e-3},
+    }
+    module = harness.build_module(validate(raw))
+    assert module.model.num_experts == 6 and module.model.num_experts_per_token == 1
+    assert all(not layer.detach_router_input for layer in module.model.moe_layers())
+    groups = module.configure_optimizers().param_groups
+    assert [g["lr"] for g in groups] == [1e-3, 1e-2]
+    n_router = sum(1 for n, p in module.named_parameters() if ".router." in n)
+    assert len(groups[1]["params"]) == n_router == 4  # weight + bias of both routers
+    assert sum(len(g["params"]) for g in groups) == sum(1 for p in module.parameters() if p.requires_grad)
+    with pytest.raises(ConfigError, match="router_lr must be > 0"):
+        validate({**raw, "model_args": {**raw["model_args"], "router_lr": 0}})

@@ -63,6 +63,7 @@ _MOE_ARGS: dict[str, tuple[tuple[type, ...], str]] = {
     "gate": ((str,), "router gate (see moelab.moe.GATES)"),
     "router_jitter": ((int, float), "router noise in training >= 0"),
     "aux_loss": ((str,), "load-balance loss kind (see moelab.moe.LOSS_KINDS)"),
+    "router_lr": ((int, float, type(None)), "learning rate of the routers alone (null: lr)"),
     "detach_router_input": ((bool,), "route on gradient-free features, so the load loss moves only the routers (default true)"),
 }
 MODEL_ARGS: dict[str, dict[str, tuple[tuple[type, ...], str]]] = {
@@ -185,6 +186,8 @@ def _check_model_values(a: dict[str, Any], source: str) -> None:
                 f"{where}.num_experts_per_token={k} exceeds num_experts={e}: each token can use at most all experts; "
                 f"lower num_experts_per_token or raise num_experts"
             )
+    if a.get("router_lr") is not None and a["router_lr"] <= 0:
+        raise ConfigError(f"{where}.router_lr must be > 0 (or null for lr), got {a['router_lr']}")
     for key in ("lr", "sigma"):
         if key in a and a[key] <= 0:
             raise ConfigError(f"{where}.{key} must be > 0, got {a[key]}")

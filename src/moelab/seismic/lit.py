@@ -315,6 +315,8 @@ class SeisMoELit(EQTransformerLit):
     :param freeze_non_moe: train only routers and experts (fine-tuning); frozen BatchNorm
         statistics are kept fixed too.
     :param lr: Adam learning rate (guide: 1e-3 full training, 5e-4 fine-tuning).
+    :param router_lr: learning rate of the routers alone (None: ``lr``); upcycled experts start as
+        copies, so routers that learn faster than the experts can split the work sooner.
     :param kwargs: `EQTransformerLit` arguments (sigma, loss_weights, ...) and model arguments
         (gate, router_jitter, aux_loss, in_samples, ...).
     """
@@ -327,10 +329,14 @@ class SeisMoELit(EQTransformerLit):
         moe_loss_coef: float = 0.01,
         freeze_non_moe: bool = False,
         lr: float = 1e-3,
+        router_lr: float | None = None,
         **kwargs: Any,
     ) -> None:
         if not isinstance(moe_loss_coef, (int, float)) or moe_loss_coef < 0:
             raise ConfigError(f"moe_loss_coef must be a non-negative number, got {moe_loss_coef!r}")
+        if router_lr is not None and (isinstance(router_lr, bool) or not isinstance(router_lr, (int, float)) or router_lr <= 0):
+            raise ConfigError(f"router_lr must be a positive number or null (same as lr), got {router_lr!r}")
+        self.router_lr = None if router_lr is None else float(router_lr)
         self._moe_args = {"num_experts": num_experts, "num_experts_per_token": num_experts_per_token}
         super().__init__(lr=lr, base_model=base_model, **kwargs)
         self.moe_loss_coef = float(moe_loss_coef)
@@ -354,6 +360,15 @@ class SeisMoELit(EQTransformerLit):
 
     def moe_loss(self) -> Tensor:
         return self.model.get_moe_loss()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """Adam; with ``router_lr`` the router parameters form a group of their own."""
+        if self.router_lr is None:
+            return super().configure_optimizers()
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        routers = [p for n, p in named if ".router." in n]
+        rest = [p for n, p in named if ".router." not in n]
+        return torch.optim.Adam([{"params": rest, "lr": self.lr}, {"params": routers, "lr": self.router_lr}], lr=self.lr)
 
     def moe_loss_coef_value(self) -> float:
         return self.moe_loss_coef
