@@ -74,6 +74,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    from moelab.cli import run_guarded
+    from moelab.guard import run_guarded
 
     sys.exit(run_guarded(main))

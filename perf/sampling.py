@@ -38,13 +38,13 @@ def run(args: argparse.Namespace) -> int:
 
     from moelab.diffusion.demo import DEMO_GUIDANCE
     from moelab.diffusion.evaluate import Evaluator, evaluate_model, format_table, write_json
-    from moelab.diffusion.sample import load_for_inference
+    from moelab.diffusion.checkpoints import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
     ckpt = Path(args.checkpoint) if args.checkpoint else newest_checkpoint(Path("outputs/demo/checkpoints"))
     guidance = DEMO_GUIDANCE if args.guidance is None else args.guidance
-    model, cfg = load_for_inference(ckpt, ema=True)
+    model, cfg = load_model(ckpt, ema=True)
     ev = Evaluator.for_config(cfg, args.cache_dir)
     print(f"checkpoint {ckpt}; {args.per_class} images per class, guidance {guidance}, seed {args.seed}, "
           f"{torch.get_num_threads()} threads", flush=True)

@@ -15,7 +15,7 @@ from torch import nn
 from moelab.cli import main
 from moelab.diffusion.analysis import _mutual_information, format_load_table, routing_analysis, write_routing_report
 from moelab.diffusion.config import load_config
-from moelab.diffusion.unet import build_model
+from moelab.diffusion.models import build_model
 from moelab.errors import ConfigError
 
 

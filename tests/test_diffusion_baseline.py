@@ -12,7 +12,8 @@ from diffusers import UNet2DModel
 from moelab.diffusion.baseline import DenseUNet2D, _count, matched_width, moefsdic_active_params, unet2d_kwargs
 from moelab.diffusion.config import load_config
 from moelab.diffusion.lit import MoEFsDiCLit
-from moelab.diffusion.unet import MoEFsDiC_UNet, build_model
+from moelab.diffusion.models import build_model
+from moelab.diffusion.unet import MoEFsDiC_UNet
 from moelab.moe import moe_layers
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from moelab.diffusion.config import SCHEMA, load_config, parse_override
+from moelab.diffusion.config import SCHEMA, dump_config, load_config, parse_override
 from moelab.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,3 +103,118 @@ def test_every_schema_key_documented_in_default_or_code():
     text = (CONFIGS / "diffusion" / "default.yaml").read_text()
     for section in SCHEMA:
         assert f"{section}:" in text
+
+
+# --- typed configs ----------------------------------------------------------------------------------
+def test_typed_sections_and_the_yaml_layout_are_one_config():
+    from moelab.diffusion.config import DataConfig, DiffusionConfig, ModelConfig, RunConfig, TrainConfig
+
+    c = load_config(CONFIGS / "no_dsconv.yaml")
+    assert isinstance(c, RunConfig)
+    assert isinstance(c.model, ModelConfig) and isinstance(c.train, TrainConfig)
+    assert isinstance(c.data, DataConfig) and isinstance(c.diffusion, DiffusionConfig)
+    # architecture choices of every YAML section land in the model config, under one name each
+    assert (c.model.moe_enabled, c.model.num_experts, c.model.top_k, c.model.freq_enabled, c.model.use_dsconv) == (True, 8, 2, True, False)
+    assert (c.train.load_loss, c.train.lambda_load, c.train.lr) == ("switch", 0.01, 1e-4)
+    assert not hasattr(c.train, "use_dsconv_global") and not hasattr(c.model, "k_active")
+    # the YAML layout reads back unchanged, and round-trips through YAML text
+    assert c["moe"]["k_active"] == 2 and c["train"]["use_dsconv_global"] is False
+    assert load_config(yaml.safe_load(dump_config(c))) == c
+    assert set(c.to_dict()) == set(SCHEMA) and all(set(c.to_dict()[s]) == set(SCHEMA[s]) for s in SCHEMA)
+    # a change is validated like a file
+    assert c.replace(moe={"k_active": 1}).model.top_k == 1
+    with pytest.raises(ConfigError, match="moe.k_active=9 is larger than moe.num_experts=8"):
+        c.replace(moe={"k_active": 9})
+
+
+def test_model_config_from_flat_fields_is_checked_like_yaml():
+    from moelab.diffusion.config import ModelConfig, model_config
+
+    mc = model_config(None, num_experts=4, top_k=1, channel_mults=[1, 2])
+    assert mc == ModelConfig(num_experts=4, top_k=1, channel_mults=(1, 2))
+    assert model_config(load_config({"moe": {"num_experts": 4, "k_active": 1}, "model": {"channel_mults": [1, 2]}})) == mc
+    with pytest.raises(ConfigError, match="moe.k_active=5 is larger than moe.num_experts=4"):
+        model_config(None, num_experts=4, top_k=5)
+    with pytest.raises(ConfigError, match="unknown model config field 'num_expert'; did you mean 'num_experts'"):
+        model_config(None, num_expert=4)
+
+
+ORIGINAL = {
+    ("model", "t_dim", 64): ("model", "emb_dim", 64),
+    ("model", "c_dim", 64): ("model", "emb_dim", 64),
+    ("train", "learning_rate", 3e-4): ("train", "lr", 3e-4),
+    ("train", "weight_decay", 0.01): ("train", "weight_decay", 0.01),
+    ("train", "num_epochs", 7): ("train", "epochs", 7),
+    ("train", "image_size", 32): ("model", "image_size", 32),
+    ("train", "num_classes", 5): ("model", "num_classes", 5),
+    ("train", "log_interval", 25): ("train", "log_every", 25),
+    ("train", "save_interval", 2): ("train", "checkpoint_every", 2),
+    ("train", "checkpoint_dir", "ck/run1"): ("train", "checkpoint_dir", "ck/run1"),
+    ("diffusion", "num_timesteps", 500): ("diffusion", "num_train_timesteps", 500),
+    ("diffusion", "schedule", "linear"): ("diffusion", "beta_schedule", "linear"),
+    ("diffusion", "schedule", "cosine"): ("diffusion", "beta_schedule", "squaredcos_cap_v2"),
+}
+
+
+@pytest.mark.parametrize("given,meant", list(ORIGINAL.items()), ids=[f"{s}.{k}={v}" for s, k, v in ORIGINAL])
+def test_original_project_keys_map_onto_ours(given, meant, caplog):
+    (section, key, value), (to_section, to_key, to_value) = given, meant
+    with caplog.at_level("INFO", logger="moelab"):
+        c = load_config({section: {key: value}})
+    assert c[to_section][to_key] == to_value
+    assert c == load_config({to_section: {to_key: to_value}})
+    renamed = (section, key) != (to_section, to_key)
+    said = [r.getMessage() for r in caplog.records if "original MoEFsDiC keys" in r.getMessage()]
+    assert len(said) == (1 if renamed else 0)
+    if renamed:
+        assert f"{section}.{key} -> {to_section}.{to_key}" in said[0]
+
+
+def test_original_layout_file_is_said_once_and_conflicts_are_errors(tmp_path, caplog):
+    (tmp_path / "orig.yaml").write_text(
+        "model:\n  t_dim: 32\n  c_dim: 32\ntrain:\n  learning_rate: 0.001\n  num_epochs: 3\n"
+        "diffusion:\n  num_timesteps: 100\n  schedule: cosine\n"
+    )
+    with caplog.at_level("INFO", logger="moelab"):
+        c = load_config(tmp_path / "orig.yaml")
+    said = [r.getMessage() for r in caplog.records if "original MoEFsDiC keys" in r.getMessage()]
+    assert len(said) == 1 and "model.t_dim -> model.emb_dim" in said[0] and "diffusion.schedule -> diffusion.beta_schedule" in said[0]
+    assert (c.model.emb_dim, c.train.lr, c.train.epochs, c.diffusion.num_train_timesteps) == (32, 1e-3, 3, 100)
+    with pytest.raises(ConfigError, match=r"model.c_dim=16 and model.emb_dim=32 disagree"):
+        load_config({"model": {"t_dim": 32, "c_dim": 16}})
+    with pytest.raises(ConfigError, match=r"train.learning_rate=0.1 and train.lr=0.001 disagree"):
+        load_config({"train": {"lr": 1e-3, "learning_rate": 0.1}})
+    with pytest.raises(ConfigError, match=r"diffusion.schedule='cosin' is not allowed \(did you mean 'cosine'\?\)"):
+        load_config({"diffusion": {"schedule": "cosin"}})
+    # genuinely unknown keys are still rejected, with the closest name of either layout
+    with pytest.raises(ConfigError, match=r"unknown key 'model.t_dims'; did you mean 't_dim'\?"):
+        load_config({"model": {"t_dims": 32}})
+    with pytest.raises(ConfigError, match=r"unknown key 'train.learning_rat'; did you mean 'learning_rate'\?"):
+        load_config({"train": {"learning_rat": 0.1}})
+    with pytest.raises(ConfigError, match=r"unknown key 'moe.num_expert'; did you mean 'num_experts'\?"):
+        load_config({"moe": {"num_expert": 4}})
+
+
+def test_original_layout_yaml_trains_with_train_py(tmp_path, monkeypatch, capfd):
+    """Acceptance (issue 16.5): a config in the original project's layout, plus a `data:` section
+    choosing the digits, trains with `python train.py --config that.yaml --device cpu` (run here
+    in-process: `train.py` is `train_cli.main`)."""
+    from moelab.checkpoint import safe_load
+    from moelab.diffusion.train_cli import main as train_py
+
+    (tmp_path / "original.yaml").write_text(
+        "model:\n  in_channels: 1\n  model_channels: 8\n  channel_mults: [1]\n  t_dim: 32\n  c_dim: 32\n"
+        "moe:\n  enabled: true\n  num_experts: 4\n  k_active: 2\nfreq:\n  enabled: true\n"
+        "train:\n  use_dsconv_global: true\n  batch_size: 8\n  learning_rate: 0.001\n  weight_decay: 0.0\n  num_epochs: 1\n"
+        "  image_size: 16\n  num_classes: 10\n  log_interval: 1\n  save_interval: 1\n  checkpoint_dir: ck\n"
+        "diffusion:\n  num_timesteps: 100\n  schedule: cosine\n"
+        "data:\n  dataset: digits\n  fit: pad\n  subset: 16\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    assert train_py(["--config", "original.yaml", "--device", "cpu", "--max-steps", "2", "--no-progress"]) == 0
+    assert capfd.readouterr().err.count("original MoEFsDiC keys mapped") == 1  # said once
+    ck = safe_load(tmp_path / "ck" / "checkpoint_epoch_1.pth")  # train.checkpoint_dir was honoured
+    saved = ck["hyper_parameters"]["config"]
+    assert ck["global_step"] == 2
+    assert (saved["model"]["emb_dim"], saved["train"]["lr"], saved["diffusion"]["beta_schedule"]) == (32, 1e-3, "squaredcos_cap_v2")
+    assert (saved["model"]["image_size"], saved["diffusion"]["num_train_timesteps"]) == (16, 100)

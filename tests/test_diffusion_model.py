@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from moelab import MoEFsDiC_UNet, MoELoss
 from moelab.diffusion.blocks import Conditioning, DilatedFusionBlock, FreqGlobalModule, MoEConvBlock
-from moelab.diffusion.config import load_config
-from moelab.diffusion.unet import build_model
+from moelab.diffusion.config import load_config, model_config
+from moelab.diffusion.models import build_model
 from moelab.moe import MoELayer, TopKRouter, aux_loss, moe_layers
 
 
@@ -25,10 +25,10 @@ def tiny(**over):
 
 def inputs(cfg, b=3, seed=0):
     g = torch.Generator().manual_seed(seed)
-    m = cfg["model"]
-    x = torch.randn(b, m["in_channels"], m["image_size"], m["image_size"], generator=g)
+    m = model_config(cfg)
+    x = torch.randn(b, m.in_channels, m.image_size, m.image_size, generator=g)
     t = torch.randint(0, 1000, (b,), generator=g)
-    c = torch.randint(0, m["num_classes"], (b,), generator=g)
+    c = torch.randint(0, m.num_classes, (b,), generator=g)
     return x, t, c
 
 
@@ -63,7 +63,7 @@ def test_moe_off_has_no_router_and_uses_dilated_fusion():
     assert not any("router" in n for n, _ in model.named_parameters())
     fusion = [m for m in model.modules() if isinstance(m, DilatedFusionBlock)]
     assert len(fusion) == 5  # 2 encoder, bottleneck, 2 decoder
-    x, t, c = inputs(model.config)
+    x, t, c = inputs(model.model_config)
     assert model(x, t, c)[1] == []
 
 
@@ -248,3 +248,74 @@ def test_layers_per_block_runs_each_levels_blocks_in_order_and_baseline_mirrors_
     assert "enc_blocks.1.moe.experts.pw1_weight" in MoEFsDiC_UNet(tiny()).state_dict()
     dense = DenseUNet2D(cfg, width=8)
     assert all(len(b.resnets) == 2 for b in dense.unet.down_blocks) and all(len(b.resnets) == 3 for b in dense.unet.up_blocks)
+
+
+# --- typed config, diffusers save/load, pinned outputs ---------------------------------------------
+def test_raw_yaml_dict_typed_config_and_flat_kwargs_build_the_same_model():
+    raw = {"model": {"model_channels": 8, "channel_mults": [1, 2], "image_size": 16, "in_channels": 3},
+           "moe": {"num_experts": 4, "k_active": 1}, "train": {"use_dsconv_global": False}}
+    mc = load_config(raw).model
+    assert (mc.num_experts, mc.top_k, mc.use_dsconv, mc.channel_mults) == (4, 1, False, (1, 2))
+    models = []
+    for build in (lambda: MoEFsDiC_UNet(raw), lambda: MoEFsDiC_UNet(mc), lambda: MoEFsDiC_UNet(**mc.to_dict())):
+        torch.manual_seed(0)
+        models.append(build())
+    ref = models[0].state_dict()
+    for m in models[1:]:
+        assert m.model_config == mc and dict(m.config) == mc.to_dict()
+        assert all(torch.equal(ref[k], v) for k, v in m.state_dict().items())
+    assert all(layer.k == 1 for layer in moe_layers(models[0]))
+    assert not any("dw" in n for n, _ in models[0].named_parameters())  # standard 3x3 convs
+
+
+@pytest.mark.parametrize("arch", ["moefsdic", "unet2d"])
+def test_save_pretrained_round_trip(tmp_path, arch):
+    cfg = tiny(**{"model.arch": arch})
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    with torch.no_grad():  # non-trivial weights everywhere (some layers start at zero)
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    loaded = type(model).from_pretrained(tmp_path, low_cpu_mem_usage=False).eval()
+    assert {k: v for k, v in loaded.config.items() if k != "_name_or_path"} == dict(model.config)
+    x, t, c = inputs(cfg)
+    with torch.no_grad():
+        a, la = model(x, t, c)
+        b, lb = loaded(x, t, c)
+    assert torch.equal(a, b) and len(la) == len(lb) and all(torch.equal(u, v) for u, v in zip(la, lb))
+
+
+ABLATIONS = ["default", "no_moe", "no_freq", "no_dsconv", "moe_variants", "minimal"]
+TINY_SIZE = {"model.model_channels": 8, "model.channel_mults": [1, 2], "model.image_size": 16}
+# eps[0, -1, -3:, -3:] of the seeded tiny model below (diffusers' tester pattern: a regression
+# guard on what the network computes; 1e-4 absolute tolerance survives float reassociation).
+PINNED = {
+    "default": [-0.096805, -0.250754, 0.148215, -0.168786, -0.152283, 0.003397, 0.282499, -0.227094, 0.180199],
+    "no_moe": [-0.421699, -0.113682, -0.393381, 0.054123, -0.670805, -0.602224, -0.368006, -0.495580, -0.554405],
+    "no_freq": [-0.853192, -0.676937, 0.422473, -0.661183, -0.946334, 0.092353, -0.353681, -0.501416, 0.077788],
+    "no_dsconv": [0.536069, 0.353988, 0.252981, 0.812574, 0.364469, 0.380135, 0.544840, 0.533373, 0.317557],
+    "moe_variants": [-0.666111, -0.696492, -0.551050, -0.361965, -0.472772, -0.413844, -0.077479, -0.186635, -0.203386],
+    "minimal": [0.505933, 0.226328, -0.336489, 0.161043, 0.131772, -0.206420, 0.343136, 0.386960, -0.008194],
+}
+
+
+def _pinned_output(name: str) -> tuple[torch.Tensor, int]:
+    cfg = load_config(f"{name}.yaml", TINY_SIZE)
+    torch.manual_seed(0)
+    model = MoEFsDiC_UNet(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # zero-initialised layers (freq MLP) get weights too
+            p.add_(0.05 * torch.randn_like(p))
+        x, t, c = inputs(cfg, b=2, seed=1)
+        eps, logits = model(x, t, c)
+    return eps[0, -1, -3:, -3:].flatten(), len(logits)
+
+
+@pytest.mark.parametrize("name", ABLATIONS)
+def test_ablation_output_slice_is_pinned(name):
+    out, n_logits = _pinned_output(name)
+    assert n_logits == {"default": 4, "no_moe": 0, "no_freq": 5, "no_dsconv": 4, "moe_variants": 4, "minimal": 0}[name]
+    expected = torch.tensor(PINNED[name])
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=0)

@@ -17,7 +17,7 @@ import yaml
 
 from moelab.checkpoint import safe_load
 from moelab.diffusion.config import load_config
-from moelab.diffusion.lit import load_model
+from moelab.diffusion.checkpoints import load_model
 from moelab.diffusion.training import checkpoints_in, fit
 from moelab.errors import NonFiniteLossError
 
@@ -39,7 +39,7 @@ def tiny(**over):
 
 def write_tiny(path: Path, **over) -> Path:
     cfg = tiny(**over)
-    path.write_text(yaml.safe_dump(cfg))
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
     return path
 
 
@@ -82,7 +82,7 @@ def test_checkpoint_contents_ema_and_load_model(tmp_path):
     last = fit(tiny(**{"train.keep_last": 2}), checkpoint_dir=tmp_path, max_epochs=3, progress=False)
     assert [p.name for p in checkpoints_in(tmp_path)] == ["checkpoint_epoch_2.pth", "checkpoint_epoch_3.pth"]
     ck = torch.load(last, weights_only=True)  # nothing but plain data inside
-    assert ck["hyper_parameters"]["config"] == tiny(**{"train.keep_last": 2, "train.epochs": 3})
+    assert ck["hyper_parameters"]["config"] == tiny(**{"train.keep_last": 2, "train.epochs": 3}).to_dict()  # the YAML layout
     assert int(ck["averaging_state"]["n_averaged"]) == ck["global_step"] == 12
     assert max_diff(ck["state_dict"], ck["current_model_state"]) > 0  # EMA differs from the raw weights
     ema_model, cfg = load_model(last)

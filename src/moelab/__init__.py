@@ -14,6 +14,8 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "MoEFsDiC_UNet": "moelab.diffusion.unet",
+    "DenseUNet2D": "moelab.diffusion.baseline",  # diffusers pipelines load their components by this name
+    "MoEFsDiCPipeline": "moelab.diffusion.pipeline",
     "MoELoss": "moelab.diffusion.losses",
     "SeisMoE": "moelab.seismic.model",
     "SeisMoELit": "moelab.seismic.lit",

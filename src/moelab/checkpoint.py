@@ -65,7 +65,7 @@ def safe_load(path: PathLike, map_location: Any = "cpu") -> Any:
     """Load a torch file without executing pickled code; every failure is a `CheckpointError`."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"checkpoint '{path}' does not exist: check the path (or drop --resume to start fresh)")
+        raise CheckpointError(f"checkpoint '{path}' does not exist: check the path")
     if path.is_dir():
         raise CheckpointError(f"checkpoint '{path}' is a folder: pass the checkpoint file inside it")
     if path.stat().st_size == 0:

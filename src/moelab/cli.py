@@ -1,27 +1,18 @@
 """`moelab <diffusion|seismic> <command> ...`: one entry point, each application owns its commands.
 
-Every `MoelabError` is printed as one line (``error: ...``) with exit status 2, never a traceback.
+Every `MoelabError` is printed as one line (``error: ...``) with exit status 2, never a traceback
+(`moelab.guard.run_guarded`, re-exported here for the repository's scripts).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-from moelab.errors import MoelabError
+from moelab.guard import run_guarded, show_info_logs
 
-
-def run_guarded(fn: Callable[[], int | None]) -> int:
-    """Run ``fn`` and turn user errors into one clear line on stderr and exit status 2."""
-    try:
-        return int(fn() or 0)
-    except MoelabError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+__all__ = ["main", "run_guarded"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -32,7 +23,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     diffusion_cli.add_commands(apps.add_parser("diffusion", help="MoEFsDiC class-conditional image diffusion"))
     seismic_cli.add_commands(apps.add_parser("seismic", help="SeisMoE earthquake detection and phase picking"))
+    # (further command families register here, one line each)
     args = parser.parse_args(argv)
+    show_info_logs()
     return run_guarded(lambda: args.func(args))
 
 

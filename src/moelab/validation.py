@@ -62,3 +62,22 @@ def check_type(where: str, value: Any, types: tuple[type, ...], desc: str = "") 
     if not is_instance(value, types):
         about = f" ({desc})" if desc else ""
         raise ConfigError(f"{where} must be {type_name(types)}{about}, got {json.dumps(value, default=repr)}")
+
+
+def check_choice(where: str, value: Any, options: Iterable[str]) -> None:
+    """Raise a `ConfigError` unless ``value`` is one of ``options`` (closest option suggested)."""
+    options = [str(o) for o in options]
+    if value not in options:
+        raise ConfigError(f"{where}={value!r} is not allowed{did_you_mean(str(value), options)}; use one of: {', '.join(options)}")
+
+
+def unknown_key(what: str, key: str, options: Iterable[str]) -> ConfigError:
+    """The error for a key no schema knows: ``unknown <what>; did you mean '<closest>'?``.
+
+    ``what`` names the key as the user wrote it (e.g. ``"key 'moe.num_expert'"``), ``key`` is the
+    part matched against ``options``; when nothing is close every valid key is listed.
+    """
+    options = [str(o) for o in options]
+    match = closest(key, options)
+    hint = f"; did you mean '{match}'?" if match else f"; valid keys: {', '.join(options)}"
+    return ConfigError(f"unknown {what}{hint}")

@@ -55,7 +55,7 @@ def train_and_evaluate(
     """
     from moelab.diffusion.baseline import parameter_counts
     from moelab.diffusion.evaluate import Evaluator, evaluate_model
-    from moelab.diffusion.lit import load_model, read_checkpoint
+    from moelab.diffusion.checkpoints import load_model, read_checkpoint
     from moelab.diffusion.training import fit
 
     out = Path(out_dir)

@@ -1,17 +1,30 @@
-"""MoEFsDiC configuration: one schema with defaults, YAML files that state only what differs.
+"""MoEFsDiC configuration: YAML files validated once, here, into typed configs.
 
-A config file may start with ``extends: other.yaml`` (resolved next to the file); the files are
-deep-merged over the schema defaults below, then validated once, here: unknown keys (with the
-closest valid key suggested), wrong types and inconsistent values raise a `ConfigError` naming
-the key and the fix. Everything downstream trusts the returned dict.
+A config file may start with ``extends: other.yaml`` (resolved next to the file, or among the
+packaged configs); the files are deep-merged over the schema defaults below, then validated once:
+unknown keys (with the closest valid key suggested), wrong types and inconsistent values raise a
+`ConfigError` naming the key and the fix. The result is a `RunConfig` of typed sections:
+
+- `ModelConfig` — every architecture field, flat (the MoE, frequency-module and DS-conv choices
+  included), passed whole to the model; it is also what `MoEFsDiC_UNet` records as its diffusers
+  config (``config.json``).
+- `TrainConfig`, `DataConfig`, `DiffusionConfig` — the run's other sections.
+
+Nothing downstream re-validates. The YAML vocabulary stays the quick-start's (``moe.k_active``,
+``train.use_dsconv_global``, ...); the loader maps it onto the typed fields (``top_k``,
+``use_dsconv``), and `RunConfig.to_dict` maps it back (that dict is what checkpoints store).
+Keys of the original MoEFsDiC project's layout (``model.t_dim``, ``train.learning_rate``, ...) are
+accepted as aliases and reported once in the log.
 """
 
 from __future__ import annotations
 
 import copy
-import difflib
+import dataclasses
+import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -19,94 +32,330 @@ import yaml
 
 from moelab.configs import config_dir, resolve_config
 from moelab.errors import ConfigError
+from moelab.validation import check_choice, check_type, unknown_key
+
+log = logging.getLogger(__name__)
 
 #: Where ``extends:`` of an in-memory dict (no file to be relative to) is also looked up.
 CONFIG_DIR = config_dir("diffusion")
 
-# Schema: section -> key -> (default, allowed type(s) or tuple of allowed values). The defaults are
-# the full model of the quick-start (configs/diffusion/default.yaml states the same values).
+# The YAML layout: section -> key -> allowed type(s), or a tuple of allowed values. The defaults
+# live once, in the typed sections below (the full model of the quick-start; configs/diffusion/
+# default.yaml states the same values); `SCHEMA` pairs each key with its default.
 _NUM = (int, float)
-SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
+_TYPES: dict[str, dict[str, Any]] = {
     "model": {
-        "arch": ("moefsdic", ("moefsdic", "unet2d")),
-        "in_channels": (3, int),
-        "model_channels": (128, int),
-        "channel_mults": ([1, 2, 4, 8], list),
-        "image_size": (64, int),
-        "num_classes": (10, int),
-        "emb_dim": (None, (int, type(None))),  # time/class embedding width; None = 4 * model_channels
-        "layers_per_block": (1, int),  # MoE (or fusion) blocks per U-Net level, like diffusers' layers_per_block
-        "freq_bands": (8, int),  # radial frequency bands the Freq_Global_Module weights per channel
+        "arch": ("moefsdic", "unet2d"),
+        "in_channels": int,
+        "model_channels": int,
+        "channel_mults": list,
+        "image_size": int,
+        "num_classes": int,
+        "emb_dim": (int, type(None)),  # time/class embedding width; None = 4 * model_channels
+        "layers_per_block": int,  # MoE (or fusion) blocks per U-Net level, like diffusers' layers_per_block
+        "freq_bands": int,  # radial frequency bands the Freq_Global_Module weights per channel
     },
     "moe": {
-        "enabled": (True, bool),
-        "num_experts": (8, int),
-        "k_active": (2, int),
-        "gate": ("topk_softmax", ("topk_softmax", "softmax_topk")),
-        "router_hidden": (64, int),  # 0 = linear router
-        "jitter": (0.0, _NUM),
-        "load_loss": ("switch", ("switch", "variance")),
-        "z_loss_coef": (0.0, _NUM),
-        "kernel_size": (3, int),
+        "enabled": bool,
+        "num_experts": int,
+        "k_active": int,
+        "gate": ("topk_softmax", "softmax_topk"),
+        "router_hidden": int,  # 0 = linear router
+        "jitter": _NUM,
+        "load_loss": ("switch", "variance"),
+        "z_loss_coef": _NUM,
+        "kernel_size": int,
     },
     "freq": {
-        "enabled": (True, bool),
+        "enabled": bool,
     },
     "train": {
-        "use_dsconv_global": (True, bool),
-        "batch_size": (16, int),
-        "lr": (1e-4, _NUM),
-        "weight_decay": (0.0, _NUM),
-        "betas": ([0.9, 0.999], list),
-        "epochs": (100, int),
-        "lambda_load": (0.01, _NUM),
-        "cond_drop_prob": (0.1, _NUM),
-        "lr_schedule": ("constant", ("constant", "constant_with_warmup", "cosine", "plateau")),
-        "warmup_steps": (0, int),
-        "plateau_factor": (0.5, _NUM),
-        "plateau_patience": (5, int),
-        "grad_clip": (1.0, _NUM),  # max gradient norm; 0 = off
-        "accumulate_grad_batches": (1, int),
-        "precision": ("32-true", ("32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "fp16", "bf16")),
-        "gradient_checkpointing": (False, bool),
-        "ema": (True, bool),
-        "ema_decay": (0.999, _NUM),
-        "checkpoint_every": (1, int),  # epochs between checkpoints
-        "keep_last": (0, int),  # keep only the newest N checkpoints; 0 = keep all
-        "seed": (0, int),
-        "num_workers": (0, int),
-        "log_every": (10, int),
-        "monitor_interval": (50, int),  # steps between expert-usage checks (collapse warning)
-        "collapse_share": (0.9, _NUM),  # warn when one expert takes more than this share of a block's routing
-        "collapse_patience": (3, int),  # ... for this many consecutive checks
+        "use_dsconv_global": bool,
+        "batch_size": int,
+        "lr": _NUM,
+        "weight_decay": _NUM,
+        "betas": list,
+        "epochs": int,
+        "lambda_load": _NUM,
+        "cond_drop_prob": _NUM,
+        "lr_schedule": ("constant", "constant_with_warmup", "cosine", "plateau"),
+        "warmup_steps": int,
+        "plateau_factor": _NUM,
+        "plateau_patience": int,
+        "grad_clip": _NUM,  # max gradient norm; 0 = off
+        "accumulate_grad_batches": int,
+        "precision": ("32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "fp16", "bf16"),
+        "gradient_checkpointing": bool,
+        "ema": bool,
+        "ema_decay": _NUM,
+        "checkpoint_every": int,  # epochs between checkpoints
+        "keep_last": int,  # keep only the newest N checkpoints; 0 = keep all
+        "checkpoint_dir": str,  # where checkpoint_epoch_N.pth go (--checkpoint-dir overrides)
+        "seed": int,
+        "num_workers": int,
+        "log_every": int,
+        "monitor_interval": int,  # steps between expert-usage checks (collapse warning)
+        "collapse_share": _NUM,  # warn when one expert takes more than this share of a block's routing
+        "collapse_patience": int,  # ... for this many consecutive checks
     },
     "data": {
-        "dataset": ("cifar10", ("digits", "mnist", "fashion_mnist", "cifar10", "image_folder")),
-        "root": ("data/cifar-10-batches-py", str),
-        "fit": ("resize", ("resize", "pad")),  # how native images reach image_size
-        "subset": (None, (int, type(None))),  # use only the first N images of each split (quick runs)
+        "dataset": ("digits", "mnist", "fashion_mnist", "cifar10", "image_folder"),
+        "root": str,
+        "fit": ("resize", "pad"),  # how native images reach image_size
+        "subset": (int, type(None)),  # use only the first N images of each split (quick runs)
     },
     "diffusion": {
-        "num_train_timesteps": (1000, int),
-        "beta_start": (1e-4, _NUM),
-        "beta_end": (0.02, _NUM),
-        "beta_schedule": ("linear", ("linear", "scaled_linear", "squaredcos_cap_v2")),
+        "num_train_timesteps": int,
+        "beta_start": _NUM,
+        "beta_end": _NUM,
+        "beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
     },
 }
 TOP_LEVEL = ("extends",)
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 PRECISION_ALIASES = {"32": "32-true", "fp16": "16-mixed", "bf16": "bf16-mixed"}
 
+#: The original MoEFsDiC project's keys -> ours (section, key). Values are taken as they are,
+#: except ``diffusion.schedule``, whose names are mapped by `_SCHEDULE_NAMES`.
+ALIASES: dict[tuple[str, str], tuple[str, str]] = {
+    ("model", "t_dim"): ("model", "emb_dim"),
+    ("model", "c_dim"): ("model", "emb_dim"),
+    ("train", "learning_rate"): ("train", "lr"),
+    ("train", "num_epochs"): ("train", "epochs"),
+    ("train", "image_size"): ("model", "image_size"),
+    ("train", "num_classes"): ("model", "num_classes"),
+    ("train", "log_interval"): ("train", "log_every"),
+    ("train", "save_interval"): ("train", "checkpoint_every"),
+    ("diffusion", "num_timesteps"): ("diffusion", "num_train_timesteps"),
+    ("diffusion", "schedule"): ("diffusion", "beta_schedule"),
+}
+_SCHEDULE_NAMES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
+
+
+# --- typed configs --------------------------------------------------------------------------------
+class _Section(Mapping):
+    """Read-only mapping access to a typed section (``cfg.train["lr"]`` == ``cfg.train.lr``).
+
+    Code written against the quick-start's plain dict keeps working; new code reads attributes.
+    """
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._names():
+            raise KeyError(key)
+        value = getattr(self, key)
+        return list(value) if isinstance(value, tuple) else value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    @classmethod
+    def _names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))  # type: ignore[arg-type]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON/YAML-safe values (tuples as lists)."""
+        return {k: self[k] for k in self._names()}
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Section):
+    """Every architecture choice of MoEFsDiC (and of its dense baseline), flat and typed.
+
+    Args:
+        arch (`str`, defaults to `"moefsdic"`): `"moefsdic"`, or `"unet2d"` for the dense diffusers
+            `UNet2DModel` baseline at matched active parameters.
+        in_channels (`int`, defaults to 3): image channels.
+        model_channels (`int`, defaults to 128): width of the first U-Net level.
+        channel_mults (`tuple[int, ...]`, defaults to `(1, 2, 4, 8)`): width multiplier per level;
+            the image is halved `len(channel_mults) + 1` times.
+        image_size (`int`, defaults to 64): square image side, divisible by `2 ** (levels + 1)`.
+        num_classes (`int`, defaults to 10): classes; id `num_classes` is the null class of guidance.
+        emb_dim (`int`, *optional*): time/class embedding width; `None` means `4 * model_channels`.
+        layers_per_block (`int`, defaults to 1): MoE (or fusion) blocks per level on each side.
+        freq_bands (`int`, defaults to 8): radial frequency bands of the Freq_Global_Module.
+        moe_enabled (`bool`, defaults to `True`): MoE conv blocks; `False` uses Dilated_Fusion_Blocks.
+        num_experts (`int`, defaults to 8): experts per MoE block.
+        top_k (`int`, defaults to 2): experts each sample uses (YAML: `moe.k_active`).
+        gate (`str`, defaults to `"topk_softmax"`): softmax over the k selected logits, or
+            `"softmax_topk"` (softmax, top-k, renormalise).
+        router_hidden (`int`, defaults to 64): hidden width of the router MLP; 0 = linear router.
+        jitter (`float`, defaults to 0.0): multiplicative router-input noise during training.
+        kernel_size (`int`, defaults to 3): odd kernel size of the expert convolutions.
+        freq_enabled (`bool`, defaults to `True`): Freq_Global_Module at the bottleneck (else a block).
+        use_dsconv (`bool`, defaults to `True`): depthwise-separable convs; `False` = standard 3x3
+            (YAML: `train.use_dsconv_global`, where the quick-start put it).
+    """
+
+    arch: str = "moefsdic"
+    in_channels: int = 3
+    model_channels: int = 128
+    channel_mults: tuple[int, ...] = (1, 2, 4, 8)
+    image_size: int = 64
+    num_classes: int = 10
+    emb_dim: int | None = None
+    layers_per_block: int = 1
+    freq_bands: int = 8
+    moe_enabled: bool = True
+    num_experts: int = 8
+    top_k: int = 2
+    gate: str = "topk_softmax"
+    router_hidden: int = 64
+    jitter: float = 0.0
+    kernel_size: int = 3
+    freq_enabled: bool = True
+    use_dsconv: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "channel_mults", tuple(int(c) for c in self.channel_mults))
+
+    @property
+    def embed_dim(self) -> int:
+        """The time/class embedding width actually used."""
+        return self.emb_dim or 4 * self.model_channels
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with ``changes`` applied, checked like a loaded config."""
+        return model_config(None, **dataclasses.replace(self, **changes).to_dict())
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Section):
+    """The training run: optimiser, schedule, loss weights, precision, EMA, checkpoints, seeds."""
+
+    batch_size: int = 16
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    epochs: int = 100
+    lambda_load: float = 0.01
+    load_loss: str = "switch"
+    z_loss_coef: float = 0.0
+    cond_drop_prob: float = 0.1
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    plateau_factor: float = 0.5
+    plateau_patience: int = 5
+    grad_clip: float = 1.0
+    accumulate_grad_batches: int = 1
+    precision: str = "32-true"
+    gradient_checkpointing: bool = False
+    ema: bool = True
+    ema_decay: float = 0.999
+    checkpoint_every: int = 1
+    keep_last: int = 0
+    checkpoint_dir: str = "checkpoints"
+    seed: int = 0
+    num_workers: int = 0
+    log_every: int = 10
+    monitor_interval: int = 50
+    collapse_share: float = 0.9
+    collapse_patience: int = 3
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+
+
+@dataclass(frozen=True)
+class DataConfig(_Section):
+    """Which images to train on and how they reach ``model.image_size``."""
+
+    dataset: str = "cifar10"
+    root: str = "data/cifar-10-batches-py"
+    fit: str = "resize"
+    subset: int | None = None
+
+
+@dataclass(frozen=True)
+class DiffusionConfig(_Section):
+    """The DDPM noise schedule training uses (and every sampler is rebuilt from)."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"
+
+
+# (YAML section, key) -> (typed section, field) wherever the two differ; every other key keeps
+# its section and name.
+_TYPED_PLACE: dict[tuple[str, str], tuple[str, str]] = {
+    ("moe", "enabled"): ("model", "moe_enabled"),
+    ("moe", "num_experts"): ("model", "num_experts"),
+    ("moe", "k_active"): ("model", "top_k"),
+    ("moe", "gate"): ("model", "gate"),
+    ("moe", "router_hidden"): ("model", "router_hidden"),
+    ("moe", "jitter"): ("model", "jitter"),
+    ("moe", "kernel_size"): ("model", "kernel_size"),
+    ("moe", "load_loss"): ("train", "load_loss"),
+    ("moe", "z_loss_coef"): ("train", "z_loss_coef"),
+    ("freq", "enabled"): ("model", "freq_enabled"),
+    ("train", "use_dsconv_global"): ("model", "use_dsconv"),
+}
+
+
+def _place(section: str, key: str) -> tuple[str, str]:
+    return _TYPED_PLACE.get((section, key), (section, key))
+
+
+@dataclass(frozen=True)
+class RunConfig(Mapping):
+    """A validated run: ``cfg.model`` (`ModelConfig`), ``cfg.train``, ``cfg.data``, ``cfg.diffusion``.
+
+    Indexing reads the YAML layout (``cfg["moe"]["k_active"]``), the vocabulary of the config files
+    and of scripts written against them; `to_dict` returns that layout as a plain dict.
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """The YAML layout (sections model, moe, freq, train, data, diffusion), plain values."""
+        out: dict[str, dict[str, Any]] = {}
+        for section, keys in SCHEMA.items():
+            out[section] = {}
+            for key in keys:
+                typed, name = _place(section, key)
+                out[section][key] = getattr(self, typed)[name]
+        return out
+
+    def __getitem__(self, section: str) -> dict[str, Any]:
+        if section not in SCHEMA:
+            raise KeyError(section)
+        return self.to_dict()[section]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(SCHEMA)
+
+    def __len__(self) -> int:
+        return len(SCHEMA)
+
+    def replace(self, **sections: Mapping[str, Any]) -> RunConfig:
+        """A copy with YAML-layout changes applied and validated, e.g. ``replace(model={"arch": "unet2d"})``."""
+        return load_config(self.to_dict(), {s: dict(v) for s, v in sections.items()})
+
+
+def _default(section: str, key: str) -> Any:
+    typed, name = _place(section, key)
+    value = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig, "diffusion": DiffusionConfig}[typed]()[name]
+    return value
+
+
+#: section -> key -> (default, allowed type(s) or values), in the YAML layout.
+SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
+    section: {key: (_default(section, key), spec) for key, spec in keys.items()} for section, keys in _TYPES.items()
+}
+
 
 def default_config() -> dict[str, dict[str, Any]]:
+    """The schema defaults in the YAML layout."""
     return {s: {k: copy.deepcopy(v[0]) for k, v in keys.items()} for s, keys in SCHEMA.items()}
 
 
-def _closest(word: str, options: list[str]) -> str:
-    m = difflib.get_close_matches(word, options, n=1, cutoff=0.5)
-    return f"; did you mean '{m[0]}'?" if m else f"; valid keys: {', '.join(options)}"
-
-
+# --- reading and merging ------------------------------------------------------------------------
 def _read_yaml(path: Path) -> dict:
     path = resolve_config(path, "diffusion")
     try:
@@ -126,13 +375,37 @@ def _merge(base: dict, over: Mapping) -> dict:
         if isinstance(v, Mapping) and isinstance(out.get(k), dict):
             out[k] = _merge(out[k], v)
         else:
-            out[k] = copy.deepcopy(v)
+            out[k] = copy.deepcopy(dict(v) if isinstance(v, Mapping) else v)
     return out
 
 
-def _resolve(data: Mapping, base_dir: Path | None, seen: tuple[Path, ...] = ()) -> dict:
+def _apply_aliases(data: Mapping, used: list[str]) -> dict:
+    """One file's (or dict's) original-layout keys moved onto ours; ``used`` collects the mappings."""
+    out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in data.items()}
+    for (section, key), (to_section, to_key) in ALIASES.items():
+        values = out.get(section)
+        if not isinstance(values, dict) or key not in values:
+            continue
+        value = values.pop(key)
+        if (section, key) == ("diffusion", "schedule"):
+            check_choice("diffusion.schedule", value, list(_SCHEDULE_NAMES))
+            value = _SCHEDULE_NAMES[value]
+        target = out.setdefault(to_section, {})
+        if not isinstance(target, dict):
+            continue  # reported as a malformed section by validation
+        if to_key in target and target[to_key] != value:
+            raise ConfigError(
+                f"{section}.{key}={value!r} and {to_section}.{to_key}={target[to_key]!r} disagree: {section}.{key} is the "
+                f"original project's name for {to_section}.{to_key}; keep one of them"
+            )
+        target[to_key] = value
+        used.append(f"{section}.{key} -> {to_section}.{to_key}")
+    return out
+
+
+def _resolve(data: Mapping, base_dir: Path | None, used: list[str], seen: tuple[Path, ...] = ()) -> dict:
     """Follow ``extends:`` chains and return the merged raw dict (without ``extends``)."""
-    data = dict(data)
+    data = _apply_aliases(data, used)
     parent = data.pop("extends", None)
     if parent is None:
         return data
@@ -143,7 +416,7 @@ def _resolve(data: Mapping, base_dir: Path | None, seen: tuple[Path, ...] = ()) 
     path = path.resolve()
     if path in seen:
         raise ConfigError(f"'extends' loop through '{path}': a config cannot extend itself")
-    parent_data = _resolve(_read_yaml(path), path.parent, (*seen, path))
+    parent_data = _resolve(_read_yaml(path), path.parent, used, (*seen, path))
     return _merge(parent_data, data)
 
 
@@ -175,54 +448,51 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def _check_type(section: str, key: str, value: Any, spec: Any) -> Any:
-    name = f"{section}.{key}"
+# --- validation -----------------------------------------------------------------------------------
+def _check_value(section: str, key: str, value: Any, spec: Any) -> Any:
+    """``value`` checked against the schema entry (and numbers normalised); returns the value to keep."""
+    where = f"{section}.{key}"
     if isinstance(spec, tuple) and all(isinstance(s, str) for s in spec):
-        if value not in spec:
-            hint = difflib.get_close_matches(str(value), list(spec), n=1, cutoff=0.5)
-            extra = f" (did you mean '{hint[0]}'?)" if hint else ""
-            raise ConfigError(f"{name}={value!r} is not allowed{extra}; use one of: {', '.join(spec)}")
+        check_choice(where, value, spec)
         return value
     types = spec if isinstance(spec, tuple) else (spec,)
-    if isinstance(value, bool) and bool not in types:
-        raise ConfigError(f"{name} must be {_type_names(types)}, not a boolean ({value!r})")
-    if float in types and isinstance(value, int) and not isinstance(value, bool):
-        return float(value) if int not in types else value
-    if float in types and isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if not isinstance(value, types):
-        raise ConfigError(f"{name} must be {_type_names(types)}, got {type(value).__name__} {value!r}")
+    if float in types and isinstance(value, str) and _NUMBER.match(value.strip()):  # YAML 1.1 reads "1e-4" as a string
+        value = float(value)
+    check_type(where, value, types)
+    if float in types and int not in types and isinstance(value, int):
+        value = float(value)
     return value
 
 
-def _type_names(types: tuple) -> str:
-    if int in types and float in types:
-        types = tuple(t for t in types if t is not int)
-    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list", type(None): "null"}
-    return " or ".join(names.get(t, t.__name__) for t in types)
-
-
-def validate(raw: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """Defaults filled, every key and value checked; returns a fresh plain dict."""
+def validate(raw: Mapping[str, Any]) -> RunConfig:
+    """Defaults filled, every key and value checked; returns the typed `RunConfig`."""
     cfg = default_config()
     for section, values in raw.items():
         if section in TOP_LEVEL:
             continue
         if section not in SCHEMA:
-            raise ConfigError(f"unknown config section '{section}'{_closest(section, list(SCHEMA))}")
+            raise unknown_key(f"config section '{section}'", section, SCHEMA)
         if values is None:
             continue
         if not isinstance(values, Mapping):
             raise ConfigError(f"config section '{section}' must be a mapping of keys, not {values!r}")
         for key, value in values.items():
             if key not in SCHEMA[section]:
-                raise ConfigError(f"unknown key '{section}.{key}'{_closest(str(key), list(SCHEMA[section]))}")
-            cfg[section][key] = _check_type(section, key, value, SCHEMA[section][key][1])
+                known = [*SCHEMA[section], *(k for (s, k) in ALIASES if s == section)]  # suggest either layout's name
+                raise unknown_key(f"key '{section}.{key}'", str(key), known)
+            cfg[section][key] = _check_value(section, key, value, SCHEMA[section][key][1])
     _check_values(cfg)
-    return cfg
+    typed: dict[str, dict[str, Any]] = {"model": {}, "train": {}, "data": {}, "diffusion": {}}
+    for section, keys in cfg.items():
+        for key, value in keys.items():
+            to_section, name = _place(section, key)
+            typed[to_section][name] = value
+    return RunConfig(
+        model=ModelConfig(**typed["model"]),
+        train=TrainConfig(**typed["train"]),
+        data=DataConfig(**typed["data"]),
+        diffusion=DiffusionConfig(**typed["diffusion"]),
+    )
 
 
 def _positive(cfg: dict, section: str, key: str, allow_zero: bool = False) -> None:
@@ -276,8 +546,10 @@ def _check_values(cfg: dict) -> None:
         raise ConfigError(f"train.ema_decay={tr['ema_decay']} must be in (0, 1), e.g. 0.999")
     if not 0 < tr["plateau_factor"] < 1:
         raise ConfigError(f"train.plateau_factor={tr['plateau_factor']} must be in (0, 1)")
+    if not tr["checkpoint_dir"].strip():
+        raise ConfigError("train.checkpoint_dir is empty: give a folder name such as checkpoints")
     betas = tr["betas"]
-    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas):
         raise ConfigError(f"train.betas={betas} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
     tr["betas"] = [float(b) for b in betas]
     tr["precision"] = PRECISION_ALIASES.get(tr["precision"], tr["precision"])
@@ -292,19 +564,59 @@ def _check_values(cfg: dict) -> None:
         )
 
 
-def load_config(source: str | Path | Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
-    """Read (YAML path or dict), follow ``extends:``, apply ``overrides`` ({"train.lr": 1e-3} or nested), validate."""
+def load_config(source: str | Path | Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """Read (YAML path, raw dict or `RunConfig`), follow ``extends:``, apply ``overrides``, validate.
+
+    ``overrides``: ``{"train.lr": 1e-3}`` or nested dicts, in the YAML layout. A `RunConfig`
+    without overrides is returned as it is: it was validated when it was made.
+    """
+    if isinstance(source, RunConfig) and not overrides:
+        return source
+    used: list[str] = []
     if isinstance(source, (str, Path)):
         path = resolve_config(source, "diffusion")
-        raw = _resolve(_read_yaml(path), path.resolve().parent)
+        raw = _resolve(_read_yaml(path), path.resolve().parent, used)
+    elif isinstance(source, RunConfig):
+        raw = source.to_dict()
     elif isinstance(source, Mapping):
-        raw = _resolve(source, None)
+        raw = _resolve(source, None, used)
     else:
         raise ConfigError(f"a config must be a YAML file path or a dict, not {type(source).__name__}")
     if overrides:
-        raw = _merge(raw, _expand_overrides(overrides))
-    return validate(raw)
+        raw = _merge(raw, _apply_aliases(_expand_overrides(overrides), used))
+    cfg = validate(raw)
+    if used:
+        log.info("config: original MoEFsDiC keys mapped onto moelab's: %s", ", ".join(dict.fromkeys(used)))
+    return cfg
+
+
+def model_config(source: ModelConfig | Mapping[str, Any] | None = None, **fields_: Any) -> ModelConfig:
+    """A `ModelConfig` from a `ModelConfig`, a run config (YAML layout, raw or loaded), or flat fields.
+
+    Flat fields (``num_experts=4, top_k=1``) are checked by the same rules as the YAML keys.
+    """
+    if isinstance(source, ModelConfig) and not fields_:
+        return source
+    if isinstance(source, RunConfig) and not fields_:
+        return source.model
+    if source is None or isinstance(source, ModelConfig):
+        flat = {**(source.to_dict() if isinstance(source, ModelConfig) else {}), **fields_}
+        unknown = [k for k in flat if k not in ModelConfig._names()]
+        if unknown:
+            raise unknown_key(f"model config field '{unknown[0]}'", unknown[0], ModelConfig._names())
+        yaml_layout: dict[str, dict[str, Any]] = {}
+        for (section, key) in ((s, k) for s, keys in SCHEMA.items() for k in keys):
+            typed, name = _place(section, key)
+            if typed == "model" and name in flat:
+                value = flat[name]
+                yaml_layout.setdefault(section, {})[key] = list(value) if isinstance(value, tuple) else value
+        return validate(yaml_layout).model
+    if fields_:
+        raise ConfigError("give either a run config or model config fields, not both")
+    return load_config(source).model
 
 
 def dump_config(cfg: Mapping[str, Any]) -> str:
-    return yaml.safe_dump(dict(cfg), sort_keys=False)
+    """YAML text of a config in the file layout (loadable by `load_config`)."""
+    data = cfg.to_dict() if isinstance(cfg, RunConfig) else dict(cfg)
+    return yaml.safe_dump(data, sort_keys=False)

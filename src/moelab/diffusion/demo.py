@@ -34,13 +34,18 @@ def run_demo(
     max_steps: int | None = None,
     log: Any = print,
 ) -> dict[str, Any]:
-    """Train → grid → evaluation → routing analysis; returns the metrics written to ``metrics.json``."""
+    """Train → grid → evaluation → routing analysis → pipeline folder; returns the metrics written to ``metrics.json``.
+
+    The trained model (EMA weights) is also exported as a `MoEFsDiCPipeline` folder,
+    ``<out_dir>/pipeline``, loadable with ``MoEFsDiCPipeline.from_pretrained``.
+    """
     from moelab.diffusion.analysis import format_load_table, routing_analysis, write_routing_report
     from moelab.diffusion.baseline import parameter_counts
     from moelab.diffusion.config import load_config
     from moelab.diffusion.data import dataset_tensors
     from moelab.diffusion.evaluate import METRIC_COLUMNS, Evaluator, evaluate_model, format_table, write_json
-    from moelab.diffusion.lit import load_model, read_checkpoint
+    from moelab.diffusion.checkpoints import load_model, read_checkpoint
+    from moelab.diffusion.pipeline import export_pipeline
     from moelab.diffusion.sample import grid_labels, sample, save_grid
     from moelab.diffusion.training import fit
     from moelab.moe import moe_layers
@@ -48,15 +53,16 @@ def run_demo(
     wall0 = time.perf_counter()
     out = Path(out_dir)
     cfg = load_config(config, {"train.checkpoint_every": 1} if max_steps is not None else None)
-    log(f"[demo] training {config} ({cfg['data']['dataset']}, {cfg['model']['image_size']}px) -> {out / 'checkpoints'}")
+    log(f"[demo] training {config} ({cfg.data.dataset}, {cfg.model.image_size}px) -> {out / 'checkpoints'}")
     t0 = time.perf_counter()
     ckpt = fit(cfg, checkpoint_dir=out / "checkpoints", max_steps=max_steps, progress=progress, logger_dir=out / "logs")
     train_s = time.perf_counter() - t0
     steps_done = int(read_checkpoint(ckpt)["global_step"])
     model, cfg = load_model(ckpt, ema=True)  # EMA weights when training kept them
+    pipeline = export_pipeline(ckpt, out / "pipeline", ema=True, sampler=sampler)
 
     log(f"[demo] sampling a grid ({sampler}, {steps} steps, guidance {guidance})")
-    classes = list(range(cfg["model"]["num_classes"]))
+    classes = list(range(cfg.model.num_classes))
     labels = grid_labels(classes, grid_per_class)
     grid = save_grid(sample(model, cfg, labels, sampler=sampler, steps=steps, guidance=guidance, seed=seed), labels, out / "grid.png")
 
@@ -74,9 +80,9 @@ def run_demo(
         log(format_load_table(report))
 
     pc = parameter_counts(model)
-    bs = cfg["train"]["batch_size"] * cfg["train"]["accumulate_grad_batches"]
+    bs = cfg.train.batch_size * cfg.train.accumulate_grad_batches
     res.update(
-        config=str(config), checkpoint=str(ckpt), train_steps=steps_done, train_seconds=train_s,
+        config=str(config), checkpoint=str(ckpt), pipeline=str(pipeline), train_steps=steps_done, train_seconds=train_s,
         train_samples_per_s=steps_done * bs / train_s, params_total=pc["total"], params_active=pc["active_per_sample"],
         wall_seconds=time.perf_counter() - wall0,
     )
@@ -90,4 +96,5 @@ def run_demo(
     if routing_dir.exists():
         log(f"routing:  {routing_dir}/ (routing_by_class.png, routing_by_timestep.png, load_balance.png, *.csv)")
     log(f"model:    {ckpt}")
+    log(f"pipeline: {pipeline}  (MoEFsDiCPipeline.from_pretrained)")
     return res

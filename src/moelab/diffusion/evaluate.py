@@ -146,9 +146,9 @@ def evaluate_checkpoint(
     inception_weights: str | Path | None = None, **kw: Any,
 ) -> dict[str, Any]:
     """`evaluate_model` on a training checkpoint (EMA weights by default)."""
-    from moelab.diffusion.sample import load_for_inference
+    from moelab.diffusion.checkpoints import load_model
 
-    model, config = load_for_inference(checkpoint, ema=ema)
+    model, config = load_model(checkpoint, ema=ema)
     ev = Evaluator.for_config(config, cache_dir, inception_weights)
     res = evaluate_model(model, config, ev, **kw)
     res["checkpoint"] = str(checkpoint)

@@ -1,4 +1,4 @@
-"""Lightning module for MoEFsDiC training, and loading trained models back from checkpoints.
+"""The LightningModule that trains MoEFsDiC (or the dense baseline) to predict the added noise.
 
 Randomness of a training step (timesteps, noise, label dropout) comes from a generator seeded
 with (seed, epoch, batch index, rank), and the data order from a per-epoch seeded sampler
@@ -12,38 +12,42 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm import tqdm
 
-from moelab import checkpoint as checkpoint_io
-from moelab.checkpoint import safe_load
-from moelab.diffusion.config import load_config
+from moelab.diffusion.config import RunConfig, load_config
 from moelab.diffusion.losses import MoELoss
+from moelab.diffusion.models import build_model
 from moelab.diffusion.noise import training_scheduler
-from moelab.diffusion.unet import build_model
-from moelab.errors import CheckpointError, ConfigError, NonFiniteLossError
+from moelab.errors import ConfigError, NonFiniteLossError
 from moelab.seeding import step_seed
 
 METRICS = ("loss", "dm_loss", "load_loss")
 
 
 class MoEFsDiCLit(pl.LightningModule):
-    """Trains ``self.model`` (MoEFsDiC or the dense baseline) to predict the added noise."""
+    """Trains ``self.model`` (MoEFsDiC or the dense baseline) to predict the added noise.
 
-    def __init__(self, config: Mapping[str, Any]) -> None:
+    Args:
+        config (`RunConfig` or mapping): the run, as `load_config` returns it (a raw YAML-layout
+            dict is validated once here). The model is built from ``config.model``, whole; the
+            checkpoint stores the config in the YAML layout (plain data, loadable with
+            ``weights_only=True``).
+    """
+
+    def __init__(self, config: RunConfig | Mapping[str, Any]) -> None:
         super().__init__()
         cfg = load_config(config)
-        self.save_hyperparameters({"config": cfg})
+        self.save_hyperparameters({"config": cfg.to_dict()})
         self.config = cfg
-        self.model = build_model(cfg)
-        if cfg["train"]["gradient_checkpointing"]:
+        self.model = build_model(cfg.model)
+        if cfg.train.gradient_checkpointing:
             if not hasattr(self.model, "set_gradient_checkpointing"):
-                raise ConfigError(f"train.gradient_checkpointing is not supported by model.arch={cfg['model']['arch']}")
+                raise ConfigError(f"train.gradient_checkpointing is not supported by model.arch={cfg.model.arch}")
             self.model.set_gradient_checkpointing(True)
         self.criterion = MoELoss.from_config(cfg)
         self.noise_scheduler = training_scheduler(cfg)
@@ -56,7 +60,7 @@ class MoEFsDiCLit(pl.LightningModule):
 
     def step_generator(self, batch_idx: int) -> torch.Generator:
         g = torch.Generator(device=self.device)
-        g.manual_seed(step_seed(self.config["train"]["seed"], self.current_epoch, batch_idx, self.global_rank))
+        g.manual_seed(step_seed(self.config.train.seed, self.current_epoch, batch_idx, self.global_rank))
         return g
 
     def diffusion_loss(self, x: Tensor, y: Tensor, g: torch.Generator, cond_drop_prob: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -65,14 +69,14 @@ class MoEFsDiCLit(pl.LightningModule):
         t = torch.randint(0, steps, (b,), generator=g, device=x.device)
         noise = torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
         drop = torch.rand(b, generator=g, device=x.device) < cond_drop_prob
-        c = torch.where(drop, torch.full_like(y, self.config["model"]["num_classes"]), y)
+        c = torch.where(drop, torch.full_like(y, self.config.model.num_classes), y)
         noisy = self.noise_scheduler.add_noise(x, noise, t)
         pred, logits = self.model(noisy, t, c)
         return self.criterion(pred, noise, logits)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
-        loss, dm, load = self.diffusion_loss(x, y, self.step_generator(batch_idx), self.config["train"]["cond_drop_prob"])
+        loss, dm, load = self.diffusion_loss(x, y, self.step_generator(batch_idx), self.config.train.cond_drop_prob)
         vals = torch.stack([loss.detach(), dm.detach(), load.detach()]).float()
         host = vals.tolist()
         if not all(math.isfinite(v) for v in host):
@@ -120,59 +124,15 @@ class MoEFsDiCLit(pl.LightningModule):
             torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
 
     def configure_optimizers(self) -> Any:
-        tr = self.config["train"]
-        opt = torch.optim.AdamW(self.parameters(), lr=tr["lr"], betas=tuple(tr["betas"]), weight_decay=tr["weight_decay"])
-        kind = tr["lr_schedule"]
+        tr = self.config.train
+        opt = torch.optim.AdamW(self.parameters(), lr=tr.lr, betas=tr.betas, weight_decay=tr.weight_decay)
+        kind = tr.lr_schedule
         if kind == "plateau":
-            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=tr["plateau_factor"], patience=tr["plateau_patience"])
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=tr.plateau_factor, patience=tr.plateau_patience)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "epoch/loss", "interval": "epoch"}}
         from diffusers.optimization import get_scheduler
 
         total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
-        sched = get_scheduler(kind, opt, num_warmup_steps=tr["warmup_steps"], num_training_steps=max(total, 1))
+        sched = get_scheduler(kind, opt, num_warmup_steps=tr.warmup_steps, num_training_steps=max(total, 1))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-
-# --- loading trained models ------------------------------------------------------------------------
-def check_state_dict(model: nn.Module, state: Mapping[str, Tensor], source: str) -> None:
-    """Raise a `CheckpointError` naming the keys/shapes that differ between ``model`` and ``state``."""
-    checkpoint_io.check_state_dict(
-        model.state_dict(),
-        state,
-        f"checkpoint '{source}' does not fit this model architecture",
-        "use the config the checkpoint was trained with (or a checkpoint of this config)",
-    )
-
-
-def _prefixed(state: Mapping[str, Tensor], prefix: str = "model.") -> dict[str, Tensor]:
-    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-
-
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A training checkpoint (safe load) with its validated config under ``"config"``."""
-    ck = safe_load(path)
-    if not isinstance(ck, dict) or "state_dict" not in ck:
-        raise CheckpointError(f"'{path}' is not a MoEFsDiC training checkpoint (no 'state_dict'); pass a checkpoint_epoch_N.pth file")
-    hp = ck.get("hyper_parameters") or {}
-    if "config" not in hp:
-        raise CheckpointError(f"checkpoint '{path}' carries no config (hyper_parameters.config); it was not written by moelab training")
-    try:
-        ck["config"] = load_config(hp["config"])
-    except ConfigError as e:
-        raise CheckpointError(f"checkpoint '{path}' carries an invalid config: {e}") from None
-    return ck
-
-
-def load_model(ckpt_path: str | Path, ema: bool = True) -> tuple[nn.Module, dict[str, Any]]:
-    """The trained model (eval mode; EMA weights when present and ``ema``) and its config."""
-    ck = read_checkpoint(ckpt_path)
-    cfg = ck["config"]
-    state = ck["state_dict"]  # with EMA on, Lightning stores the averaged weights here
-    if not ema and "current_model_state" in ck:
-        state = ck["current_model_state"]
-    model = build_model(cfg)
-    weights = _prefixed(state)
-    check_state_dict(model, weights, str(ckpt_path))
-    model.load_state_dict(weights)
-    model.eval()
-    return model, cfg

@@ -5,6 +5,10 @@ checkpoint is sampled with exactly the betas it was trained with, whichever solv
 Guidance mixes a conditional and an unconditional (null-class) noise prediction,
 ``eps = eps_uncond + w * (eps_cond - eps_uncond)``; with ``w == 1`` that is ``eps_cond``, so the
 unconditional pass is skipped and the result equals unguided sampling exactly.
+
+There is one sampling loop, `generate`: `sample` (a model, its run config and a sampler name) and
+`moelab.diffusion.pipeline.MoEFsDiCPipeline` (a model and any diffusers scheduler) both call it,
+so a pipeline and `sample` given the same model, scheduler and seed produce the same images.
 """
 
 from __future__ import annotations
@@ -38,18 +42,38 @@ def canonical_sampler(name: str) -> str:
     return key
 
 
-def make_scheduler(config: dict, sampler: str = "dpm++", steps: int | None = None) -> Any:
-    """A diffusers scheduler for ``sampler`` with the training betas, timesteps set to ``steps``."""
-    import diffusers
+#: Config keys of a diffusers scheduler that describe the *training* noise schedule (the rest are
+#: solver settings).
+_SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
+
+
+def _base_schedule(source: Any) -> Any:
+    """The training DDPM schedule of a run config, or of a diffusers scheduler (e.g. a pipeline's)."""
+    from diffusers import DDPMScheduler
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
     from moelab.diffusion.noise import training_scheduler
 
+    if isinstance(source, SchedulerMixin):
+        conf = {k: source.config[k] for k in _SCHEDULE_KEYS if k in source.config}
+        return DDPMScheduler(**conf, clip_sample=True)
+    return training_scheduler(source)
+
+
+def make_scheduler(config: Any, sampler: str = "dpm++", steps: int | None = None) -> Any:
+    """A diffusers scheduler for ``sampler`` with the training betas, timesteps set to ``steps``.
+
+    ``config``: the run config the model was trained with, or a diffusers scheduler carrying that
+    training schedule (a pipeline's ``scheduler``).
+    """
+    import diffusers
+
     name = canonical_sampler(sampler)
-    train_sched = training_scheduler(config)
+    train_sched = _base_schedule(config)
     n_train = int(train_sched.config.num_train_timesteps)
     steps = n_train if steps is None else int(steps)
     if not 1 <= steps <= n_train:
-        raise ConfigError(f"--steps {steps} must be between 1 and the training schedule's {n_train} timesteps")
+        raise ConfigError(f"steps={steps} must be between 1 and the training schedule's {n_train} timesteps")
     cls = getattr(diffusers, SAMPLERS[name])
     extra: dict[str, Any] = {}
     if name in ("dpm++", "dpm++sde"):
@@ -86,11 +110,11 @@ def parse_classes(spec: str | Sequence[int], num_classes: int) -> list[int]:
                 else:
                     ids.append(int(part))
         except ValueError:
-            raise ConfigError(f"--classes '{spec}' is not a class list: write e.g. '0-9', '1,3,5' or 'all'") from None
+            raise ConfigError(f"classes='{spec}' is not a class list: write e.g. '0-9', '1,3,5' or 'all'") from None
     bad = [c for c in ids if not 0 <= c < num_classes]
     if bad or not ids:
         raise ConfigError(
-            f"--classes '{spec}': class ids must be between 0 and {num_classes - 1} (the model has {num_classes} classes)"
+            f"classes='{spec}': class ids must be between 0 and {num_classes - 1} (the model has {num_classes} classes)"
         )
     return sorted(set(ids))
 
@@ -106,9 +130,75 @@ def guided_eps(model: nn.Module, x: Tensor, t: Tensor, labels: Tensor, guidance:
 
 
 @torch.no_grad()
+def generate(
+    model: nn.Module,
+    scheduler: Any,
+    labels: Sequence[int] | Tensor,
+    num_inference_steps: int,
+    guidance: float = 1.0,
+    generator: torch.Generator | None = None,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    progress: Callable[[int, int], None] | None = None,
+) -> Tensor:
+    """The sampling loop: one image per label, ``[N, C, H, W]`` in [-1, 1].
+
+    ``model`` is MoEFsDiC or the dense baseline (``in_channels``, ``image_size``, ``num_classes``
+    attributes; ``model(x, t, c)[0]`` is the noise prediction), ``scheduler`` any diffusers
+    scheduler built on the training schedule. The initial noise of all N samples is drawn first
+    from ``generator`` (a CPU generator), then the solver's own noise, batch after batch, from the
+    same generator: the images depend only on the generator's seed, the labels, the batch size and
+    the solver settings.
+    """
+    from diffusers import DDIMScheduler
+
+    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    num_classes = int(model.num_classes)
+    if labels.numel() == 0:
+        raise ConfigError("nothing to sample: the label list is empty")
+    if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
+        raise ConfigError(f"labels must be class ids in [0, {num_classes - 1}]")
+    if guidance < 0:
+        raise ConfigError(f"guidance={guidance} must be >= 0 (1 = plain conditional sampling)")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size} must be at least 1")
+    n_train = int(scheduler.config.num_train_timesteps)
+    if not 1 <= int(num_inference_steps) <= n_train:
+        raise ConfigError(f"num_inference_steps={num_inference_steps} must be between 1 and the schedule's {n_train} timesteps")
+    device = torch.device(device)
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    shape = (labels.numel(), int(model.in_channels), int(model.image_size), int(model.image_size))
+    noise = torch.randn(shape, generator=gen)
+    # DDIM: re-derive eps from the clipped x0 (as DPM-Solver++'s thresholding does); otherwise the
+    # raw eps and the clipped x0 disagree and the deterministic update leaves noise in the image
+    step_kw = {"use_clipped_model_output": True} if isinstance(scheduler, DDIMScheduler) else {}
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        n_batches = (labels.numel() + batch_size - 1) // batch_size
+        for b in range(n_batches):
+            sl = slice(b * batch_size, (b + 1) * batch_size)
+            scheduler.set_timesteps(int(num_inference_steps))  # also resets a multistep solver's history
+            x = (noise[sl] * scheduler.init_noise_sigma).to(device)
+            y = labels[sl].to(device)
+            n_t = len(scheduler.timesteps)
+            for i, t in enumerate(scheduler.timesteps):
+                tt = torch.full((x.shape[0],), int(t), dtype=torch.long, device=device)
+                xin = scheduler.scale_model_input(x, t)
+                eps = guided_eps(model, xin, tt, y, float(guidance), num_classes)
+                x = scheduler.step(eps, t, x, generator=gen, **step_kw).prev_sample
+                if progress is not None:
+                    progress(b * n_t + i + 1, n_batches * n_t)
+            out.append(x.clamp(-1, 1).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
 def sample(
     model: nn.Module,
-    config: dict,
+    config: Any,
     labels: Sequence[int] | Tensor,
     sampler: str = "dpm++",
     steps: int | None = 20,
@@ -120,46 +210,13 @@ def sample(
 ) -> Tensor:
     """Generate one image per label, ``[N, C, H, W]`` in [-1, 1], reproducibly for a given ``seed``.
 
-    The initial noise of all N samples is drawn once from a seeded generator, so the i-th sample
-    only depends on the seed, the label list and the solver settings.
+    ``config``: the run config the model was trained with (its noise schedule builds the
+    ``sampler``; see `make_scheduler`). Equal to `generate` with ``torch.Generator().manual_seed(seed)``.
     """
-    m = config["model"]
-    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
-    if labels.numel() == 0:
-        raise ConfigError("nothing to sample: the label list is empty")
-    if int(labels.min()) < 0 or int(labels.max()) >= m["num_classes"]:
-        raise ConfigError(f"labels must be class ids in [0, {m['num_classes'] - 1}]")
-    if guidance < 0:
-        raise ConfigError(f"--guidance {guidance} must be >= 0 (1 = plain conditional sampling)")
-    device = torch.device(device)
+    sched = make_scheduler(config, sampler, steps)
+    n_steps = int(sched.config.num_train_timesteps) if steps is None else int(steps)
     gen = torch.Generator().manual_seed(int(seed))
-    shape = (labels.numel(), m["in_channels"], m["image_size"], m["image_size"])
-    noise = torch.randn(shape, generator=gen)
-    was_training = model.training
-    model.eval()
-    out = []
-    try:
-        n_batches = (labels.numel() + batch_size - 1) // batch_size
-        # DDIM: re-derive eps from the clipped x0 (as DPM-Solver++'s thresholding does); otherwise the
-        # raw eps and the clipped x0 disagree and the deterministic update leaves noise in the image
-        step_kw = {"use_clipped_model_output": True} if canonical_sampler(sampler) == "ddim" else {}
-        for b in range(n_batches):
-            sl = slice(b * batch_size, (b + 1) * batch_size)
-            sched = make_scheduler(config, sampler, steps)
-            x = (noise[sl] * sched.init_noise_sigma).to(device)
-            y = labels[sl].to(device)
-            step_gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + b)
-            for i, t in enumerate(sched.timesteps):
-                tt = torch.full((x.shape[0],), int(t), dtype=torch.long, device=device)
-                xin = sched.scale_model_input(x, t)
-                eps = guided_eps(model, xin, tt, y, float(guidance), m["num_classes"])
-                x = sched.step(eps, t, x, generator=step_gen, **step_kw).prev_sample
-                if progress is not None:
-                    progress(b * len(sched.timesteps) + i + 1, n_batches * len(sched.timesteps))
-            out.append(x.clamp(-1, 1).cpu())
-    finally:
-        model.train(was_training)
-    return torch.cat(out)
+    return generate(model, sched, labels, n_steps, guidance, gen, batch_size, device, progress)
 
 
 def timed_sample(model: nn.Module, config: dict, labels: Sequence[int] | Tensor, **kw: Any) -> tuple[Tensor, float]:
@@ -233,21 +290,6 @@ def save_npz(images: Tensor, labels: Sequence[int] | Tensor, path: str | Path) -
     return path
 
 
-def load_for_inference(checkpoint: str | Path, ema: bool = True) -> tuple[nn.Module, dict]:
-    """`lit.load_model` with a clear message for the commonest mistake, a wrong path."""
-    from moelab.diffusion.lit import load_model
-    from moelab.errors import CheckpointError
-
-    p = Path(checkpoint)
-    if not p.is_file():
-        what = "is a folder" if p.is_dir() else "does not exist"
-        raise CheckpointError(
-            f"--checkpoint '{p}' {what}: pass a checkpoint_epoch_N.pth file written by training "
-            "(e.g. outputs/demo/checkpoints/checkpoint_epoch_100.pth)"
-        )
-    return load_model(p, ema=ema)
-
-
 def sample_checkpoint(
     checkpoint: str | Path,
     classes: str | Sequence[int] = "all",
@@ -256,7 +298,9 @@ def sample_checkpoint(
     **kw: Any,
 ) -> tuple[Tensor, Tensor, dict]:
     """Load a training checkpoint (EMA weights by default) and sample ``per_class`` images per class."""
-    model, config = load_for_inference(checkpoint, ema=ema)
-    cls = parse_classes(classes, config["model"]["num_classes"])
+    from moelab.diffusion.checkpoints import load_model
+
+    model, config = load_model(checkpoint, ema=ema)
+    cls = parse_classes(classes, config.model.num_classes)
     labels = grid_labels(cls, per_class)
     return sample(model, config, labels, **kw), labels, config

@@ -20,7 +20,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="override train.batch_size")
     p.add_argument("--precision", help="override train.precision: 32-true, bf16-mixed, 16-mixed (GPU)")
     p.add_argument("--seed", type=int, help="override train.seed")
-    p.add_argument("--checkpoint-dir", default="checkpoints", help="where checkpoint_epoch_N.pth go (default: checkpoints)")
+    p.add_argument("--checkpoint-dir", default=None, help="where checkpoint_epoch_N.pth go (default: train.checkpoint_dir, i.e. checkpoints)")
     p.add_argument("--log-dir", help="CSV/TensorBoard logs (default: <checkpoint-dir>/logs)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override any config key, e.g. --set train.lr=3e-4")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (epoch summaries are still printed)")
@@ -36,7 +36,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.config is not None:
         cfg = load_config(Path(args.config), overrides)
     elif args.resume is not None:
-        from moelab.diffusion.lit import read_checkpoint
+        from moelab.diffusion.checkpoints import read_checkpoint
 
         cfg = load_config(read_checkpoint(args.resume)["config"], overrides)
     else:
@@ -45,7 +45,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     last = fit(
         cfg,
-        checkpoint_dir=args.checkpoint_dir,
+        checkpoint_dir=args.checkpoint_dir if args.checkpoint_dir is not None else cfg.train.checkpoint_dir,
         accelerator=args.device,
         devices=args.devices,
         max_steps=args.max_steps,
@@ -66,9 +66,10 @@ def register(sub: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry of the repository's ``train.py``."""
-    from moelab.cli import run_guarded
+    from moelab.guard import run_guarded, show_info_logs
 
     p = argparse.ArgumentParser(prog="train.py", description="Train MoEFsDiC (class-conditional diffusion U-Net with MoE).")
     add_train_arguments(p)
     args = p.parse_args(argv)
+    show_info_logs()
     return run_guarded(lambda: run_train(args))

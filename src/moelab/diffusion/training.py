@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader, Dataset
 from moelab.checkpoint import AtomicCheckpointIO
 from moelab.diffusion.config import load_config
 from moelab.diffusion.data import load_split
-from moelab.diffusion.lit import MoEFsDiCLit, _prefixed, check_state_dict, read_checkpoint
+from moelab.diffusion.checkpoints import check_fits, model_weights, read_checkpoint
+from moelab.diffusion.lit import MoEFsDiCLit
 from moelab.diffusion.progress import MoEProgressBar
 from moelab.errors import CheckpointError, ConfigError, NonFiniteLossError
 from moelab.moe.callbacks import ExpertUsageMonitor
@@ -82,7 +83,7 @@ def _check_resume(resume: str | Path, lit: MoEFsDiCLit) -> None:
     for key in ("optimizer_states", "epoch", "global_step"):
         if key not in ck:
             raise CheckpointError(f"'{resume}' is a weights-only checkpoint (no {key}); --resume needs a full training checkpoint")
-    check_state_dict(lit.model, _prefixed(ck["state_dict"]), str(resume))
+    check_fits(lit.model, model_weights(ck["state_dict"]), resume)
 
 
 def fit(

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from diffusers import ConfigMixin, ModelMixin
 from torch import Tensor, nn
 
 from moelab.diffusion.blocks import (
@@ -31,8 +32,11 @@ from moelab.diffusion.blocks import (
     TimeEmbedding,
     Upsample,
 )
-from moelab.diffusion.experts import norm_groups
+from moelab.diffusion.config import ModelConfig, model_config
+from moelab.diffusion.experts import PointwiseConv2d, norm_groups
 from moelab.moe import MoELayer, moe_layers
+
+_D = ModelConfig()  # the defaults of every architecture field, stated once (in ModelConfig)
 
 
 def batch_conditions(x: Tensor, t: Tensor | int | float, c: Tensor | None, num_classes: int) -> tuple[Tensor, Tensor]:
@@ -45,57 +49,102 @@ def batch_conditions(x: Tensor, t: Tensor | int | float, c: Tensor | None, num_c
     return t, c.long()
 
 
-class MoEFsDiC_UNet(nn.Module):  # noqa: N801 - the name the quick-start uses
+class MoEFsDiC_UNet(ModelMixin, ConfigMixin):  # noqa: N801 - the name the quick-start uses
     """``noise_pred, moe_logits = model(x, t, c)``.
 
     ``x`` ``[B, C, H, W]``; ``t`` ``[B]`` timesteps; ``c`` ``[B]`` class ids, where
     ``c == num_classes`` (or ``c=None``) is the unconditional "null" class used for
     classifier-free guidance. ``moe_logits``: one ``[B, num_experts]`` tensor per MoE block, in
     forward order (empty when MoE is off).
+
+    A diffusers model: the architecture is its config (``model.config``, flat, the fields of
+    `ModelConfig`), so ``save_pretrained(dir)`` writes ``config.json`` + safetensors weights and
+    ``MoEFsDiC_UNet.from_pretrained(dir)`` rebuilds it. ``model.model_config`` is the typed form.
+
+    Args:
+        config (`ModelConfig` or mapping, *optional*): the architecture, whole: a `ModelConfig`, a
+            loaded run config, or a raw config dict in the YAML layout (the quick-start's
+            ``MoEFsDiC_UNet(yaml.safe_load(...))``), validated here once. When given, the keyword
+            fields below are ignored.
+        **fields: the `ModelConfig` fields, flat (``in_channels``, ``model_channels``,
+            ``channel_mults``, ``image_size``, ``num_classes``, ``emb_dim``, ``layers_per_block``,
+            ``freq_bands``, ``moe_enabled``, ``num_experts``, ``top_k``, ``gate``,
+            ``router_hidden``, ``jitter``, ``kernel_size``, ``freq_enabled``, ``use_dsconv``), with
+            `ModelConfig`'s defaults and meaning; this is how ``from_pretrained`` calls it.
     """
 
-    def __init__(self, config: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        config: ModelConfig | Mapping[str, Any] | None = None,
+        *,
+        arch: str = "moefsdic",
+        in_channels: int = _D.in_channels,
+        model_channels: int = _D.model_channels,
+        channel_mults: tuple[int, ...] | list[int] = _D.channel_mults,
+        image_size: int = _D.image_size,
+        num_classes: int = _D.num_classes,
+        emb_dim: int | None = _D.emb_dim,
+        layers_per_block: int = _D.layers_per_block,
+        freq_bands: int = _D.freq_bands,
+        moe_enabled: bool = _D.moe_enabled,
+        num_experts: int = _D.num_experts,
+        top_k: int = _D.top_k,
+        gate: str = _D.gate,
+        router_hidden: int = _D.router_hidden,
+        jitter: float = _D.jitter,
+        kernel_size: int = _D.kernel_size,
+        freq_enabled: bool = _D.freq_enabled,
+        use_dsconv: bool = _D.use_dsconv,
+    ) -> None:
         super().__init__()
-        from moelab.diffusion.config import load_config
-
-        cfg = load_config(config)
-        self.config = cfg
-        m, moe = cfg["model"], cfg["moe"]
-        ds = cfg["train"]["use_dsconv_global"]
-        mc = m["model_channels"]
-        chans = [mc * k for k in m["channel_mults"]]
-        emb = m["emb_dim"] or 4 * mc
-        self.num_classes = m["num_classes"]
-        self.in_channels = m["in_channels"]
-        self.image_size = m["image_size"]
-        self.moe_enabled = moe["enabled"]
+        if config is None:
+            config = model_config(
+                None, in_channels=in_channels, model_channels=model_channels, channel_mults=channel_mults,
+                image_size=image_size, num_classes=num_classes, emb_dim=emb_dim, layers_per_block=layers_per_block,
+                freq_bands=freq_bands, moe_enabled=moe_enabled, num_experts=num_experts, top_k=top_k, gate=gate,
+                router_hidden=router_hidden, jitter=jitter, kernel_size=kernel_size, freq_enabled=freq_enabled,
+                use_dsconv=use_dsconv,
+            )
+        mc = model_config(config)
+        if mc.arch != "moefsdic":  # the same fields describe the baseline; this class is MoEFsDiC
+            mc = mc.replace(arch="moefsdic")
+        self.register_to_config(**mc.to_dict())
+        self.model_config = mc
+        chans = [mc.model_channels * k for k in mc.channel_mults]
+        emb = mc.embed_dim
+        ds = mc.use_dsconv
+        self.num_classes = mc.num_classes
+        self.in_channels = mc.in_channels
+        self.image_size = mc.image_size
+        self.moe_enabled = mc.moe_enabled
 
         def block(ch: int) -> CondBlock:
-            if moe["enabled"]:
+            if mc.moe_enabled:
                 return MoEConvBlock(
-                    ch, emb, moe["num_experts"], moe["k_active"], ds, moe["router_hidden"], moe["gate"], moe["jitter"], moe["kernel_size"]
+                    channels=ch, emb_dim=emb, num_experts=mc.num_experts, k=mc.top_k, use_dsconv=ds,
+                    router_hidden=mc.router_hidden, gate=mc.gate, jitter=mc.jitter, kernel_size=mc.kernel_size,
                 )
-            return DilatedFusionBlock(ch, emb, ds)
+            return DilatedFusionBlock(channels=ch, emb_dim=emb, use_dsconv=ds)
 
-        self.time_embed = TimeEmbedding(mc, emb)
+        self.time_embed = TimeEmbedding(mc.model_channels, emb)
         self.class_embed = nn.Embedding(self.num_classes + 1, emb)  # last row = null class
-        # The stem is a standard conv even with use_dsconv_global: a depthwise conv over 1-3 image
+        # The stem is a standard conv even with use_dsconv: a depthwise conv over 1-3 image
         # channels would hand every feature map a multiple of the same 1-3 filtered images.
-        self.stem = nn.Conv2d(m["in_channels"], chans[0], 3, padding=1)
+        self.stem = nn.Conv2d(mc.in_channels, chans[0], 3, padding=1)
 
-        n, self.layers_per_block = len(chans), m["layers_per_block"]
+        n, self.layers_per_block = len(chans), mc.layers_per_block
         per_level = [c for c in chans for _ in range(self.layers_per_block)]
         self.enc_blocks = nn.ModuleList(block(c) for c in per_level)
         self.downs = nn.ModuleList(Downsample(chans[i], chans[min(i + 1, n - 1)], ds) for i in range(n))
         cb = chans[-1]
         self.mid_down = Downsample(cb, cb, ds)
-        self.mid = FreqGlobalModule(cb, emb, m["freq_bands"]) if cfg["freq"]["enabled"] else block(cb)
+        self.mid = FreqGlobalModule(cb, emb, mc.freq_bands) if mc.freq_enabled else block(cb)
         self.mid_up = Upsample(cb, cb, ds)
         self.ups = nn.ModuleList(Upsample(chans[min(i + 1, n - 1)], chans[i], ds) for i in range(n))
-        self.merges = nn.ModuleList(nn.Conv2d(2 * c, c, 1) for c in chans)
+        self.merges = nn.ModuleList(PointwiseConv2d(2 * c, c) for c in chans)  # 1x1: one GEMM channels-last
         self.dec_blocks = nn.ModuleList(block(c) for c in per_level)
         self.out_norm = nn.GroupNorm(norm_groups(chans[0]), chans[0])
-        self.out_conv = nn.Conv2d(chans[0], m["in_channels"], 3, padding=1)
+        self.out_conv = nn.Conv2d(chans[0], mc.in_channels, 3, padding=1)
 
     # --- forward -------------------------------------------------------------------------------
     def forward(self, x: Tensor, t: Tensor | int | float, c: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
@@ -115,7 +164,7 @@ class MoEFsDiC_UNet(nn.Module):  # noqa: N801 - the name the quick-start uses
             h = self.merges[i](torch.cat([h, skips[i]], dim=1))
             for blk in self._level(self.dec_blocks, i):
                 h = blk(h, cond)
-        out = self.out_conv(F.gelu(self.out_norm(h)))
+        out = self.out_conv(F.gelu(self.out_norm(h))).contiguous()  # blocks run channels-last; callers get NCHW
         return out, self.moe_logits()
 
     def moe_logits(self) -> list[Tensor]:
@@ -148,14 +197,3 @@ class MoEFsDiC_UNet(nn.Module):  # noqa: N801 - the name the quick-start uses
             inactive += expert_params * (layer.num_experts - layer.k) // layer.num_experts
         return {"total": total, "active_per_sample": total - inactive, "moe_blocks": len(moe_layers(self))}
 
-
-def build_model(config: Mapping[str, Any]) -> nn.Module:
-    """The model a config asks for: MoEFsDiC (default) or the dense diffusers UNet2D baseline."""
-    from moelab.diffusion.config import load_config
-
-    cfg = load_config(config)
-    if cfg["model"]["arch"] == "unet2d":
-        from moelab.diffusion.baseline import DenseUNet2D
-
-        return DenseUNet2D(cfg)
-    return MoEFsDiC_UNet(cfg)

@@ -1,0 +1,39 @@
+"""`run_guarded`: how every moelab command and script reports a user error.
+
+A `MoelabError` (bad config, missing file, checkpoint that does not fit, ...) is printed as one
+line, ``error: ...``, with exit status 2, never a traceback; moelab's INFO log lines (which
+config aliases were mapped, ...) are shown as plain lines (`show_info_logs`). It lives apart from `moelab.cli` so
+that the application CLIs and the repository's scripts can use it without importing the
+top-level CLI (which imports them).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+
+from moelab.errors import MoelabError
+
+
+def run_guarded(fn: Callable[[], int | None]) -> int:
+    """Run ``fn`` and turn user errors into one clear line on stderr and exit status 2."""
+    try:
+        return int(fn() or 0)
+    except MoelabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def show_info_logs() -> None:
+    """Print moelab's INFO log lines as plain lines on stderr (once, however often it is called)."""
+    logger = logging.getLogger("moelab")
+    if not any(getattr(h, "_moelab", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._moelab = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
