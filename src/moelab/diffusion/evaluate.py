@@ -3,8 +3,9 @@
 * conditional accuracy: the share of samples that a classifier trained on the real *training*
   images assigns to the class they were generated for (chance = 1 / num_classes);
 * Fréchet distance between generated and real *held-out* images in that classifier's feature space
-  (torchmetrics' `FrechetInceptionDistance` with the classifier as feature extractor), and the true
-  FID with Inception-v3 features when a local weights file is given (never downloaded);
+  (torchmetrics' `FrechetInceptionDistance` with the classifier as feature extractor), and the
+  standard FID (the same metric on the 2048-d Inception-v3 features of torch-fidelity's weights
+  file, `moelab.diffusion.inception`) when a local weights file is given (never downloaded);
 * wall-clock time per sample.
 The held-out split never trains anything, so the numbers are not flattered by memorisation.
 """
@@ -12,7 +13,7 @@ The held-out split never trains anything, so the numbers are not flattered by me
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,32 +26,70 @@ from moelab.errors import ConfigError, DataError
 HELD_OUT_SPLIT = "test"
 
 
-class _FeatureExtractor(nn.Module):
-    """Adapts a feature function to torchmetrics' custom-feature FID interface (``num_features``)."""
+class FeatureExtractor(nn.Module):
+    """Images in [-1, 1] -> features, in torchmetrics' custom-feature FID interface (``num_features``).
 
-    def __init__(self, net: nn.Module, num_features: int) -> None:
+    ``prepare`` maps the images to what ``net`` reads (the Inception nets read uint8 RGB).
+    """
+
+    def __init__(self, net: nn.Module, num_features: int, prepare: Callable[[Tensor], Tensor] | None = None) -> None:
         super().__init__()
         self.net = net
         self.num_features = num_features
+        self.prepare = prepare
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
         self.net.eval()
-        return self.net.features(x.float())  # type: ignore[operator]
+        x = self.prepare(x) if self.prepare is not None else x.float()
+        fn = getattr(self.net, "features", self.net)
+        return fn(x)
 
 
-def frechet_distance(features_net: nn.Module, num_features: int, real: Tensor, fake: Tensor, batch_size: int = 256) -> float:
-    """Fréchet distance between the feature Gaussians of ``real`` and ``fake`` images."""
+def classifier_features(classifier: ImageClassifier) -> FeatureExtractor:
+    """The evaluation classifier's penultimate features (the Fréchet distance in its space)."""
+    return FeatureExtractor(classifier, classifier.feature_dim)
+
+
+def inception_features(inception: nn.Module) -> FeatureExtractor:
+    """2048-d Inception pool features of images quantised to uint8 RGB, as the standard FID reads them."""
+    from moelab.diffusion.inception import NUM_FEATURES, to_uint8_rgb
+
+    return FeatureExtractor(inception, NUM_FEATURES, to_uint8_rgb)
+
+
+def fid_metric(extractor: FeatureExtractor, real: Tensor, batch_size: int = 256) -> Any:
+    """torchmetrics' ``FrechetInceptionDistance`` on ``extractor`` with the ``real`` statistics loaded once.
+
+    ``reset()`` then clears only the generated side, so repeated scoring (every evaluation during
+    training) does not recompute the real features.
+    """
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    if real.shape[0] < 2 or fake.shape[0] < 2:
-        raise DataError("the Fréchet distance needs at least 2 real and 2 generated images")
-    fid = FrechetInceptionDistance(feature=_FeatureExtractor(features_net, num_features), reset_real_features=False)
+    if real.shape[0] < 2:
+        raise DataError("the Fréchet distance needs at least 2 real images")
+    # sync_on_compute=False: the whole set is scored in one process (rank 0 under DDP), never a collective
+    fid = FrechetInceptionDistance(feature=extractor, reset_real_features=False, sync_on_compute=False)
     for xb in real.split(batch_size):
         fid.update(xb, real=True)
+    return fid
+
+
+def fake_distance(metric: Any, fake: Tensor, batch_size: int = 256) -> float:
+    """Fréchet distance of ``fake`` images to the real statistics held by ``metric`` (from `fid_metric`)."""
+    if fake.shape[0] < 2:
+        raise DataError("the Fréchet distance needs at least 2 generated images")
+    metric.reset()
     for xb in fake.split(batch_size):
-        fid.update(xb, real=False)
-    return float(fid.compute())
+        metric.update(xb, real=False)
+    return float(metric.compute())
+
+
+def frechet_distance(extractor: FeatureExtractor, real: Tensor, fake: Tensor, batch_size: int = 256) -> float:
+    """Fréchet distance between the feature Gaussians of ``real`` and ``fake`` images (torchmetrics)."""
+    if fake.shape[0] < 2:
+        raise DataError("the Fréchet distance needs at least 2 generated images")
+    return fake_distance(fid_metric(extractor, real, batch_size), fake, batch_size)
 
 
 class Evaluator:
@@ -67,6 +106,13 @@ class Evaluator:
         self.real_images = real_images.float()
         self.real_labels = real_labels.long()
         self.inception = inception
+        self._metrics: dict[str, Any] = {}  # feature space -> FID metric holding the real statistics
+
+    def _distance(self, space: str, images: Tensor) -> float:
+        if space not in self._metrics:
+            ext = classifier_features(self.classifier) if space == "classifier" else inception_features(self.inception)  # type: ignore[arg-type]
+            self._metrics[space] = fid_metric(ext, self.real_images)
+        return fake_distance(self._metrics[space], images)
 
     @classmethod
     def for_config(
@@ -80,9 +126,9 @@ class Evaluator:
         images, labels = dataset_tensors(config, HELD_OUT_SPLIT)
         inception = None
         if inception_weights is not None:
-            from moelab.diffusion.inception import FIDInceptionV3
+            from moelab.diffusion.inception import load_inception
 
-            inception = FIDInceptionV3.from_weights(inception_weights)
+            inception = load_inception(inception_weights)
         return cls(clf, images, labels, inception)
 
     def score(self, images: Tensor, labels: Sequence[int] | Tensor) -> dict[str, Any]:
@@ -101,17 +147,17 @@ class Evaluator:
         out: dict[str, Any] = {
             "accuracy": float(correct.mean()),
             "per_class_accuracy": per_class,
-            "frechet_distance": frechet_distance(self.classifier, self.classifier.feature_dim, self.real_images, images),
+            "frechet_distance": self._distance("classifier", images),
             "num_samples": int(labels.numel()),
             "num_real": int(self.real_images.shape[0]),
         }
         if self.inception is not None:
-            out["fid"] = frechet_distance(self.inception, self.inception.num_features, self.real_images, images)
+            out["fid"] = self._distance("inception", images)
         return out
 
     def reference(self, train_images: Tensor) -> float:
         """Fréchet distance between real training and real held-out images: the floor a model can reach."""
-        return frechet_distance(self.classifier, self.classifier.feature_dim, self.real_images, train_images.float())
+        return frechet_distance(classifier_features(self.classifier), self.real_images, train_images.float())
 
 
 def evaluate_model(
@@ -145,11 +191,21 @@ def evaluate_checkpoint(
     checkpoint: str | Path, ema: bool = True, cache_dir: str | Path | None = None,
     inception_weights: str | Path | None = None, **kw: Any,
 ) -> dict[str, Any]:
-    """`evaluate_model` on a training checkpoint (EMA weights by default)."""
+    """`evaluate_model` on a training checkpoint (EMA weights by default).
+
+    The Inception weights are read first, so a wrong ``--inception-weights`` fails before any
+    sampling or classifier training.
+    """
     from moelab.diffusion.checkpoints import load_model
 
+    inception = None
+    if inception_weights is not None:
+        from moelab.diffusion.inception import load_inception
+
+        inception = load_inception(inception_weights)
     model, config = load_model(checkpoint, ema=ema)
-    ev = Evaluator.for_config(config, cache_dir, inception_weights)
+    ev = Evaluator.for_config(config, cache_dir)
+    ev.inception = inception
     res = evaluate_model(model, config, ev, **kw)
     res["checkpoint"] = str(checkpoint)
     res["ema"] = ema
