@@ -23,6 +23,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     diffusion_cli.add_commands(apps.add_parser("diffusion", help="MoEFsDiC class-conditional image diffusion"))
     seismic_cli.add_commands(apps.add_parser("seismic", help="SeisMoE earthquake detection and phase picking"))
+    from moelab.diffusion import fetch_cli
+
+    fetch_cli.add_commands(apps.add_parser("data", help="image data sets: fetch MNIST, Fashion-MNIST, CIFAR-10"))
     # (further command families register here, one line each)
     args = parser.parse_args(argv)
     show_info_logs()
