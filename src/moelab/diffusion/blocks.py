@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from moelab.diffusion.experts import DepthwiseSeparableConv2d, ResidualConvExperts, norm_groups
+from moelab.diffusion.experts import DepthwiseSeparableConv2d, PointwiseConv2d, ResidualConvExperts, norm_groups
 from moelab.moe import MoELayer, TopKRouter
 
 
@@ -23,7 +23,7 @@ def conv3x3(cin: int, cout: int, use_dsconv: bool, dilation: int = 1, stride: in
     if use_dsconv and stride == 1:
         return DepthwiseSeparableConv2d(cin, cout, 3, dilation=dilation)
     if use_dsconv:  # strided depthwise + pointwise (the same factorisation, downsampling)
-        return nn.Sequential(nn.Conv2d(cin, cin, 3, stride=stride, padding=1, groups=cin), nn.Conv2d(cin, cout, 1))
+        return nn.Sequential(nn.Conv2d(cin, cin, 3, stride=stride, padding=1, groups=cin), PointwiseConv2d(cin, cout))
     return nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation)
 
 
@@ -66,6 +66,10 @@ class CondBlock(nn.Module):
     """Adds a projection of ``t_emb + c_emb`` to the input, then runs the block body.
 
     ``gradient_checkpointing`` recomputes the body in backward (MoE bodies use the core's own flag).
+
+    The block works channels-last (`inject` lays its input out ``[N, H, W, C]``, a no-op once the
+    first block has done it; everything downstream keeps the layout): on CPU oneDNN's depthwise
+    convs are ~2x faster there and pointwise convs become single GEMMs (`pointwise_conv`).
     """
 
     def __init__(self, channels: int, emb_dim: int) -> None:
@@ -74,6 +78,7 @@ class CondBlock(nn.Module):
         self.gradient_checkpointing = False
 
     def inject(self, x: Tensor, cond: Conditioning) -> Tensor:
+        x = x.contiguous(memory_format=torch.channels_last)
         return x + self.cond(cond.joint)[:, :, None, None].to(x.dtype)
 
 
@@ -116,7 +121,7 @@ class DilatedFusionBlock(CondBlock):
             nn.Sequential(conv3x3(channels, channels, use_dsconv, dilation=d), nn.GroupNorm(g, channels), nn.GELU())
             for d in self.DILATIONS
         )
-        self.fuse = nn.Conv2d(len(self.DILATIONS) * channels, channels, 1)
+        self.fuse = PointwiseConv2d(len(self.DILATIONS) * channels, channels)
 
     def body(self, h: Tensor) -> Tensor:
         return h + self.fuse(torch.cat([b(h) for b in self.branches], dim=1))

@@ -7,6 +7,13 @@ sweep. The sweep matters: the Fréchet distance depends far more on the guidance
 model (on digits 1.1-1.5 at w = 1-1.25, 4-7 at w = 2, where guidance over-sharpens every class),
 and the models do not peak at the same w, so one fixed w ranks the over-guided images, not the
 models. Each model is summarised at its best w (lowest Fréchet distance), as papers report FID.
+
+Two budgets: equal optimizer steps (default) or equal wall-clock training time
+(``budget_seconds``: each model trains until Lightning's ``max_time`` runs out, so the faster
+model takes more steps; the LR schedule keeps the config's length, so set the budget below the
+faster model's time for the full schedule if both are to be cut by it). On a shared machine the
+wall-clock budget is only as equal as the load during the two runs: the rows record the steps each
+model reached.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ if TYPE_CHECKING:  # the CLI reads this module's defaults at start-up, before to
 COMPARE_COLUMNS = [
     ("params_total", "params total", "{:,}"),
     ("params_active", "params active", "{:,}"),
+    ("train_steps", "train steps", "{:,}"),
     ("train_samples_per_s", "train samples/s", "{:.1f}"),
     ("train_seconds", "train s", "{:.1f}"),
     ("seconds_per_sample", "sample s/img", "{:.4f}"),
@@ -47,6 +55,7 @@ def train_and_evaluate(
     progress: bool = True,
     cache_dir: str | Path | None = None,
     guidance: float | Sequence[float] = GUIDANCE_SWEEP,
+    budget_seconds: float | None = None,
     **eval_kw: Any,
 ) -> list[dict[str, Any]]:
     """Train one config through `training.fit`, reload its EMA weights, evaluate at every guidance weight.
@@ -60,7 +69,10 @@ def train_and_evaluate(
 
     out = Path(out_dir)
     t0 = time.perf_counter()
-    ckpt = fit(config, checkpoint_dir=out / "checkpoints", max_steps=max_steps, seed=train_seed, progress=progress, logger_dir=out / "logs")
+    ckpt = fit(
+        config, checkpoint_dir=out / "checkpoints", max_steps=max_steps, seed=train_seed, progress=progress,
+        logger_dir=out / "logs", max_time=budget_seconds,
+    )
     train_s = time.perf_counter() - t0
     steps = int(read_checkpoint(ckpt)["global_step"])
     model, cfg = load_model(ckpt, ema=True)  # EMA weights when training kept them
@@ -71,6 +83,7 @@ def train_and_evaluate(
     trained = dict(
         arch=cfg["model"]["arch"], checkpoint=str(ckpt), train_steps=steps, train_seconds=train_s,
         train_samples_per_s=steps * bs / train_s, params_total=pc["total"], params_active=pc["active_per_sample"],
+        budget_seconds=budget_seconds,
     )
     return [{**evaluate_model(model, cfg, evaluator, guidance=w, **eval_kw), **trained} for w in guidance_weights(guidance)]
 
@@ -95,10 +108,13 @@ def compare(
     cache_dir: str | Path | None = None,
     overrides: Mapping[str, Any] | None = None,
     guidance: float | Sequence[float] = GUIDANCE_SWEEP,
+    budget_seconds: float | None = None,
     **eval_kw: Any,
 ) -> dict[str, Any]:
     """Train MoEFsDiC and the dense baseline, evaluate both at every guidance weight; write ``compare.json``.
 
+    ``budget_seconds``: train each model for this wall-clock time instead of for equal steps
+    (``max_steps``, if also given, still caps the steps).
     Returns ``results`` (one row per model and guidance weight), ``rows`` (each model at its best
     weight), ``table`` (all results) and ``best_table``.
     """
@@ -113,7 +129,9 @@ def compare(
         raise ConfigError(f"--guidance {' '.join(map(str, weights))}: give one or more weights >= 0 (1 = no guidance)")
     out = Path(out_dir)
     overrides = dict(overrides or {})
-    if max_steps is not None:  # a run cut short by steps must still end with a checkpoint
+    if budget_seconds is not None and not budget_seconds > 0:
+        raise ConfigError(f"--budget-seconds {budget_seconds} must be a positive number of seconds")
+    if max_steps is not None or budget_seconds is not None:  # a run cut short must still end with a checkpoint
         overrides["train.checkpoint_every"] = 1
     base = load_config(config, overrides)
     moe_cfg = load_config({**base, "model": {**base["model"], "arch": "moefsdic"}})
@@ -122,7 +140,8 @@ def compare(
     results: dict[str, list[dict[str, Any]]] = {}
     for name, cfg in (("moefsdic", moe_cfg), (baseline, dense_cfg)):
         results[name] = train_and_evaluate(
-            cfg, out / name, evaluator, max_steps=max_steps, train_seed=train_seed, progress=progress, guidance=weights, **eval_kw
+            cfg, out / name, evaluator, max_steps=max_steps, train_seed=train_seed, progress=progress, guidance=weights,
+            budget_seconds=budget_seconds, **eval_kw,
         )
     flat = [r for rows in results.values() for r in rows]
     names = [name for name, rows in results.items() for _ in rows]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -98,8 +99,14 @@ def fit(
     seed: int | None = None,
     progress: bool = True,
     logger_dir: str | Path | None = None,
+    max_time: float | None = None,
 ) -> Path:
-    """Train; return the last checkpoint written. ``seed``/``max_epochs`` override the config."""
+    """Train; return the last checkpoint written. ``seed``/``max_epochs`` override the config.
+
+    ``max_time``: a wall-clock training budget in seconds (Lightning's ``Trainer(max_time=...)``,
+    counted from the start of training, checked after every step); training stops at whichever of
+    budget, ``max_steps`` and epochs comes first. The LR schedule keeps the config's length.
+    """
     overrides: dict[str, Any] = {}
     if seed is not None:
         overrides["train.seed"] = seed
@@ -112,6 +119,8 @@ def fit(
         raise ConfigError(f"--devices {devices} must be at least 1")
     if max_steps is not None and max_steps < 1:
         raise ConfigError(f"--max-steps {max_steps} must be at least 1")
+    if max_time is not None and not max_time > 0:
+        raise ConfigError(f"--budget-seconds {max_time} must be a positive number of seconds")
     if acc == "cpu" and tr["precision"] == "16-mixed":
         raise ConfigError("train.precision=16-mixed needs a GPU; on CPU use bf16-mixed or 32-true")
     if resume is not None and Path(resume).is_dir():
@@ -155,6 +164,7 @@ def fit(
         precision=tr["precision"],
         max_epochs=tr["epochs"],
         max_steps=max_steps if max_steps is not None else -1,
+        max_time=timedelta(seconds=max_time) if max_time is not None else None,
         gradient_clip_val=tr["grad_clip"] or None,
         accumulate_grad_batches=tr["accumulate_grad_batches"],
         callbacks=callbacks,

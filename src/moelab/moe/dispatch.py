@@ -2,61 +2,116 @@
 
 Two ways, both exact and both free of Python loops over units:
 
-* `grouped_dispatch` works with any list of expert modules: the (unit, slot) pairs are sorted by
-  expert, each expert runs once on the contiguous block of units routed to it (experts with no
-  unit are skipped), and the weighted outputs are scattered back with one ``index_add``.
-* `gathered_dispatch` works with an `ExpertBank` whose experts are stored stacked: the bank
-  evaluates, for each of the k routing slots, every unit with its own selected expert in one call
-  (gathered-weight kernels, see `moelab.moe.gathered`). Fastest for per-sample conv experts.
+* `grouped_dispatch` sorts the (unit, slot) pairs by expert, runs each expert once on the contiguous
+  block of units routed to it (experts with no unit are skipped; one large conv/GEMM per expert,
+  with the expert's own weights, no per-unit weight copies) and scatters the weighted outputs back
+  with one ``index_add``. It works with any list of expert modules and with an `ExpertBank`
+  (through `ExpertBank.expert_forward`). The block sizes must be known on the host to split the
+  batch, so it reads the expert counts back (``.tolist()``): free on CPU, a host synchronisation
+  on an accelerator.
+* `gathered_dispatch` works with an `ExpertBank`: for each of the k routing slots the bank
+  evaluates every unit with its own selected expert in one call (gathered-weight kernels, see
+  `moelab.moe.gathered`). No sorting and no host synchronisation, but it copies one set of expert
+  weights per unit (``[N, C, C]`` for a pointwise conv) and, in backward, a per-unit weight
+  gradient of that size: cheap where weights are small next to the activations, dominant where
+  they are not (1024 channels at 8x8).
+
+`dispatch` chooses per call: a module list is grouped; a bank asks its `ExpertBank.prefers_grouped`
+(cost of the per-unit weight copies against the activations; always gathered on accelerators, so
+no MoE block synchronises with the host there).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from moelab.moe.router import Routing
 
+DispatchMode = Literal["auto", "gathered", "grouped"]
+DISPATCH_MODES: tuple[str, ...] = ("auto", "gathered", "grouped")
+
 
 class ExpertBank(nn.Module):
     """E experts with stacked parameters that can evaluate each unit with its own expert at once.
 
-    Subclasses implement `forward_gathered`; ``forward_gathered(x, full(e))`` is expert ``e`` alone,
-    which is also how a naive per-unit reference is computed in tests.
+    Subclasses implement `forward_gathered` and, for grouped dispatch, `expert_forward` with
+    ordinary (non-gathered) kernels; ``forward_gathered(x, full(e))`` is expert ``e`` alone.
+    ``dispatch_mode`` (``"auto"`` | ``"gathered"`` | ``"grouped"``) overrides the cost-based choice.
     """
 
     num_experts: int
+    dispatch_mode: DispatchMode = "auto"
 
     def forward_gathered(self, x: Tensor, expert_idx: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def expert_forward(self, x: Tensor, e: int) -> Tensor:
-        """Expert ``e`` applied to every unit of ``x`` (dense use, references, upcycling checks)."""
+        """Expert ``e`` applied to every unit of ``x`` (dense use, references, grouped dispatch)."""
         return self.forward_gathered(x, torch.full((x.shape[0],), e, dtype=torch.long, device=x.device))
+
+    def expert_runner(self) -> Callable[[int, Tensor], Tensor]:
+        """``run(e, x)`` = expert ``e`` on ``x``, for grouped dispatch (which calls it once per used
+        expert). Banks override this to split their stacked parameters once per call (``unbind``:
+        one gradient tensor per parameter in backward instead of one zero-filled ``[E, ...]``
+        tensor per expert and parameter, as indexing ``weight[e]`` E times would give)."""
+        return lambda e, z: self.expert_forward(z, e)
+
+    def prefers_grouped(self, x: Tensor, routing: Routing) -> bool:
+        """Whether grouping units by expert is cheaper than gathering per-unit weights for ``x``.
+
+        Default: gathered (no host synchronisation). Banks override this with their cost model.
+        """
+        return False
 
 
 def _bcast(w: Tensor, like: Tensor) -> Tensor:
     return w.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
 
 
-def grouped_dispatch(experts: Sequence[nn.Module], x: Tensor, routing: Routing) -> Tensor:
-    """Run each expert once on exactly the units routed to it; return the weighted sum per unit.
+def _units_last(x: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """A view of ``x`` whose dim-0 rows are contiguous (channels-last images: ``[N, H, W, C]``) and
+    the inverse permutation, so that selecting and adding rows never changes the memory layout."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1), lambda y: y.permute(0, 3, 1, 2)
+    return x, lambda y: y
 
-    ``x``: ``[N, ...]`` with units on dim 0; experts map ``[n, ...] -> [n, ...out]``.
-    """
+
+def _grouped(run: Callable[[int, Tensor], Tensor], num_experts: int, x: Tensor, routing: Routing) -> Tensor:
     n, k = routing.indices.shape
     flat = routing.indices.reshape(-1)
     order = torch.argsort(flat, stable=True)
     unit = torch.div(order, k, rounding_mode="floor")
-    counts = torch.bincount(flat, minlength=len(experts)).tolist()
-    chunks = x.index_select(0, unit).split(counts)
-    outs = [experts[e](chunk) for e, chunk in enumerate(chunks) if counts[e] > 0]
-    out = torch.cat(outs) if len(outs) > 1 else outs[0]
-    out = out * _bcast(routing.weights.reshape(-1).index_select(0, order), out)
-    y = out.new_zeros((n, *out.shape[1:]))
-    return y.index_add_(0, unit, out)
+    counts = torch.bincount(flat, minlength=num_experts).tolist()  # host sync: the split sizes
+    xv, back = _units_last(x)
+    chunks = xv.index_select(0, unit).split(counts)
+    units = unit.split(counts)
+    weights = routing.weights.reshape(-1).index_select(0, order).split(counts)
+    y: Tensor | None = None
+    for e, chunk in enumerate(chunks):
+        if counts[e] == 0:
+            continue
+        out, _ = _units_last(run(e, back(chunk)))
+        out = out * _bcast(weights[e], out)
+        if y is None:
+            y = out.new_zeros((n, *out.shape[1:]))
+        y.index_add_(0, units[e], out)  # in place, per expert: no concatenated copy of all outputs
+    assert y is not None
+    return back(y)
+
+
+def grouped_dispatch(experts: Sequence[nn.Module] | ExpertBank, x: Tensor, routing: Routing) -> Tensor:
+    """Run each expert once on exactly the units routed to it; return the weighted sum per unit.
+
+    ``x``: ``[N, ...]`` with units on dim 0; experts map ``[n, ...] -> [n, ...out]``. Channels-last
+    images stay channels-last (rows are selected and added in ``[N, H, W, C]`` order).
+    """
+    if isinstance(experts, ExpertBank):
+        return _grouped(experts.expert_runner(), experts.num_experts, x, routing)
+    return _grouped(lambda e, z: experts[e](z), len(experts), x, routing)
 
 
 def gathered_dispatch(bank: ExpertBank, x: Tensor, routing: Routing) -> Tensor:
@@ -75,7 +130,11 @@ def gathered_dispatch(bank: ExpertBank, x: Tensor, routing: Routing) -> Tensor:
 
 
 def dispatch(experts: nn.Module, x: Tensor, routing: Routing) -> Tensor:
-    """Pick the exact dispatch that fits the experts' storage (bank → gathered, list → grouped)."""
+    """The exact dispatch that fits the experts: a module list is grouped; a bank follows its
+    ``dispatch_mode``, and in ``"auto"`` its cost model (`ExpertBank.prefers_grouped`)."""
     if isinstance(experts, ExpertBank):
+        mode = experts.dispatch_mode
+        if mode == "grouped" or (mode == "auto" and experts.prefers_grouped(x, routing)):
+            return grouped_dispatch(experts, x, routing)
         return gathered_dispatch(experts, x, routing)
     return grouped_dispatch(experts, x, routing)  # type: ignore[arg-type]

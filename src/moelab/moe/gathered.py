@@ -43,6 +43,14 @@ def gathered_pointwise(x: Tensor, weight: Tensor, bias: Tensor | None, idx: Tens
     """1x1 conv where unit n uses ``weight[idx[n]]`` (``[E, C_out, C_in]``), as one batched matmul."""
     n, c, h, w = x.shape
     wg = weight.index_select(0, idx)
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        # channels-last: [N, H*W, C] rows are a view; the output stays channels-last
+        rows = x.permute(0, 2, 3, 1).reshape(n, h * w, c)
+        if bias is None:
+            yr = torch.bmm(rows, wg.transpose(1, 2))
+        else:
+            yr = torch.baddbmm(bias.index_select(0, idx).unsqueeze(1), rows, wg.transpose(1, 2))
+        return yr.view(n, h, w, wg.shape[1]).permute(0, 3, 1, 2)
     flat = x.reshape(n, c, h * w)
     if bias is None:
         y = torch.bmm(wg, flat)

@@ -1,0 +1,246 @@
+"""Training-step cost of MoEFsDiC against the dense UNet2DModel it must beat, at three scales.
+
+For each scale the three models are built from the same config (only the architecture differs):
+  moe    : MoEFsDiC as configured
+  dense  : diffusers' UNet2DModel (`moelab.diffusion.baseline`), width matched to MoEFsDiC's
+           parameters *active per sample*
+  no_moe : MoEFsDiC with ``moe.enabled: false`` (Dilated_Fusion_Blocks instead of MoE blocks)
+and measured on the same inputs (x, t, c, noise), with the same torch thread count:
+
+* time   : forward + loss (MSE, plus the load-balance loss for MoE) + backward, gradients reset
+           to None before each step; after warm-up steps, rounds alternate the models so that load
+           drift on a shared machine hits all alike; the reported ratio is the median over rounds
+           of the per-round ratio, next to each model's median time.
+* memory : peak resident set size (``VmHWM`` of /proc/self/status) of a fresh
+           Python process per model that imports torch, builds the model and the inputs and runs
+           three training steps -- what a training process of that model needs, parameters,
+           gradients, activations and allocator slack included. The RSS of the process just
+           before its first step (interpreter, torch, the model) is printed too, so the step's own
+           share can be read off.
+* FLOPs  : forward FLOPs per sample counted by ``torch.utils.flop_counter.FlopCounterMode``.
+
+Scales: ``digits`` (configs/digits.yaml, 8x8, its batch 64), ``cifar32`` (default.yaml with
+model_channels 64, channel_mults [1, 2, 4], 32x32, batch 32) and ``default64``
+(configs/default.yaml, 64x64, batch 8). One line per scale, then
+
+  train_step: moe/dense time=<x.xx> mem=<y.yy>     (worst ratios over cifar32 and default64)
+  sample_step: moe/dense=<x.xx>                    (one guided noise prediction, w = 1.25, cifar32,
+                                                    32 images: 64 rows, eval mode, no grad)
+
+Usage: python perf/train_step.py [--quick] [--threads 1] [--reps 7] [--compile] [--scales ...]
+``--compile`` times ``torch.compile``-d models (inductor, C++ backend) instead of eager ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from moelab.diffusion.config import load_config
+from moelab.diffusion.models import build_model
+from moelab.diffusion.sample import guided_eps
+from moelab.moe import model_aux_loss
+
+SCALES: dict[str, dict[str, Any]] = {
+    "digits": {"config": "digits", "overrides": {}, "batch": None, "label": "digits 8x8"},
+    "cifar32": {
+        "config": "default",
+        "overrides": {"model.model_channels": 64, "model.channel_mults": [1, 2, 4], "model.image_size": 32},
+        "batch": 32,
+        "label": "32x32 mc64 [1,2,4]",
+    },
+    "default64": {"config": "default", "overrides": {}, "batch": 8, "label": "default 64x64"},
+}
+VARIANTS: dict[str, dict[str, Any]] = {"moe": {}, "dense": {"model.arch": "unet2d"}, "no_moe": {"moe.enabled": False}}
+GUIDANCE = 1.25
+
+
+def scale_config(scale: str, variant: str) -> Any:
+    s = SCALES[scale]
+    return load_config(s["config"], {**s["overrides"], **VARIANTS[variant]})
+
+
+def batch_size(scale: str, cfg: Any) -> int:
+    return SCALES[scale]["batch"] or cfg["train"]["batch_size"]
+
+
+def inputs(cfg: Any, b: int) -> tuple[torch.Tensor, ...]:
+    """The same (x, t, c, noise target) for every model of a scale: a fixed generator."""
+    m = cfg["model"]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(b, m["in_channels"], m["image_size"], m["image_size"], generator=g)
+    t = torch.randint(0, cfg["diffusion"]["num_train_timesteps"], (b,), generator=g)
+    c = torch.randint(0, m["num_classes"] + 1, (b,), generator=g)
+    return x, t, c, torch.randn(x.shape, generator=g)
+
+
+def make_step(scale: str, variant: str, compile_model: bool = False) -> tuple[Callable[[], None], torch.nn.Module, tuple]:
+    cfg = scale_config(scale, variant)
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    data = inputs(cfg, batch_size(scale, cfg))
+    x, t, c, noise = data
+    lam = cfg["train"]["lambda_load"]
+    fwd = torch.compile(model) if compile_model else model
+
+    def step() -> None:
+        for p in model.parameters():
+            p.grad = None
+        pred, logits = fwd(x, t, c)
+        loss = F.mse_loss(pred, noise)
+        if logits:
+            loss = loss + lam * model_aux_loss(model)
+        loss.backward()
+
+    return step, model, data
+
+
+def flops_per_sample(model: torch.nn.Module, data: tuple) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, t, c, _ = data
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model(x, t, c)
+    return fc.get_total_flops() / x.shape[0]
+
+
+def interleaved(fns: dict[str, Callable[[], None]], reps: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds per call of every function, rounds alternating the functions (after ``warmup``)."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for name, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def paired_ratio(a: list[float], b: list[float]) -> float:
+    """Median over rounds of a/b, each round timed back to back: robust to load drift."""
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def memory_child(scale: str, variant: str) -> None:
+    """In a fresh process: RSS before the first step and peak RSS over three steps, as JSON."""
+    step, _, _ = make_step(scale, variant)
+    before = rss_mb()
+    for _ in range(3):
+        step()
+    print(json.dumps({"before_mb": before, "peak_mb": peak_rss_mb()}))
+
+
+def peak_rss_mb() -> float:
+    """High-water RSS of this process's own address space (``VmHWM``; unlike ``ru_maxrss``, which
+    survives ``exec``, it cannot inherit the parent's size through fork + exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: KiB on most systems
+
+
+def measure_memory(scale: str, variant: str, threads: int) -> dict[str, float]:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    cmd = [sys.executable, __file__, "--threads", str(threads), "--memory-child", scale, variant]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def run_scale(scale: str, reps: int, warmup: int, threads: int, compile_model: bool) -> dict[str, Any]:
+    steps, info = {}, {}
+    for v in VARIANTS:
+        step, model, data = make_step(scale, v, compile_model)
+        steps[v] = step
+        counts = model.parameter_counts()
+        info[v] = {"active": counts["active_per_sample"], "total": counts["total"], "gflops": flops_per_sample(model, data) / 1e9}
+    times = interleaved(steps, reps, warmup)
+    mem = {v: measure_memory(scale, v, threads) for v in VARIANTS}
+    return {
+        "ms": {v: 1e3 * statistics.median(ts) for v, ts in times.items()},
+        "ratio": {v: paired_ratio(times[v], times["dense"]) for v in VARIANTS},
+        "mem": mem,
+        "info": info,
+        "batch": batch_size(scale, scale_config(scale, "moe")),
+    }
+
+
+def sample_step_ratio(reps: int, warmup: int) -> tuple[float, dict[str, float]]:
+    fns = {}
+    for v in ("moe", "dense"):
+        cfg = scale_config("cifar32", v)
+        torch.manual_seed(0)
+        model = build_model(cfg).eval()
+        x, t, c, _ = inputs(cfg, 32)
+        labels = c.clamp(max=cfg["model"]["num_classes"] - 1)
+        null = cfg["model"]["num_classes"]
+
+        def f(model=model, x=x, t=t, labels=labels, null=null) -> None:
+            with torch.no_grad():
+                guided_eps(model, x, t, labels, GUIDANCE, null)
+
+        fns[v] = f
+    times = interleaved(fns, reps, warmup)
+    return paired_ratio(times["moe"], times["dense"]), {v: 1e3 * statistics.median(ts) for v, ts in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="3 rounds, 1 warm-up step (a smoke run; noisier ratios)")
+    ap.add_argument("--reps", type=int, default=7, help="timed rounds (median reported)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")
+    ap.add_argument("--scales", nargs="+", default=list(SCALES), choices=list(SCALES))
+    ap.add_argument("--compile", action="store_true", help="time torch.compile-d models")
+    ap.add_argument("--memory-child", nargs=2, metavar=("SCALE", "VARIANT"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.memory_child:
+        memory_child(*args.memory_child)
+        return
+    reps, warmup = (3, 1) if args.quick else (max(3, args.reps), 2)
+    print(f"threads={args.threads} reps={reps} warmup={warmup} compile={args.compile} torch={torch.__version__}")
+    worst_t, worst_m = 0.0, 0.0
+    for scale in args.scales:
+        r = run_scale(scale, reps, warmup, args.threads, args.compile)
+        ms, ratio, mem, info = r["ms"], r["ratio"], r["mem"], r["info"]
+        mem_ratio = mem["moe"]["peak_mb"] / mem["dense"]["peak_mb"]
+        print(
+            f"{scale} ({SCALES[scale]['label']}, batch {r['batch']}): "
+            f"step ms moe={ms['moe']:.0f} dense={ms['dense']:.0f} no_moe={ms['no_moe']:.0f} "
+            f"moe/dense={ratio['moe']:.2f} no_moe/dense={ratio['no_moe']:.2f} | "
+            f"peak RSS MB moe={mem['moe']['peak_mb']:.0f} dense={mem['dense']['peak_mb']:.0f} no_moe={mem['no_moe']['peak_mb']:.0f} "
+            f"(before step {mem['moe']['before_mb']:.0f}/{mem['dense']['before_mb']:.0f}/{mem['no_moe']['before_mb']:.0f}) "
+            f"moe/dense={mem_ratio:.2f} | fwd GFLOPs/sample moe={info['moe']['gflops']:.3f} dense={info['dense']['gflops']:.3f} "
+            f"no_moe={info['no_moe']['gflops']:.3f} | active params moe={info['moe']['active']:,} dense={info['dense']['active']:,} "
+            f"no_moe={info['no_moe']['active']:,}",
+            flush=True,
+        )
+        if scale != "digits":
+            worst_t, worst_m = max(worst_t, ratio["moe"]), max(worst_m, mem_ratio)
+    if worst_t:
+        print(f"train_step: moe/dense time={worst_t:.2f} mem={worst_m:.2f}")
+    ratio, ms = sample_step_ratio(reps, warmup)
+    print(f"sample step ms (cifar32, 32 images, w={GUIDANCE}): moe={ms['moe']:.0f} dense={ms['dense']:.0f}")
+    print(f"sample_step: moe/dense={ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()
