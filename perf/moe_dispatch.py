@@ -3,7 +3,10 @@ dense lower bound, all with the same weights and inputs, timed in one run (inter
 medians).
 
 Conv case (MoEFsDiC): B=32, C=64, 32x32, E=8 residual DS-conv experts, k=2, per-sample routing.
-  grouped : moelab's MoELayer (gathered-weight dispatch of the stacked expert bank)
+  grouped : moelab's MoELayer as MoEFsDiC runs it on CPU (dispatch "auto": samples grouped by
+            expert, each used expert once with ordinary kernels, channels-last activations)
+  gathered: the same layer forced onto the gathered-weight path (what accelerators run: no host
+            synchronisation), channels-last activations
   loop    : the quick-start's loop: for each sample, for each of its k experts
   bound   : k experts applied densely to every sample, no routing (what k-of-E compute costs);
             the faster of two dense implementations: plain convs, or the gathered kernels with
@@ -18,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
@@ -26,20 +28,12 @@ from torch import nn
 
 from moelab.diffusion.experts import ResidualConvExperts
 from moelab.moe import MoELayer, TokenMoE, TopKRouter, grouped_dispatch
+from train_step import interleaved  # perf/ is on sys.path when a perf script runs
 
 
 def timed_rounds(fns: dict[str, Callable[[], None]], reps: int, warmup: int = 2) -> dict[str, float]:
     """Median seconds per call; variants alternate inside each round so drift hits all alike."""
-    for _ in range(warmup):
-        for f in fns.values():
-            f()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for name, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: statistics.median(v) for k, v in interleaved(fns, reps, warmup).items()}
 
 
 def conv_case(reps: int) -> dict[str, float]:
@@ -47,7 +41,7 @@ def conv_case(reps: int) -> dict[str, float]:
     b, c, hw, e, k = 32, 64, 32, 8, 2
     bank = ResidualConvExperts(e, c)
     layer = MoELayer(TopKRouter(c, e, k), bank)
-    x = torch.randn(b, c, hw, hw)
+    x = torch.randn(b, c, hw, hw).contiguous(memory_format=torch.channels_last)  # MoEFsDiC's layout
     feats = x.mean((2, 3))
     with torch.no_grad():
         routing = layer.router(feats)
@@ -55,8 +49,15 @@ def conv_case(reps: int) -> dict[str, float]:
     w = routing.weights[0]
 
     def grouped() -> None:
+        bank.dispatch_mode = "auto"
         xi = x.detach().requires_grad_(True)
         layer(xi, feats).sum().backward()
+
+    def gathered() -> None:
+        bank.dispatch_mode = "gathered"
+        xi = x.detach().requires_grad_(True)
+        layer(xi, feats).sum().backward()
+        bank.dispatch_mode = "auto"
 
     def loop() -> None:
         xi = x.detach().requires_grad_(True)
@@ -84,7 +85,7 @@ def conv_case(reps: int) -> dict[str, float]:
         grouped_dispatch(experts, xi, layer.router(feats)).sum().backward()
 
     t = timed_rounds(
-        {"grouped": grouped, "loop": loop, "bound_plain": bound_plain, "bound_gathered": bound_gathered, "sorted": sorted_grouping},
+        {"grouped": grouped, "gathered": gathered, "loop": loop, "bound_plain": bound_plain, "bound_gathered": bound_gathered, "sorted": sorted_grouping},
         reps,
     )
     t["bound"] = min(t["bound_plain"], t["bound_gathered"])
@@ -122,6 +123,7 @@ def main() -> None:
     for name, s in tok.items():
         print(f"token {name:8s} {s * 1e3:8.2f} ms")
     print(f"conv sorted-grouping/bound={conv['sorted'] / conv['bound']:.2f} (generic path, for reference)")
+    print(f"conv gathered/bound={conv['gathered'] / conv['bound']:.2f} (the accelerator path, on CPU)")
     print(f"moe_tokens: grouped/bound={tok['grouped'] / tok['bound']:.2f}")
     print(f"moe_dispatch: grouped/bound={conv['grouped'] / conv['bound']:.2f} loop/grouped={conv['loop'] / conv['grouped']:.2f}")
 

@@ -86,16 +86,58 @@ def test_sample_conv_module_experts_match_reference(k, allowed):
     _compare(experts, x, _routing(6, 4, k, allowed, seed=3))
 
 
-@pytest.mark.parametrize("dsconv", [True, False])
-@pytest.mark.parametrize("k,allowed", CASES)
-def test_gathered_conv_bank_matches_reference(k, allowed, dsconv):
+def _bank(dsconv: bool = True, mode: str = "auto") -> ResidualConvExperts:
     torch.manual_seed(3)
-    bank = ResidualConvExperts(4, 8, use_dsconv=dsconv)
+    bank = ResidualConvExperts(4, 8, use_dsconv=dsconv, dispatch_mode=mode)
     with torch.no_grad():  # make experts differ in every parameter, norms included
         for p in bank.parameters():
             p.add_(0.1 * torch.randn_like(p))
+    return bank
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("mode", ["gathered", "grouped"])
+@pytest.mark.parametrize("dsconv", [True, False])
+@pytest.mark.parametrize("k,allowed", CASES)
+def test_conv_bank_matches_reference(k, allowed, dsconv, mode, channels_last):
+    """Both bank paths (per-sample gathered weights; samples grouped by expert), on both memory
+    layouts MoEFsDiC uses, equal the per-sample loop in outputs and in every gradient."""
+    bank = _bank(dsconv, mode)
     x = torch.randn(5, 8, 8, 8)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     _compare(bank, x, _routing(5, 4, k, allowed, seed=4))
+
+
+def test_auto_dispatch_groups_on_cpu_and_gathers_elsewhere(monkeypatch):
+    """The cost model: CPU groups samples by expert; any other device stays on the gathered path,
+    which never reads routing results back to the host."""
+    bank = _bank()
+    r = _routing(5, 4, 2, seed=4)
+    x = torch.randn(5, 8, 8, 8)
+    assert bank.prefers_grouped(x, r)
+    assert not bank.prefers_grouped(torch.empty(5, 8, 8, 8, device="meta"), r)
+    calls = []
+    monkeypatch.setattr(ResidualConvExperts, "forward_gathered", lambda self, z, idx: calls.append("gathered") or z)
+    monkeypatch.setattr(ResidualConvExperts, "expert_runner", lambda self: lambda e, z: calls.append("grouped") or z)
+    dispatch(bank, x, r)
+    assert set(calls) == {"grouped"} and len(calls) == len(set(r.indices.flatten().tolist()))
+    calls.clear()
+    bank.dispatch_mode = "gathered"
+    dispatch(bank, x, r)
+    assert calls == ["gathered", "gathered"]  # one call per routing slot
+
+
+def test_bad_dispatch_mode_is_refused():
+    with pytest.raises(ValueError, match="dispatch_mode"):
+        ResidualConvExperts(4, 8, dispatch_mode="sorted")
+
+
+def test_grouped_dispatch_keeps_channels_last():
+    bank = _bank(mode="grouped")
+    x = torch.randn(6, 8, 4, 4).contiguous(memory_format=torch.channels_last)
+    y = dispatch(bank, x, _routing(6, 4, 2, seed=1))
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
 
 
 def test_unselected_experts_get_exactly_zero_gradient():
