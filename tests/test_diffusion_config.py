@@ -210,11 +210,17 @@ def test_original_layout_yaml_trains_with_train_py(tmp_path, monkeypatch, capfd)
         "diffusion:\n  num_timesteps: 100\n  schedule: cosine\n"
         "data:\n  dataset: digits\n  fit: pad\n  subset: 16\n"
     )
+    import moelab.diffusion.config as config_module
+
+    validations = []
+    real_validate = config_module.validate
+    monkeypatch.setattr(config_module, "validate", lambda raw: validations.append(1) or real_validate(raw))
     monkeypatch.chdir(tmp_path)
-    assert train_py(["--config", "original.yaml", "--device", "cpu", "--max-steps", "2", "--no-progress"]) == 0
+    assert train_py(["--config", "original.yaml", "--device", "cpu", "--max-steps", "2", "--no-progress", "--seed", "3"]) == 0
+    assert len(validations) == 1  # validated once, at the edge; the trainer, LightningModule and model trust it
     assert capfd.readouterr().err.count("original MoEFsDiC keys mapped") == 1  # said once
     ck = safe_load(tmp_path / "ck" / "checkpoint_epoch_1.pth")  # train.checkpoint_dir was honoured
     saved = ck["hyper_parameters"]["config"]
-    assert ck["global_step"] == 2
+    assert ck["global_step"] == 2 and saved["train"]["seed"] == 3
     assert (saved["model"]["emb_dim"], saved["train"]["lr"], saved["diffusion"]["beta_schedule"]) == (32, 1e-3, "squaredcos_cap_v2")
     assert (saved["model"]["image_size"], saved["diffusion"]["num_train_timesteps"]) == (16, 100)

@@ -28,12 +28,19 @@ def run_guarded(fn: Callable[[], int | None]) -> int:
         return 130
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted (it may be replaced later)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def show_info_logs() -> None:
     """Print moelab's INFO log lines as plain lines on stderr (once, however often it is called)."""
     logger = logging.getLogger("moelab")
-    if not any(getattr(h, "_moelab", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
-        handler._moelab = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)

@@ -97,6 +97,11 @@ _TYPES: dict[str, dict[str, Any]] = {
         "monitor_interval": int,  # steps between expert-usage checks (collapse warning)
         "collapse_share": _NUM,  # warn when one expert takes more than this share of a block's routing
         "collapse_patience": int,  # ... for this many consecutive checks
+        "eval_every_epochs": int,  # sample + evaluate every N epochs (0 = off); moelab.diffusion.eval_callback
+        "eval_per_class": int,
+        "eval_guidance": _NUM,
+        "select_metric": ("frechet_distance", "accuracy", "fid"),  # the best checkpoint is kept by it
+        "inception_weights": (str, type(None)),  # local Inception weights file: adds the standard FID
     },
     "data": {
         "dataset": ("digits", "mnist", "fashion_mnist", "cifar10", "image_folder"),
@@ -223,7 +228,36 @@ class ModelConfig(_Section):
 
 @dataclass(frozen=True)
 class TrainConfig(_Section):
-    """The training run: optimiser, schedule, loss weights, precision, EMA, checkpoints, seeds."""
+    """The training run: optimiser, schedule, loss weights, precision, EMA, checkpoints, seeds.
+
+    Args (YAML ``train.*`` unless noted; the original project's names in brackets):
+        batch_size (`int`, 16): images per optimizer step and device.
+        lr (`float`, 1e-4) [learning_rate], weight_decay (`float`, 0), betas (`(float, float)`,
+            (0.9, 0.999)): AdamW.
+        epochs (`int`, 100) [num_epochs]: epochs to train (``--max-steps`` can stop earlier).
+        lambda_load (`float`, 0.01): weight of the load-balance loss.
+        load_loss (`str`, "switch"; YAML ``moe.load_loss``): "switch" (Switch/GShard) or "variance".
+        z_loss_coef (`float`, 0; YAML ``moe.z_loss_coef``): weight of the router z-loss.
+        cond_drop_prob (`float`, 0.1): fraction of labels replaced by the null class (guidance).
+        lr_schedule (`str`, "constant"): constant | constant_with_warmup | cosine | plateau, with
+            warmup_steps (`int`, 0), plateau_factor (`float`, 0.5), plateau_patience (`int`, 5).
+        grad_clip (`float`, 1.0): max gradient norm, 0 = off.
+        accumulate_grad_batches (`int`, 1), precision (`str`, "32-true"), gradient_checkpointing
+            (`bool`, False): Lightning's options of the same names.
+        ema (`bool`, True), ema_decay (`float`, 0.999): EMA weights (the ones checkpoints export).
+        checkpoint_every (`int`, 1) [save_interval], keep_last (`int`, 0 = all), checkpoint_dir
+            (`str`, "checkpoints"; ``--checkpoint-dir`` overrides): checkpoints.
+        seed (`int`, 0): every random draw of training is a function of it (exact resume).
+        num_workers (`int`, 0): DataLoader workers.
+        log_every (`int`, 10) [log_interval]: steps between logged metrics.
+        monitor_interval (`int`, 50), collapse_share (`float`, 0.9), collapse_patience (`int`, 3):
+            the expert-collapse warning (checked every N steps; one expert above the share for
+            that many checks).
+        eval_every_epochs (`int`, 0 = off), eval_per_class (`int`, 100), eval_guidance (`float`, 1.25),
+            select_metric (`str`, "frechet_distance" | "accuracy" | "fid"), inception_weights (`str`,
+            *optional*): evaluation during training (`moelab.diffusion.eval_callback`): every N epochs
+            that many EMA samples per class are scored, and the checkpoint best by select_metric kept.
+    """
 
     batch_size: int = 16
     lr: float = 1e-4
@@ -253,6 +287,11 @@ class TrainConfig(_Section):
     monitor_interval: int = 50
     collapse_share: float = 0.9
     collapse_patience: int = 3
+    eval_every_epochs: int = 0
+    eval_per_class: int = 100
+    eval_guidance: float = 1.25
+    select_metric: str = "frechet_distance"
+    inception_weights: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
@@ -260,7 +299,14 @@ class TrainConfig(_Section):
 
 @dataclass(frozen=True)
 class DataConfig(_Section):
-    """Which images to train on and how they reach ``model.image_size``."""
+    """Which images to train on and how they reach ``model.image_size``.
+
+    Args:
+        dataset (`str`, "cifar10"): digits | mnist | fashion_mnist | cifar10 | image_folder.
+        root (`str`, "data/cifar-10-batches-py"): the data folder (unused for digits).
+        fit (`str`, "resize"): "resize" or "pad" native images to ``image_size``.
+        subset (`int`, *optional*): only the first N images of each split (quick runs).
+    """
 
     dataset: str = "cifar10"
     root: str = "data/cifar-10-batches-py"
@@ -270,7 +316,14 @@ class DataConfig(_Section):
 
 @dataclass(frozen=True)
 class DiffusionConfig(_Section):
-    """The DDPM noise schedule training uses (and every sampler is rebuilt from)."""
+    """The DDPM noise schedule training uses (and every sampler is rebuilt from).
+
+    Args:
+        num_train_timesteps (`int`, 1000) [num_timesteps]: diffusion steps.
+        beta_start (`float`, 1e-4), beta_end (`float`, 0.02): the beta range.
+        beta_schedule (`str`, "linear") [schedule: linear | cosine]: linear | scaled_linear |
+            squaredcos_cap_v2 (the cosine schedule), diffusers' names.
+    """
 
     num_train_timesteps: int = 1000
     beta_start: float = 1e-4
@@ -302,6 +355,9 @@ def _place(section: str, key: str) -> tuple[str, str]:
 @dataclass(frozen=True)
 class RunConfig(Mapping):
     """A validated run: ``cfg.model`` (`ModelConfig`), ``cfg.train``, ``cfg.data``, ``cfg.diffusion``.
+
+    Made by `load_config` (which validates); build one directly only from sections that came
+    from a loaded config.
 
     Indexing reads the YAML layout (``cfg["moe"]["k_active"]``), the vocabulary of the config files
     and of scripts written against them; `to_dict` returns that layout as a plain dict.
@@ -546,6 +602,13 @@ def _check_values(cfg: dict) -> None:
         raise ConfigError(f"train.ema_decay={tr['ema_decay']} must be in (0, 1), e.g. 0.999")
     if not 0 < tr["plateau_factor"] < 1:
         raise ConfigError(f"train.plateau_factor={tr['plateau_factor']} must be in (0, 1)")
+    _positive(cfg, "train", "eval_every_epochs", allow_zero=True)
+    if tr["eval_per_class"] < 2:
+        raise ConfigError(f"train.eval_per_class={tr['eval_per_class']} must be at least 2 (the Fréchet distance needs a spread)")
+    if tr["eval_guidance"] < 1:
+        raise ConfigError(f"train.eval_guidance={tr['eval_guidance']} must be >= 1 (1 = no guidance)")
+    if tr["select_metric"] == "fid" and tr["inception_weights"] is None:
+        raise ConfigError("train.select_metric=fid needs train.inception_weights: a local Inception weights file")
     if not tr["checkpoint_dir"].strip():
         raise ConfigError("train.checkpoint_dir is empty: give a folder name such as checkpoints")
     betas = tr["betas"]

@@ -13,7 +13,13 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 
 
 class MoEProgressBar(TQDMProgressBar):
-    """``Epoch N/M`` description and the last step's loss, dm_loss, load_loss (4 decimals)."""
+    """``Epoch N/M`` description and the last step's loss, dm_loss, load_loss (4 decimals).
+
+    Args:
+        refresh_rate (`int`, defaults to 1): update the bar every this many steps.
+        leave (`bool`, defaults to `True`): keep each finished epoch's bar, one line per epoch, as
+            the quick-start shows them.
+    """
 
     BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
 

@@ -30,7 +30,8 @@ def run_train(args: argparse.Namespace) -> int:
     from moelab.diffusion.config import load_config, parse_override
 
     overrides: dict[str, Any] = dict(parse_override(s) for s in args.set)
-    for flag, key in (("batch_size", "train.batch_size"), ("precision", "train.precision"), ("epochs", "train.epochs")):
+    for flag, key in (("batch_size", "train.batch_size"), ("precision", "train.precision"), ("epochs", "train.epochs"),
+                      ("seed", "train.seed")):
         if getattr(args, flag) is not None:
             overrides[key] = getattr(args, flag)
     if args.config is not None:
@@ -50,7 +51,6 @@ def run_train(args: argparse.Namespace) -> int:
         devices=args.devices,
         max_steps=args.max_steps,
         resume=args.resume,
-        seed=args.seed,
         progress=not args.no_progress,
         logger_dir=args.log_dir,
     )
