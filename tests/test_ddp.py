@@ -71,7 +71,7 @@ def _train_and_check(model: nn.Module, batches, loss_fn, what: str, lr: float = 
 
 
 # ------------------------------------------------------------------------------ core + both apps
-def _core_worker(rank: int, port: int) -> None:
+def _worker(rank: int, port: int, folder: str) -> None:
     _setup(rank, port)
     from moelab.moe import TokenMoE, moe_usage
     from moelab.moe.callbacks import ExpertUsageMonitor
@@ -139,17 +139,19 @@ def _core_worker(rank: int, port: int) -> None:
         return det.mean() + p.mean() + s.mean() + 0.01 * seis.get_moe_loss()
 
     _train_and_check(seis, traces, seis_loss, "SeisMoE")
+    _resume(rank, folder)
     dist.destroy_process_group()
 
 
-def test_ddp_counts_usage_idle_experts_and_identical_weights():
+def test_ddp_counts_usage_idle_experts_identical_weights_and_exact_resume(tmp_path):
+    """One 2-process job for all DDP checks (starting workers is the expensive part)."""
     pytest.importorskip("seisbench")
-    mp.spawn(_core_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
 
 
 # ------------------------------------------------------------------------ Lightning DDP resume
-def _resume_worker(rank: int, port: int, folder: str) -> None:
-    _setup(rank, port)
+def _resume(rank: int, folder: str) -> None:
+    """MoEFsDiC trained by Lightning with strategy="ddp" on the 2 workers: 2 epochs == 1 + resumed 1."""
     from pathlib import Path
 
     from moelab.checkpoint import safe_load
@@ -172,5 +174,26 @@ def _resume_worker(rank: int, port: int, folder: str) -> None:
         assert diff <= 1e-6 and moved > 1e-4, (diff, moved)
 
 
-def test_ddp_resume_equals_uninterrupted(tmp_path):
-    mp.spawn(_resume_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+# ----------------------------------------------------------------------------- epoch sampling
+def test_epoch_sampler_shards_one_permutation_and_is_a_function_of_seed_and_epoch(monkeypatch):
+    """Ranks take disjoint, equally long shares of one (seed, epoch) permutation; one process gets all of it."""
+    import numpy as np
+
+    from moelab import seeding
+
+    single = seeding.EpochSampler(10, seed=3)
+    single.set_epoch(2)
+    order = list(single)
+    assert sorted(order) == list(range(10)) and order == list(single)  # a permutation, the same when re-iterated
+    assert order == np.random.default_rng(seeding.derive_seed(3, 2, seeding.ORDER_STREAM)).permutation(10).tolist()
+    single.set_epoch(3)
+    assert list(single) != order
+    shares = []
+    for rank in range(3):
+        monkeypatch.setattr(seeding, "world", lambda rank=rank: (rank, 3))
+        s = seeding.EpochSampler(10, seed=3)
+        s.set_epoch(2)
+        shares.append(list(s))
+        assert len(s) == 4
+    assert [i for tup in zip(*shares) for i in tup] == order + order[:2]  # strided shards of the same order, padded
+    assert seeding.derive_seed(3, 2, 0, 0) == seeding.derive_seed(3, 2, 0) != seeding.derive_seed(3, 2, 0, 1)
