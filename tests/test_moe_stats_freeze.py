@@ -136,3 +136,15 @@ def test_idle_experts_get_an_exact_zero_gradient_and_outputs_are_unchanged():
     for e in (1, 2, 3):
         for p in experts[e].parameters():
             assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p))
+
+
+def test_core_imports_without_lightning():
+    """`import moelab.moe` needs only PyTorch; the Lightning callback lives in moelab.moe.callbacks."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    code = "import sys, moelab.moe; bad = [m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')]; assert not bad, bad"
+    r = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, "PYTHONPATH": src}, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -236,3 +236,14 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(dataset, tmp_path):
     assert (c["epoch"], c["global_step"]) == (a["epoch"], a["global_step"])
     for k, v in a["state_dict"].items():
         assert torch.allclose(v.float(), c["state_dict"][k].float(), atol=1e-6, rtol=0), k
+
+
+def test_resume_takes_a_path_in_both_applications_scripts():
+    """The README's `python benchmark/train.py CONFIG --resume weights/<name>/last.ckpt` parses, as train.py's does."""
+    import argparse
+
+    from moelab.seismic import cli
+
+    args = cli.add_train_args(argparse.ArgumentParser()).parse_args(["configs/demo_seismoe.json", "--resume", "weights/SeisMoE_synth/last.ckpt"])
+    assert args.resume == "weights/SeisMoE_synth/last.ckpt" and args.config == "configs/demo_seismoe.json"
+    assert cli.add_train_args(argparse.ArgumentParser()).parse_args(["configs/demo_seismoe.json"]).resume is None

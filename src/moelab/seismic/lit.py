@@ -397,8 +397,8 @@ class SeisMoELit(EQTransformerLit):
             metrics[f"{prefix}/{name}/min_share"] = s["min_share"]
             for e, c in enumerate(s["counts"]):
                 metrics[f"{prefix}/{name}/share_e{e}"] = c / s["total"]
-        if metrics:
-            self.log_dict(metrics, on_step=False, on_epoch=True)
+        if metrics:  # already global; sync_dist averages identical values and keeps Lightning's DDP check quiet
+            self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)
 
     def on_train_epoch_start(self) -> None:
         reset_moe_stats(self.model)
