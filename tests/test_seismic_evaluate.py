@@ -19,6 +19,7 @@ from moelab.seismic.evaluate import (  # noqa: E402
     format_results,
     generate_targets,
     load_targets,
+    pick_thresholds,
     task1_metrics,
     task23_metrics,
     window_containing,
@@ -121,6 +122,25 @@ def test_task23_metrics_residuals_and_mcc():
     assert st["test_phase_f1"] == pytest.approx(1.0)  # threshold 0.9 separates P and S here
 
 
+def test_pick_thresholds_maximise_f1_of_peak_probability_on_dev():
+    dev23 = pd.DataFrame({
+        "phase_label": ["P", "P", "P", "S", "S", "S"],
+        "score_p": [0.9, 0.6, 0.3, 0.5, 0.2, 0.1],
+        "score_s": [0.1, 0.2, 0.7, 0.8, 0.75, 0.4],
+    })
+    dev1 = pd.DataFrame({"trace_type": ["noise", "noise", "earthquake"], "score_p": [0.55, 0.05, 0.99], "score_s": [0.3, 0.9, 0.99]})
+    th = pick_thresholds(dev23, dev1)
+    for phase in ("P", "S"):
+        col = f"score_{phase.lower()}"
+        noise = dev1[dev1["trace_type"] == "noise"]  # earthquake windows of task 1 take no part
+        y = np.r_[(dev23["phase_label"] == phase).to_numpy(), np.zeros(len(noise), bool)]
+        score = np.r_[dev23[col].to_numpy(), noise[col].to_numpy()]
+        best = max(f1_score(y, score >= t) for t in np.unique(score))
+        assert f1_score(y, score >= th[f"{phase}_threshold"]) == pytest.approx(best)
+    assert th == {"P_threshold": 0.6, "S_threshold": 0.4}  # S: 3 TP, 2 FP (F1 0.75) beats 0.75 (2 TP, 1 FP, F1 0.67)
+    assert pick_thresholds(dev23[dev23["phase_label"] == "P"]) == {"P_threshold": 0.1, "S_threshold": 0.1}  # one class: SeisBench's default
+
+
 def test_evaluate_module_runs_predict_step_on_target_windows(data, tmp_path):
     from moelab.seismic.lit import EQTransformerLit
 
@@ -132,9 +152,14 @@ def test_evaluate_module_runs_predict_step_on_target_windows(data, tmp_path):
     assert ((pred["p_sample_pred"] >= pred["start_sample"]) & (pred["p_sample_pred"] < pred["end_sample"])).all()
     det = pd.read_csv(tmp_path / "dev_task1.csv")["score_detection"]
     assert ((det >= 0) & (det <= 1)).all()
-    for key in ("test_det_auc", "test_det_f1", "test_phase_mcc", "test_S_mae_s", "dev_P_mae_s", "dev_P_std_s"):
+    for key in ("test_det_auc", "test_det_f1", "test_phase_mcc", "test_S_mae_s", "dev_P_mae_s", "dev_P_std_s", "P_threshold", "S_threshold"):
         assert key in stats and np.isfinite(stats[key])
-    assert "task 1 detection" in format_results(stats)
+    assert "task 1 detection" in format_results(stats) and "P_threshold=" in format_results(stats)
+    # the peak probabilities behind the pick thresholds: within [0, 1] and at least the probability at the argmax
+    dev23 = pd.read_csv(tmp_path / "dev_task23.csv")
+    assert ((dev23["score_p"] >= 0) & (dev23["score_p"] <= 1) & (dev23["score_s"] >= 0) & (dev23["score_s"] <= 1)).all()
+    np.testing.assert_allclose(dev23["score_p"] / dev23["score_s"], dev23["score_p_or_s"], rtol=1e-5)
+    assert 0.01 <= stats["P_threshold"] <= 0.99 and 0.01 <= stats["S_threshold"] <= 0.99
 
 
 def test_targets_command_writes_and_refuses_to_overwrite(data, tmp_path, capsys):

@@ -243,6 +243,31 @@ def test_missing_pretrained_weights_offline_says_where_to_put_them(seisbench_cac
     assert str(seisbench_cache) in msg and "stead.pt" in msg and "base_model" in msg
 
 
+def test_pretrained_cache_never_runs_pickled_code(seisbench_cache, monkeypatch):
+    from moelab.seismic.weights import torch_load_refuses_pickles
+
+    marker = seisbench_cache / "PWNED"
+    torch.save({**EQTransformer(in_samples=N).state_dict(), "evil": _Payload(marker)}, seisbench_cache / "evil.pt.v1")
+    EQTransformer(in_samples=N).save(seisbench_cache / "tmp")
+    os.replace(seisbench_cache / "tmp.json", seisbench_cache / "evil.json.v1")
+    (seisbench_cache / "tmp.pt").unlink()
+    assert torch_load_refuses_pickles()  # torch >= 2.6: SeisBench's from_pretrained reads the cache itself
+    with pytest.raises(CheckpointError, match="refused"):
+        SeisMoE.from_base("evil")
+    # a torch whose bare torch.load would unpickle: the cached pair is read by moelab's safe reader
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    assert not torch_load_refuses_pickles()
+    with pytest.raises(CheckpointError, match="refused"):
+        SeisMoE.from_base("evil")
+    assert not marker.exists()
+    torch.manual_seed(0)
+    stead = EQTransformer(in_samples=N)
+    stead.save(seisbench_cache / "stead", version_str="3")
+    _assert_upcycled(stead, SeisMoE.from_base("stead", num_experts=4, num_experts_per_token=2))
+    with pytest.raises(CheckpointError, match=r"not in SeisBench's cache.*upgrade torch to >= 2.6"):
+        SeisMoE.from_base("ethz")  # not cached: no download with such a torch
+
+
 def test_save_load_roundtrip_in_seisbench_format(tmp_path):
     torch.manual_seed(0)
     moe = SeisMoE(in_samples=N, num_experts=6, num_experts_per_token=2, gate="softmax_topk").eval()

@@ -142,6 +142,18 @@ def test_lower_case_and_missing_components(model, threshold, tmp_path):
     assert [s.what for s in run.skipped] == ["station BW.ODD."] and "no component the model reads" in run.skipped[0].reason
 
 
+def test_gaps_are_left_to_seisbench(model, threshold, tmp_path):
+    st = obspy.read()
+    t0 = st[0].stats.starttime
+    st.cutout(t0 + 12, t0 + 14)  # a 2 s data gap on every component
+    st.write(str(tmp_path / "gap.mseed"), format="MSEED")
+    run = pick_files(model, [tmp_path / "gap.mseed"], progress=False, P_threshold=threshold, S_threshold=threshold)
+    assert run.stations == ["BW.RJOB."] and not run.skipped
+    reread = obspy.read(str(tmp_path / "gap.mseed"))
+    assert _key(run.picks) == _key(model.classify(reread, P_threshold=threshold, S_threshold=threshold).picks)
+    assert any("3 gap(s)" in n for n in run.notes)
+
+
 def _checkpoint(module, folder: Path, results: dict) -> Path:
     import pandas as pd
 
