@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from moelab.checkpoint import AtomicCheckpointIO
 from moelab.diffusion.config import load_config
 from moelab.diffusion.data import load_split
+from moelab.diffusion.eval_callback import SampleEvaluation, best_checkpoint_kwargs
 from moelab.diffusion.checkpoints import check_fits, model_weights, read_checkpoint
 from moelab.diffusion.lit import MoEFsDiCLit
 from moelab.diffusion.progress import MoEProgressBar
@@ -155,6 +156,10 @@ def fit(
         callbacks.append(ExpertUsageMonitor(interval=tr["monitor_interval"], max_share=tr["collapse_share"], patience=tr["collapse_patience"]))
     log_root = Path(logger_dir) if logger_dir is not None else ckpt_dir / "logs"
     loggers = [CSVLogger(log_root, name="csv"), TensorBoardLogger(log_root, name="tensorboard")]
+    if tr["eval_every_epochs"] > 0:  # samples + evaluation every N epochs; the checkpoint best by train.select_metric kept
+        evaluation = SampleEvaluation(cfg, tr["eval_every_epochs"], log_root / "eval", tr["eval_per_class"], tr["eval_guidance"],
+                                      tr["select_metric"], tr["inception_weights"])
+        callbacks += [evaluation, EpochCheckpoint(dirpath=ckpt_dir, **best_checkpoint_kwargs(evaluation))]
     callbacks.append(LearningRateMonitor(logging_interval="step"))
 
     trainer = pl.Trainer(
