@@ -100,7 +100,7 @@ def test_k1_router_learns_input_dependent_expert_from_task_loss_alone():
         with torch.no_grad():
             before = (layer.router(x_test).indices[:, 0] == c_test).float().mean().item()
         opt = torch.optim.Adam(layer.router.parameters(), lr=0.05)
-        for _ in range(150):
+        for _ in range(50):  # >= 0.99 after 40 steps on four data/init seeds tried
             x, c = batch(64)
             loss = (layer(x) - torch.eye(e)[c]).pow(2).sum(-1).mean()  # task loss only
             opt.zero_grad()

@@ -23,8 +23,10 @@ def sum_over_ranks(t: Tensor) -> Tensor:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return t
     out = t.clone()
+    if dist.get_backend() == "nccl" and not out.is_cuda:  # counts of a layer that has not run yet live on the CPU
+        out = out.cuda()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out
+    return out.to(t.device)
 
 
 class ExpertUsage(nn.Module):
