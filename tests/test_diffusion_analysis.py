@@ -156,3 +156,6 @@ def test_demo_pipeline_writes_grid_metrics_and_routing(tmp_path):
     assert saved["accuracy"] == res["accuracy"]
     assert (out / "routing" / "routing_by_class.png").exists() and (out / "routing" / "load_balance.csv").exists()
     assert any(str(out / "grid.png") in line for line in lines)
+    # the demo also exports a diffusers pipeline folder (EMA weights) and says where it is
+    assert saved["pipeline"] == str(out / "pipeline") and (out / "pipeline" / "model_index.json").is_file()
+    assert any(line.startswith("pipeline: ") and str(out / "pipeline") in line for line in lines)

@@ -58,7 +58,7 @@ def routing_analysis(
     sched = training_scheduler(config)
     n_t = int(sched.config.num_train_timesteps)
     if not 1 <= buckets <= n_t:
-        raise ConfigError(f"--buckets {buckets} must be between 1 and {n_t}")
+        raise ConfigError(f"buckets={buckets} must be between 1 and {n_t} (timestep buckets)")
     edges = [round(i * n_t / buckets) for i in range(buckets + 1)]
     rows = num_classes + (1 if include_null else 0)
     by_class = {n: [ExpertUsage(m.num_experts) for _ in range(rows)] for n, m in layers.items()}
