@@ -168,7 +168,9 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def _cell(values: list[float]) -> str:
     m, sd = _mean_std(values)
-    return "n/a" if math.isnan(m) else f"{m:.3f} ± {sd:.3f}"
+    if math.isnan(m):
+        return "n/a"
+    return f"{m:.3f}" if len(values) == 1 else f"{m:.3f} ± {sd:.3f}"  # one run (the base): no spread to show
 
 
 def summary_line(results: dict[str, dict[str, list[dict[str, float]]]], headline: str, domain: str) -> str:
