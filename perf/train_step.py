@@ -28,7 +28,8 @@ model_channels 64, channel_mults [1, 2, 4], 32x32, batch 32) and ``default64``
                                                     32 images: 64 rows, eval mode, no grad)
 
 Usage: python perf/train_step.py [--quick] [--threads 1] [--reps 7] [--compile] [--scales ...]
-``--compile`` times ``torch.compile``-d models (inductor, C++ backend) instead of eager ones.
+``--compile`` times ``torch.compile``-d models (inductor, C++ backend) instead of eager ones; on
+torch 2.13 CPU it failed for MoEFsDiC (InductorError on a dynamic batch symbol, both dispatch modes).
 """
 
 from __future__ import annotations
