@@ -48,7 +48,9 @@ def switch_loss(logits: Tensor, k: int | None = None, indices: Tensor | None = N
     logits = logits.reshape(-1, logits.shape[-1]).float()
     n, e = logits.shape
     probs = logits.softmax(dim=-1)
-    f = torch.bincount(idx.reshape(-1), minlength=e).to(probs.dtype) / idx.numel()
+    flat = idx.reshape(-1)  # counts by index_add_ (no host sync on CUDA, unlike bincount)
+    f = torch.zeros(e, dtype=probs.dtype, device=probs.device).index_add_(0, flat, torch.ones_like(flat, dtype=probs.dtype))
+    f = f / idx.numel()
     return e * (f * probs.mean(dim=0)).sum()
 
 

@@ -45,7 +45,10 @@ class ExpertUsage(nn.Module):
     def update(self, indices: Tensor) -> None:
         if self.counts.device != indices.device:
             self.counts = self.counts.to(indices.device)
-        self.counts += torch.bincount(indices.reshape(-1), minlength=self.num_experts)
+        # index_add_ rather than bincount: bincount sizes its output from the data, which on CUDA
+        # reads the maximum back to the host once per MoE block; this stays on the device.
+        flat = indices.reshape(-1)
+        self.counts.index_add_(0, flat, torch.ones_like(flat, dtype=self.counts.dtype))
 
     def reset(self) -> None:
         self.counts.zero_()
