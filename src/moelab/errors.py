@@ -27,8 +27,9 @@ class NonFiniteLossError(MoelabError):
     """Training produced a NaN/Inf loss; the last good checkpoint is left untouched."""
 
 
-def check_finite_loss(step: int, fix: str, **losses: float) -> None:
-    """Raise `NonFiniteLossError` naming the step and the values when any loss is NaN/Inf.
+def check_finite_loss(step: int, fix: str, where: str = "", **losses: float) -> None:
+    """Raise `NonFiniteLossError` naming the step (and ``where``, e.g. the epoch and batch) and the
+    values when any loss is NaN/Inf. Both applications' training steps call this one check.
 
     Raising inside the training step stops Lightning before the next checkpoint is written, so the
     last good checkpoint on disk stays as it was.
@@ -37,4 +38,5 @@ def check_finite_loss(step: int, fix: str, **losses: float) -> None:
 
     if not all(math.isfinite(v) for v in losses.values()):
         values = ", ".join(f"{k}={v}" for k, v in losses.items())
-        raise NonFiniteLossError(f"the loss became non-finite at step {step} ({values}); training stopped: {fix}")
+        at = f"at step {step} ({where}): {values}" if where else f"at step {step} ({values})"
+        raise NonFiniteLossError(f"the loss became non-finite {at}; training stopped: {fix}")

@@ -9,7 +9,6 @@ optional router jitter, is saved in the checkpoint as well.)
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -23,7 +22,7 @@ from moelab.diffusion.config import RunConfig, load_config
 from moelab.diffusion.losses import MoELoss
 from moelab.diffusion.models import build_model
 from moelab.diffusion.noise import training_scheduler
-from moelab.errors import ConfigError, NonFiniteLossError
+from moelab.errors import ConfigError, check_finite_loss
 from moelab.seeding import step_seed
 
 METRICS = ("loss", "dm_loss", "load_loss")
@@ -79,12 +78,12 @@ class MoEFsDiCLit(pl.LightningModule):
         loss, dm, load = self.diffusion_loss(x, y, self.step_generator(batch_idx), self.config.train.cond_drop_prob)
         vals = torch.stack([loss.detach(), dm.detach(), load.detach()]).float()
         host = vals.tolist()
-        if not all(math.isfinite(v) for v in host):
-            raise NonFiniteLossError(
-                f"the loss became non-finite at step {self.global_step} (epoch {self.current_epoch + 1}, batch {batch_idx}): "
-                f"loss={host[0]}, dm_loss={host[1]}, load_loss={host[2]}. Training stopped; lower train.lr, keep "
-                "train.grad_clip > 0 or use 32-true precision"
-            )
+        check_finite_loss(
+            self.global_step,
+            "lower train.lr, keep train.grad_clip > 0 or use 32-true precision",
+            where=f"epoch {self.current_epoch + 1}, batch {batch_idx}",
+            **dict(zip(METRICS, host)),
+        )
         self._sums = vals if self._sums is None else self._sums + vals
         self._count += 1
         self.last_metrics = dict(zip(METRICS, host))

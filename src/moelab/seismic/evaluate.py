@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from moelab.errors import DataError
-from moelab.seismic.lit import PHASE_DICT  # metadata columns holding P or S onsets (pick-benchmark's)
+from moelab.seismic.phases import PHASE_DICT  # metadata columns holding P or S onsets (pick-benchmark's)
 
 log = logging.getLogger(__name__)
 

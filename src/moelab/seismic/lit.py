@@ -37,28 +37,8 @@ from moelab.errors import CheckpointError, ConfigError, check_finite_loss
 from moelab.moe import freeze_non_moe as _freeze_non_moe
 from moelab.moe import MoELayer, moe_layers, moe_usage, reset_moe_stats, trainable_report
 from moelab.seismic.augment import DuplicateEvent
+from moelab.seismic.phases import P_PHASES, PHASE_DICT, S_PHASES  # noqa: F401  (PHASE_DICT re-exported)
 from moelab.seismic.weights import read_lightning_checkpoint
-
-#: Metadata columns labelled as P or S (pick-benchmark's phase dictionary, SeisBench column names).
-PHASE_DICT: dict[str, str] = {
-    "trace_p_arrival_sample": "P",
-    "trace_pP_arrival_sample": "P",
-    "trace_P_arrival_sample": "P",
-    "trace_P1_arrival_sample": "P",
-    "trace_Pg_arrival_sample": "P",
-    "trace_Pn_arrival_sample": "P",
-    "trace_PmP_arrival_sample": "P",
-    "trace_pwP_arrival_sample": "P",
-    "trace_pwPm_arrival_sample": "P",
-    "trace_s_arrival_sample": "S",
-    "trace_S_arrival_sample": "S",
-    "trace_S1_arrival_sample": "S",
-    "trace_Sg_arrival_sample": "S",
-    "trace_SmS_arrival_sample": "S",
-    "trace_Sn_arrival_sample": "S",
-}
-P_PHASES = [k for k, v in PHASE_DICT.items() if v == "P"]
-S_PHASES = [k for k, v in PHASE_DICT.items() if v == "S"]
 
 
 class SeisBenchModuleLit(pl.LightningModule, ABC):
