@@ -189,6 +189,12 @@ def fit(
         last = f"the last good checkpoint is '{saved[-1]}' (untouched)" if saved else "no checkpoint had been written yet"
         raise NonFiniteLossError(f"{e}; {last}") from None
     last_saved = getattr(ckpt, "_last_checkpoint_saved", None)
+    if getattr(ckpt, "_last_global_step_saved", -1) != trainer.global_step:
+        # Stopped by max_steps / max_time, or after an epoch that checkpoint_every skips: keep the
+        # final state too, so a finished run always ends with its last weights on disk (atomic IO).
+        final = ckpt_dir / f"checkpoint_epoch_{max(trainer.current_epoch, 1)}.pth"
+        trainer.save_checkpoint(final, weights_only=False)  # a full training checkpoint: --resume works from it
+        return final
     if last_saved:
         return Path(last_saved)
     saved = checkpoints_in(ckpt_dir)
