@@ -10,6 +10,13 @@ expert parameter to its output. Their gradient is then an exact 0 instead of mis
 what DistributedDataParallel's default (``find_unused_parameters=False``) needs: otherwise an
 expert that goes idle on one rank -- exactly what happens when routing collapses -- stops training
 with "Expected to have finished reduction in the prior iteration".
+
+Optionally a layer has a *shared expert* (DeepSeek-MoE / DiT-MoE style): a module every unit goes
+through, besides the routed experts. The output is then
+``shared_weight * shared(x) + (1 - shared_weight) * routed(x)``; with `MoELayer.upcycle` both the
+shared expert and the routed experts are copies of the dense module, so the upcycled layer still
+computes what the dense module computed (``shared_weight`` 0.5, the default: halves of the same
+value). Without one (the default) nothing changes.
 """
 
 from __future__ import annotations
@@ -32,12 +39,20 @@ class MoELayer(nn.Module):
     ``router_features`` (``[N, F]``) lets the caller route on something other than ``x`` itself,
     e.g. pooled features plus time and class embeddings for per-sample conv routing.
     Set ``gradient_checkpointing = True`` to recompute the experts (not the router) in backward.
+
+    ``shared_expert``: an optional module applied to every unit (always on, not routed); the output
+    is then ``shared_weight * shared_expert(x) + (1 - shared_weight) * routed``, with
+    ``shared_weight`` in (0, 1). ``None`` (default): the routed output alone, as before.
     """
 
-    def __init__(self, router: TopKRouter, experts: nn.Module) -> None:
+    def __init__(self, router: TopKRouter, experts: nn.Module, shared_expert: nn.Module | None = None, shared_weight: float = 0.5) -> None:
         super().__init__()
+        if shared_expert is not None and not (isinstance(shared_weight, (int, float)) and not isinstance(shared_weight, bool) and 0.0 < shared_weight < 1.0):
+            raise ValueError(f"shared_weight must be a number in (0, 1) (the shared expert's share of the output), got {shared_weight!r}")
         self.router = router
         self.experts = experts
+        self.shared_expert = shared_expert
+        self.shared_weight = float(shared_weight) if shared_expert is not None else 0.0
         self.usage = ExpertUsage(router.num_experts)
         self.last_routing: Routing | None = None
         self.gradient_checkpointing = False
@@ -58,7 +73,10 @@ class MoELayer(nn.Module):
             y = checkpoint(dispatch, self.experts, x, routing, use_reentrant=False)
         else:
             y = dispatch(self.experts, x, routing)
-        return self._touch_all_experts(y)
+        y = self._touch_all_experts(y)
+        if self.shared_expert is not None:
+            y = self.shared_weight * self.shared_expert(x) + (1.0 - self.shared_weight) * y
+        return y
 
     def _touch_all_experts(self, y: Tensor) -> Tensor:
         """``y`` plus 0 x (one element of every trainable expert parameter): same values, every expert in the graph.
@@ -84,15 +102,21 @@ class MoELayer(nn.Module):
         gate: Gate = "topk_softmax",
         hidden: int | None = None,
         jitter: float = 0.0,
+        shared_expert: bool = False,
+        shared_weight: float = 0.5,
     ) -> "MoELayer":
         """Build an MoE layer whose experts are copies of ``dense``.
 
         The combine weights of each unit sum to one, so at initialisation the layer computes
         exactly what ``dense`` did, whatever the router says; training then lets experts diverge.
+        ``shared_expert``: add one more copy of ``dense`` as the always-on shared expert; the
+        output ``shared_weight * shared(x) + (1 - shared_weight) * routed(x)`` is then still the
+        dense output at initialisation (the layer holds ``num_experts + 1`` copies).
         """
         experts = nn.ModuleList(copy.deepcopy(dense) for _ in range(num_experts))
         router = TopKRouter(router_in_features, num_experts, k, hidden=hidden, gate=gate, jitter=jitter)
-        return cls(router, experts)
+        shared = copy.deepcopy(dense) if shared_expert else None
+        return cls(router, experts, shared_expert=shared, shared_weight=shared_weight)
 
 
 class TokenMoE(MoELayer):

@@ -65,6 +65,8 @@ _MOE_ARGS: dict[str, tuple[tuple[type, ...], str]] = {
     "aux_loss": ((str,), "load-balance loss kind (see moelab.moe.LOSS_KINDS)"),
     "router_lr": ((int, float, type(None)), "learning rate of the routers alone (null: lr)"),
     "detach_router_input": ((bool,), "route on gradient-free features, so the load loss moves only the routers (default true)"),
+    "upcycle_noise": ((int, float), "relative std of the noise added to upcycled expert copies, in [0, 1) (default 0: exact copies)"),
+    "shared_expert": ((bool,), "add an always-on shared expert (a copy of the dense FFN) to each MoE layer (default false)"),
 }
 MODEL_ARGS: dict[str, dict[str, tuple[tuple[type, ...], str]]] = {
     "SeisMoE": {**_COMMON_ARGS, **_MOE_ARGS},
@@ -194,6 +196,10 @@ def _check_model_values(a: dict[str, Any], source: str) -> None:
     for key in ("moe_loss_coef", "router_jitter"):
         if key in a and a[key] < 0:
             raise ConfigError(f"{where}.{key} must be >= 0, got {a[key]}")
+    if "upcycle_noise" in a and not 0 <= a["upcycle_noise"] < 1:
+        raise ConfigError(
+            f"{where}.upcycle_noise must be in [0, 1) (relative std of the expert noise at upcycling, e.g. 0.01), got {a['upcycle_noise']}"
+        )
     if "drop_rate" in a and not 0 <= a["drop_rate"] < 1:
         raise ConfigError(f"{where}.drop_rate must be in [0, 1), got {a['drop_rate']}")
     if "in_samples" in a and a["in_samples"] < 256:

@@ -106,10 +106,9 @@ def generate_targets(
                 task1.append({**base, "start_sample": s, "end_sample": e, "trace_type": "noise"})
         for i, (onset, phase, full) in enumerate(arrivals):
             before = 0 if i == 0 else int(arrivals[i - 1][0]) + spacing
-            after = np.inf if i == len(arrivals) - 1 else int(arrivals[i + 1][0]) - spacing
+            after = npts if i == len(arrivals) - 1 else min(npts, int(arrivals[i + 1][0]) - spacing)
             if after - before < w23 or before > onset or after < onset:
-                continue  # the onset cannot be isolated in a window of its own
-            after = int(min(after, npts))
+                continue  # the onset cannot be isolated in a full window of its own (the trace end counts too)
             s, e = window_containing(after - before, w23, rng23, containing=int(onset) - before, bounds=(50, 50))
             s, e = s + before, e + before
             if e - s <= w23:

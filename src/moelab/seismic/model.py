@@ -76,13 +76,37 @@ class ChannelsFirstTokenMoE(TokenMoE):
         return super().forward(tokens, router_features).transpose(1, 2)
 
 
-def upcycle_feedforward(dense: FeedForward, num_experts: int, k: int, gate: str = "topk_softmax", jitter: float = 0.0) -> ChannelsFirstTokenMoE:
-    """MoE layer whose experts are copies of ``dense`` (core `MoELayer.upcycle`): same output at init."""
+def upcycle_feedforward(
+    dense: FeedForward, num_experts: int, k: int, gate: str = "topk_softmax", jitter: float = 0.0, shared_expert: bool = False
+) -> ChannelsFirstTokenMoE:
+    """MoE layer whose experts are copies of ``dense`` (core `MoELayer.upcycle`): same output at init.
+
+    ``shared_expert``: one more copy of ``dense`` as an always-on shared expert; the layer then
+    outputs ``0.5 * shared(x) + 0.5 * routed(x)``, still the dense output at init.
+    """
     expert = TokenFeedForward.from_dense(dense)
     layer = ChannelsFirstTokenMoE.upcycle(
-        expert, num_experts, k, router_in_features=expert.lin1.in_features, gate=gate, jitter=jitter  # type: ignore[arg-type]
+        expert, num_experts, k, router_in_features=expert.lin1.in_features, gate=gate, jitter=jitter, shared_expert=shared_expert  # type: ignore[arg-type]
     )
     return layer  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def add_upcycle_noise(layer: TokenMoE, noise: float, generator: torch.Generator | None = None) -> None:
+    """Perturb every routed expert's parameters by ``noise`` x their own spread, independently per expert.
+
+    Each parameter tensor ``w`` of each routed expert becomes ``w + noise * std(w) * N(0, 1)``
+    (``std`` over the tensor, the same for all experts, taken before any noise is added), so copies
+    of one dense FFN start slightly apart and can diverge (the original SeisMoE's expert noise).
+    The router and a shared expert are left as they are. ``noise == 0`` changes nothing.
+    """
+    if noise == 0.0:
+        return
+    experts = list(layer.experts)
+    for params in zip(*(list(e.parameters()) for e in experts)):
+        scale = params[0].float().std() if params[0].numel() > 1 else params[0].float().abs().reshape(())
+        for p in params:
+            p.add_((noise * scale * torch.randn(p.shape, generator=generator, dtype=torch.float32)).to(p.dtype))
 
 
 def _validate_moe_args(num_experts: Any, k: Any, gate: Any, router_jitter: Any, aux_loss: Any) -> None:
@@ -110,6 +134,15 @@ class SeisMoE(EQTransformer):
     :param aux_loss: load-balance loss kind of `get_moe_loss` (``"switch"`` or ``"variance"``).
     :param detach_router_input: route on gradient-free token features, so the load-balance loss
         moves only the routers (guards detection against the aux loss; see `ChannelsFirstTokenMoE`).
+    :param upcycle_noise: relative std of the noise added to every routed expert when dense weights
+        are upcycled (`load_dense_state_dict`; see `add_upcycle_noise`), so the copies can diverge;
+        0 (default): exact copies, the model computes what the dense model does. Weights of a
+        trained SeisMoE are loaded as they are, without noise.
+    :param shared_expert: add an always-on shared expert to each MoE layer (DeepSeek-MoE / DiT-MoE
+        style), also a copy of the dense FFN when upcycling; each layer then outputs
+        ``0.5 * shared(x) + 0.5 * routed(x)``, which is still the dense output at upcycling
+        (with ``upcycle_noise`` 0), and holds one more FFN (+4,240 parameters per layer for the
+        16 -> 128 -> 16 FFN).
     :param eqt_kwargs: EQTransformer's own arguments (in_samples, original_compatible, norm, ...).
 
     ``SeisMoE.from_base("stead", ...)`` starts from pretrained EQTransformer weights (see
@@ -124,9 +157,15 @@ class SeisMoE(EQTransformer):
         router_jitter: float = 0.0,
         aux_loss: str = "switch",
         detach_router_input: bool = True,
+        upcycle_noise: float = 0.0,
+        shared_expert: bool = False,
         **eqt_kwargs: Any,
     ) -> None:
         _validate_moe_args(num_experts, num_experts_per_token, gate, router_jitter, aux_loss)
+        if isinstance(upcycle_noise, bool) or not isinstance(upcycle_noise, (int, float)) or not 0.0 <= float(upcycle_noise) < 1.0:
+            raise ConfigError(f"upcycle_noise must be a number in [0, 1) (relative std of the expert noise; 0 = exact copies), got {upcycle_noise!r}")
+        if not isinstance(shared_expert, bool):
+            raise ConfigError(f"shared_expert must be true or false, got {shared_expert!r}")
         try:
             super().__init__(**eqt_kwargs)
         except TypeError as e:
@@ -139,9 +178,11 @@ class SeisMoE(EQTransformer):
         self.router_jitter = float(router_jitter)
         self.aux_loss = aux_loss
         self.detach_router_input = bool(detach_router_input)
+        self.upcycle_noise = float(upcycle_noise)
+        self.shared_expert = shared_expert
         for name in MOE_BLOCKS:
             block = getattr(self, name)
-            block.ff = upcycle_feedforward(block.ff, num_experts, num_experts_per_token, gate, self.router_jitter)
+            block.ff = upcycle_feedforward(block.ff, num_experts, num_experts_per_token, gate, self.router_jitter, shared_expert)
             block.ff.detach_router_input = self.detach_router_input
 
     # ----------------------------------------------------------------- building from dense weights
@@ -196,7 +237,10 @@ class SeisMoE(EQTransformer):
         """Load a dense EQTransformer state dict: trunk as is, each FFN copied into every expert.
 
         The routers keep their initialisation; since each token's combine weights sum to one and
-        all experts are equal, the model then computes what the dense model computed.
+        all experts are equal, the model then computes what the dense model computed. A shared
+        expert (``shared_expert``) gets the FFN too; with ``upcycle_noise`` > 0 the routed experts
+        are then perturbed (`add_upcycle_noise`, torch's global RNG), and the model computes what the
+        dense model did only approximately.
         """
         own = self.state_dict()
         mapped: dict[str, Tensor] = {}
@@ -207,8 +251,10 @@ class SeisMoE(EQTransformer):
                 (mapped.__setitem__(key, value) if key in own else unexpected.append(key))
                 continue
             rest = key[len(f"{block}.ff."):]
-            for e in range(self.num_experts):
-                target = f"{block}.ff.experts.{e}.{rest}"
+            targets = [f"{block}.ff.experts.{e}.{rest}" for e in range(self.num_experts)]
+            if self.shared_expert:
+                targets.append(f"{block}.ff.shared_expert.{rest}")
+            for target in targets:
                 (mapped.__setitem__(target, value) if target in own else unexpected.append(key))
         missing = [k for k in own if k not in mapped and ".ff.router." not in k]
         if missing or unexpected:
@@ -225,6 +271,8 @@ class SeisMoE(EQTransformer):
                     "the model arguments do not match those the weights were trained with"
                 )
         self.load_state_dict(mapped, strict=False)
+        for name in MOE_BLOCKS:
+            add_upcycle_noise(getattr(self, name).ff, self.upcycle_noise)
 
     # ----------------------------------------------------------------- MoE API of the user guide
     def get_moe_loss(self) -> Tensor:
@@ -252,6 +300,8 @@ class SeisMoE(EQTransformer):
             router_jitter=self.router_jitter,
             aux_loss=self.aux_loss,
             detach_router_input=self.detach_router_input,
+            upcycle_noise=self.upcycle_noise,
+            shared_expert=self.shared_expert,
         )
         return args
 

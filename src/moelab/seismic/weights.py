@@ -47,7 +47,9 @@ from moelab.checkpoint import safe_load
 from moelab.errors import CheckpointError, ConfigError
 
 #: Model arguments a SeisMoE's weights carry besides EQTransformer's (``SeisMoE.get_model_args``).
-MOE_ARGS: tuple[str, ...] = ("num_experts", "num_experts_per_token", "gate", "router_jitter", "aux_loss", "detach_router_input")
+MOE_ARGS: tuple[str, ...] = (
+    "num_experts", "num_experts_per_token", "gate", "router_jitter", "aux_loss", "detach_router_input", "upcycle_noise", "shared_expert"
+)
 NO_BASE = frozenset({"", "none", "null", "random", "scratch"})
 WEIGHT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
 _VERSIONED = re.compile(r"^(?P<stem>.+)\.(?P<kind>json|pt)(?:\.v(?P<version>[^/]+))?$")
