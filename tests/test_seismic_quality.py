@@ -133,3 +133,17 @@ def test_levers_reach_the_model_and_optimizer():
     assert sum(len(g["params"]) for g in groups) == sum(1 for p in module.parameters() if p.requires_grad)
     with pytest.raises(ConfigError, match="router_lr must be > 0"):
         validate({**raw, "model_args": {**raw["model_args"], "router_lr": 0}})
+
+
+def test_a_tag_keeps_lever_runs_apart_and_shares_eqt_ft(tmp_path):
+    s = quality.QualitySettings(out=tmp_path, tag="_noise", moe_args={"num_experts": 4, "upcycle_noise": 0.01, "shared_expert": True})
+    s.check()
+    base, data = tmp_path / "base.ckpt", tmp_path / "data" / "ethz_like"
+    assert quality.variant_config(s, "eqt_ft", base, data, 1)["name"] == "eqt_ft_s1"  # the untagged run is reused
+    for v in ("moe_frozen", "moe_full", "moe_scratch"):
+        raw = quality.variant_config(s, v, base, data, 1)
+        assert raw["name"] == f"{v}_noise_s1"
+        cfg = validate(raw)
+        assert cfg.model_args["upcycle_noise"] == 0.01 and cfg.model_args["shared_expert"] is True
+    with pytest.raises(ConfigError, match="tag 'a/b' may hold only"):
+        quality.QualitySettings(out=tmp_path, tag="a/b").check()

@@ -64,6 +64,10 @@ class QualitySettings:
         variants: which of `VARIANTS` to run (``eqt_ft`` is needed for the last line).
         headline: the SeisMoE variant the last line compares with ``eqt_ft``.
         base_seed: seed of the base training.
+        tag: suffix of the SeisMoE runs and of the tables (``moe_frozen<tag>_s0``,
+            ``quality<tag>.md``, ``results<tag>.json``), so that lever variants (other
+            ``moe_args``) run in the same folder, reusing its data, base and ``eqt_ft`` models
+            instead of overwriting them; ``""`` (default): the plain names.
     """
 
     out: Path = Path("outputs/seismoe_quality")
@@ -83,6 +87,7 @@ class QualitySettings:
     variants: tuple[str, ...] = VARIANTS
     headline: str = "moe_frozen"
     base_seed: int = 0
+    tag: str = ""
 
     def check(self) -> None:
         from moelab.seismic.synth import DOMAINS
@@ -103,6 +108,8 @@ class QualitySettings:
             raise ConfigError(f"trace_seconds={self.trace_seconds} is shorter than the model window in_samples={self.in_samples} at 100 Hz")
         if min(self.base_epochs, self.ft_epochs, self.traces, self.batch_size) < 1:
             raise ConfigError("base_epochs, ft_epochs, traces and batch_size must all be >= 1")
+        if self.tag and not all(c.isalnum() or c in "-_." for c in self.tag):
+            raise ConfigError(f"tag '{self.tag}' may hold only letters, digits, '-', '_' and '.' (it becomes part of folder and file names)")
 
 
 # --------------------------------------------------------------------------------- building blocks
@@ -131,14 +138,15 @@ def variant_config(s: QualitySettings, variant: str, base_ckpt: Path, data: Path
     """Harness config of one domain-B variant (what benchmark/train.py would be given)."""
     base = str(base_ckpt)
     moe = dict(s.moe_args)
+    name = f"{variant}{s.tag}_s{seed}"  # eqt_ft does not depend on moe_args: never tagged, shared by every tag
     if variant == "eqt_ft":
         return _config(s, f"{variant}_s{seed}", "EQTransformer", data, seed, s.ft_epochs, {"base_model": base, "lr": s.ft_lr})
     if variant == "moe_frozen":
-        return _config(s, f"{variant}_s{seed}", "SeisMoE", data, seed, s.ft_epochs, {**moe, "base_model": base, "freeze_non_moe": True, "lr": s.ft_lr})
+        return _config(s, name, "SeisMoE", data, seed, s.ft_epochs, {**moe, "base_model": base, "freeze_non_moe": True, "lr": s.ft_lr})
     if variant == "moe_full":
-        return _config(s, f"{variant}_s{seed}", "SeisMoE", data, seed, s.ft_epochs, {**moe, "base_model": base, "freeze_non_moe": False, "lr": s.ft_lr})
+        return _config(s, name, "SeisMoE", data, seed, s.ft_epochs, {**moe, "base_model": base, "freeze_non_moe": False, "lr": s.ft_lr})
     if variant == "moe_scratch":
-        return _config(s, f"{variant}_s{seed}", "SeisMoE", data, seed, s.ft_epochs, {**moe, "base_model": None, "lr": s.base_lr})
+        return _config(s, name, "SeisMoE", data, seed, s.ft_epochs, {**moe, "base_model": None, "lr": s.base_lr})
     raise ConfigError(f"unknown variant '{variant}'; choose from {', '.join(VARIANTS)}")
 
 
@@ -242,8 +250,8 @@ def run(s: QualitySettings, echo: Callable[[str], None] = print) -> str:
         tables = format_tables(done, results, base)
         last = summary_line(results, s.headline, b)
         doc = {"settings": settings, "seeds_done": seeds_done, "base": base, "results": results}
-        atomic_write_bytes(json.dumps(doc, indent=1).encode(), s.out / "results.json")
-        atomic_write_bytes((tables + "\n" + last + "\n").encode(), s.out / "quality.md")
+        atomic_write_bytes(json.dumps(doc, indent=1).encode(), s.out / f"results{s.tag}.json")
+        atomic_write_bytes((tables + "\n" + last + "\n").encode(), s.out / f"quality{s.tag}.md")
         return tables, last
 
     for i, seed in enumerate(s.seeds):
@@ -277,6 +285,7 @@ def add_args(p: Any) -> Any:
     p.add_argument("--moe-args", type=json.loads, default=d.moe_args, help='SeisMoE model_args as JSON, e.g. \'{"num_experts": 8, "num_experts_per_token": 2}\'')
     p.add_argument("--variants", nargs="+", default=list(d.variants), choices=VARIANTS)
     p.add_argument("--headline", default=d.headline, choices=[v for v in VARIANTS if v.startswith("moe_")])
+    p.add_argument("--tag", default=d.tag, help="suffix of the SeisMoE runs and tables (quality<TAG>.md), to compare moe_args levers in one folder")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared CPU)")
     return p
 
@@ -286,7 +295,7 @@ def settings_from_args(args: Any) -> QualitySettings:
         out=Path(args.out), seeds=tuple(args.seeds), domains=tuple(args.domains), traces=args.traces,
         trace_seconds=args.trace_seconds, data_seed=args.data_seed, in_samples=args.in_samples, sigma=args.sigma,
         batch_size=args.batch_size, base_epochs=args.base_epochs, base_lr=args.base_lr, ft_epochs=args.ft_epochs,
-        ft_lr=args.ft_lr, moe_args=dict(args.moe_args), variants=tuple(args.variants), headline=args.headline,
+        ft_lr=args.ft_lr, moe_args=dict(args.moe_args), variants=tuple(args.variants), headline=args.headline, tag=args.tag,
     )
 
 
