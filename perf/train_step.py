@@ -5,6 +5,9 @@ For each scale the three models are built from the same config (only the archite
   dense  : diffusers' UNet2DModel (`moelab.diffusion.baseline`), width matched to MoEFsDiC's
            parameters *active per sample*
   no_moe : MoEFsDiC with ``moe.enabled: false`` (Dilated_Fusion_Blocks instead of MoE blocks)
+  moe_sel: MoEFsDiC with ``train.gradient_checkpointing: selective`` (the experts keep only their
+           GEMM outputs for backward and recompute norms, GELUs and depthwise convs; same outputs
+           and gradients)
 and measured on the same inputs (x, t, c, noise), with the same torch thread count:
 
 * time   : forward + loss (MSE, plus the load-balance loss for MoE) + backward, gradients reset
@@ -63,7 +66,12 @@ SCALES: dict[str, dict[str, Any]] = {
     },
     "default64": {"config": "default", "overrides": {}, "batch": 8, "label": "default 64x64"},
 }
-VARIANTS: dict[str, dict[str, Any]] = {"moe": {}, "dense": {"model.arch": "unet2d"}, "no_moe": {"moe.enabled": False}}
+VARIANTS: dict[str, dict[str, Any]] = {
+    "moe": {},
+    "dense": {"model.arch": "unet2d"},
+    "no_moe": {"moe.enabled": False},
+    "moe_sel": {"train.gradient_checkpointing": "selective"},
+}
 GUIDANCE = 1.25
 
 
@@ -90,6 +98,8 @@ def make_step(scale: str, variant: str, compile_model: bool = False) -> tuple[Ca
     cfg = scale_config(scale, variant)
     torch.manual_seed(0)
     model = build_model(cfg).train()
+    if cfg["train"]["gradient_checkpointing"]:
+        model.set_gradient_checkpointing(cfg["train"]["gradient_checkpointing"])
     data = inputs(cfg, batch_size(scale, cfg))
     x, t, c, noise = data
     lam = cfg["train"]["lambda_load"]
@@ -203,6 +213,10 @@ def sample_step_ratio(reps: int, warmup: int) -> tuple[float, dict[str, float]]:
     return paired_ratio(times["moe"], times["dense"]), {v: 1e3 * statistics.median(ts) for v, ts in times.items()}
 
 
+def fmt(values: dict[str, str]) -> str:
+    return " ".join(f"{k}={v}" for k, v in values.items())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="3 rounds, 1 warm-up step (a smoke run; noisier ratios)")
@@ -218,25 +232,29 @@ def main() -> None:
         return
     reps, warmup = (3, 1) if args.quick else (max(3, args.reps), 2)
     print(f"threads={args.threads} reps={reps} warmup={warmup} compile={args.compile} torch={torch.__version__}")
-    worst_t, worst_m = 0.0, 0.0
+    worst_t, worst_m, sel_t, sel_m = 0.0, 0.0, 0.0, 0.0
     for scale in args.scales:
         r = run_scale(scale, reps, warmup, args.threads, args.compile)
         ms, ratio, mem, info = r["ms"], r["ratio"], r["mem"], r["info"]
         mem_ratio = mem["moe"]["peak_mb"] / mem["dense"]["peak_mb"]
+        sel_mem_ratio = mem["moe_sel"]["peak_mb"] / mem["dense"]["peak_mb"]
+        peak = fmt({v: "%.0f" % mem[v]["peak_mb"] for v in VARIANTS})
+        before = "/".join("%.0f" % mem[v]["before_mb"] for v in VARIANTS)
+        gflops = fmt({v: "%.3f" % info[v]["gflops"] for v in VARIANTS})
+        active = fmt({v: "{:,}".format(info[v]["active"]) for v in VARIANTS})
         print(
             f"{scale} ({SCALES[scale]['label']}, batch {r['batch']}): "
-            f"step ms moe={ms['moe']:.0f} dense={ms['dense']:.0f} no_moe={ms['no_moe']:.0f} "
-            f"moe/dense={ratio['moe']:.2f} no_moe/dense={ratio['no_moe']:.2f} | "
-            f"peak RSS MB moe={mem['moe']['peak_mb']:.0f} dense={mem['dense']['peak_mb']:.0f} no_moe={mem['no_moe']['peak_mb']:.0f} "
-            f"(before step {mem['moe']['before_mb']:.0f}/{mem['dense']['before_mb']:.0f}/{mem['no_moe']['before_mb']:.0f}) "
-            f"moe/dense={mem_ratio:.2f} | fwd GFLOPs/sample moe={info['moe']['gflops']:.3f} dense={info['dense']['gflops']:.3f} "
-            f"no_moe={info['no_moe']['gflops']:.3f} | active params moe={info['moe']['active']:,} dense={info['dense']['active']:,} "
-            f"no_moe={info['no_moe']['active']:,}",
+            f"step ms {fmt({v: '%.0f' % ms[v] for v in VARIANTS})} "
+            f"ratio to dense {fmt({v: '%.2f' % ratio[v] for v in VARIANTS if v != 'dense'})} | "
+            f"peak RSS MB {peak} (before step {before}) moe/dense={mem_ratio:.2f} moe_sel/dense={sel_mem_ratio:.2f} | "
+            f"fwd GFLOPs/sample {gflops} | active params {active}",
             flush=True,
         )
         if scale != "digits":
             worst_t, worst_m = max(worst_t, ratio["moe"]), max(worst_m, mem_ratio)
+            sel_t, sel_m = max(sel_t, ratio["moe_sel"]), max(sel_m, sel_mem_ratio)
     if worst_t:
+        print(f"selective recompute (train.gradient_checkpointing: selective): moe_sel/dense time={sel_t:.2f} mem={sel_m:.2f}")
         print(f"train_step: moe/dense time={worst_t:.2f} mem={worst_m:.2f}")
     ratio, ms = sample_step_ratio(reps, warmup)
     print(f"sample step ms (cifar32, 32 images, w={GUIDANCE}): moe={ms['moe']:.0f} dense={ms['dense']:.0f}")

@@ -121,3 +121,30 @@ def test_wall_clock_budget_stops_training_with_a_checkpoint(tmp_path):
     last = fit(cfg, checkpoint_dir=tmp_path, max_time=2.0, progress=False)
     steps = int(read_checkpoint(last)["global_step"])
     assert 1 <= steps < 10_000 * 2
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pointwise_of_parts_equals_pointwise_of_concatenation(channels_last):
+    """The skip merge's concat-free 1x1 conv: values and gradients of conv1x1(cat(a, b))."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64)
+    b = torch.randn(2, 5, 5, 4, generator=g, dtype=torch.float64)
+    if channels_last:
+        a, b = (t.contiguous(memory_format=torch.channels_last) for t in (a, b))
+    merge = PointwiseConv2d(8, 6).double()
+    a1, b1, a2, b2 = (t.clone().requires_grad_(True) for t in (a, b, a, b))
+    y, ref = merge(a1, b1), F.conv2d(torch.cat([a2, b2], 1), merge.weight, merge.bias)
+    torch.testing.assert_close(y, ref, **TOL)
+    assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
+    go = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    params = list(merge.parameters())
+    got = torch.autograd.grad(y, [a1, b1, *params], go)
+    want = torch.autograd.grad(ref, [a2, b2, *params], go)
+    for x, r in zip(got, want):
+        torch.testing.assert_close(x, r, **TOL)
+
+
+def test_pointwise_of_parts_refuses_a_channel_mismatch():
+    a = torch.randn(1, 3, 2, 2).contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="weight expects 8"):
+        PointwiseConv2d(8, 4)(a, a)
