@@ -222,3 +222,37 @@ def test_cli_make_dataset_domain(tmp_path, capsys):
     assert rc == 0 and "wrote 6 traces" in capsys.readouterr().out
     m = sbd.WaveformDataset(tmp_path / "g").metadata
     assert (m["trace_npts"] == synth.DOMAINS["geofon_like"].n_samples).all() and (m["trace_sampling_rate_hz"] == 20.0).all()
+
+
+def test_presets_spread_p_and_early_p_versions_keep_the_earlier_ones():
+    for name in ("stead_like", "ethz_like", "geofon_like"):
+        new, old = synth.DOMAINS[name], synth.DOMAINS[f"{name}_early_p"]
+        assert new.p_fraction == synth.SPREAD_P_FRACTION == (0.2, 0.7)
+        assert old.p_fraction == synth.EARLY_P_FRACTION[name] and old.near_fraction == 0.0
+        # everything else is the same domain
+        assert {k: v for k, v in vars(new).items() if k not in ("name", "description", "p_fraction", "near_fraction")} == {
+            k: v for k, v in vars(old).items() if k not in ("name", "description", "p_fraction", "near_fraction")
+        }
+    assert synth.EARLY_P_FRACTION == {"stead_like": None, "ethz_like": (0.05, 0.3), "geofon_like": (0.1, 0.4)}
+    assert synth.DOMAINS["stead_like"].near_fraction == 0.25
+    assert synth.DOMAINS["ethz_like"].near_fraction == synth.DOMAINS["geofon_like"].near_fraction == 0.0
+
+
+def test_stead_like_draws_spread_p_and_near_source_events():
+    table, _ = synth.load_source_table()
+    rng = np.random.default_rng(0)
+    dom = synth.DOMAINS["stead_like"]
+    src = [synth.sample_source(table, rng, dom) for _ in range(2000)]
+    p = np.array([s["p_fraction"] for s in src])
+    assert p.min() >= 0.2 and p.max() <= 0.7
+    dist = np.array([s["distance_km"] for s in src])
+    assert 0.2 < (dist < 17.0).mean() < 0.35  # the packaged STEAD events are all >= 18 km away (jittered: rarely < 17)
+    from dataclasses import replace
+
+    all_near = [synth.sample_source(table, rng, replace(dom, near_fraction=1.0)) for _ in range(300)]
+    assert all(1.0 <= s["distance_km"] <= 20.0 and 0.0 <= s["depth_km"] <= 10.0 for s in all_near)
+    # the early-P preset draws nothing extra: the same generator state gives the original sources
+    rng_a, rng_b = np.random.default_rng(1), np.random.default_rng(1)
+    early = [synth.sample_source(table, rng_a, synth.DOMAINS["stead_like_early_p"]) for _ in range(50)]
+    original = [synth._sample_source(table, rng_b) for _ in range(50)]
+    assert early == original
