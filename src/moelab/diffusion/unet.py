@@ -151,7 +151,8 @@ class MoEFsDiC_UNet(ModelMixin, ConfigMixin):  # noqa: N801 - the name the quick
         t, c = batch_conditions(x, t, c, self.num_classes)
         cond = Conditioning(self.time_embed(t), self.class_embed(c))
 
-        h = self.stem(x)
+        # channels-last from the stem on (a copy of the 1-3 channel input, not of the first feature map)
+        h = self.stem(x.contiguous(memory_format=torch.channels_last))
         skips = []
         for i, down in enumerate(self.downs):
             for blk in self._level(self.enc_blocks, i):
