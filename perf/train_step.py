@@ -8,6 +8,7 @@ For each scale the three models are built from the same config (only the archite
   moe_sel: MoEFsDiC with ``train.gradient_checkpointing: selective`` (the experts keep only their
            GEMM outputs for backward and recompute norms, GELUs and depthwise convs; same outputs
            and gradients)
+  moe_full: MoEFsDiC with ``train.gradient_checkpointing: true`` (every block body recomputed)
 and measured on the same inputs (x, t, c, noise), with the same torch thread count:
 
 * time   : forward + loss (MSE, plus the load-balance loss for MoE) + backward, gradients reset
@@ -71,6 +72,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "dense": {"model.arch": "unet2d"},
     "no_moe": {"moe.enabled": False},
     "moe_sel": {"train.gradient_checkpointing": "selective"},
+    "moe_full": {"train.gradient_checkpointing": True},
 }
 GUIDANCE = 1.25
 
@@ -232,29 +234,34 @@ def main() -> None:
         return
     reps, warmup = (3, 1) if args.quick else (max(3, args.reps), 2)
     print(f"threads={args.threads} reps={reps} warmup={warmup} compile={args.compile} torch={torch.__version__}")
-    worst_t, worst_m, sel_t, sel_m = 0.0, 0.0, 0.0, 0.0
+    worst_t, worst_m = 0.0, 0.0
+    worst_recompute = {v: [0.0, 0.0] for v in ("moe_sel", "moe_full")}
     for scale in args.scales:
         r = run_scale(scale, reps, warmup, args.threads, args.compile)
         ms, ratio, mem, info = r["ms"], r["ratio"], r["mem"], r["info"]
         mem_ratio = mem["moe"]["peak_mb"] / mem["dense"]["peak_mb"]
-        sel_mem_ratio = mem["moe_sel"]["peak_mb"] / mem["dense"]["peak_mb"]
+        mem_ratios = {v: mem[v]["peak_mb"] / mem["dense"]["peak_mb"] for v in VARIANTS}
         peak = fmt({v: "%.0f" % mem[v]["peak_mb"] for v in VARIANTS})
         before = "/".join("%.0f" % mem[v]["before_mb"] for v in VARIANTS)
         gflops = fmt({v: "%.3f" % info[v]["gflops"] for v in VARIANTS})
         active = fmt({v: "{:,}".format(info[v]["active"]) for v in VARIANTS})
+        # float32 parameters + their gradients: what no activation recomputation can remove
+        weights = fmt({v: "%.0f" % (8 * info[v]["total"] / 2**20) for v in ("moe", "dense")})
         print(
             f"{scale} ({SCALES[scale]['label']}, batch {r['batch']}): "
             f"step ms {fmt({v: '%.0f' % ms[v] for v in VARIANTS})} "
             f"ratio to dense {fmt({v: '%.2f' % ratio[v] for v in VARIANTS if v != 'dense'})} | "
-            f"peak RSS MB {peak} (before step {before}) moe/dense={mem_ratio:.2f} moe_sel/dense={sel_mem_ratio:.2f} | "
-            f"fwd GFLOPs/sample {gflops} | active params {active}",
+            f"peak RSS MB {peak} (before step {before}) ratio to dense {fmt({v: '%.2f' % mem_ratios[v] for v in VARIANTS if v != 'dense'})} | "
+            f"params+grads MB {weights} | fwd GFLOPs/sample {gflops} | active params {active}",
             flush=True,
         )
         if scale != "digits":
             worst_t, worst_m = max(worst_t, ratio["moe"]), max(worst_m, mem_ratio)
-            sel_t, sel_m = max(sel_t, ratio["moe_sel"]), max(sel_m, sel_mem_ratio)
+            for v, worst in worst_recompute.items():
+                worst[0], worst[1] = max(worst[0], ratio[v]), max(worst[1], mem_ratios[v])
     if worst_t:
-        print(f"selective recompute (train.gradient_checkpointing: selective): moe_sel/dense time={sel_t:.2f} mem={sel_m:.2f}")
+        for v, (t_worst, m_worst) in worst_recompute.items():
+            print(f"{v} (train.gradient_checkpointing: {VARIANTS[v]['train.gradient_checkpointing']}): {v}/dense time={t_worst:.2f} mem={m_worst:.2f}")
         print(f"train_step: moe/dense time={worst_t:.2f} mem={worst_m:.2f}")
     ratio, ms = sample_step_ratio(reps, warmup)
     print(f"sample step ms (cifar32, 32 images, w={GUIDANCE}): moe={ms['moe']:.0f} dense={ms['dense']:.0f}")
