@@ -5,9 +5,6 @@ For each scale the three models are built from the same config (only the archite
   dense  : diffusers' UNet2DModel (`moelab.diffusion.baseline`), width matched to MoEFsDiC's
            parameters *active per sample*
   no_moe : MoEFsDiC with ``moe.enabled: false`` (Dilated_Fusion_Blocks instead of MoE blocks)
-  moe_sel: MoEFsDiC with ``train.gradient_checkpointing: selective`` (the experts keep only their
-           GEMM outputs for backward and recompute norms, GELUs and depthwise convs; same outputs
-           and gradients)
   moe_full: MoEFsDiC with ``train.gradient_checkpointing: true`` (every block body recomputed)
 and measured on the same inputs (x, t, c, noise), with the same torch thread count:
 
@@ -71,7 +68,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "moe": {},
     "dense": {"model.arch": "unet2d"},
     "no_moe": {"moe.enabled": False},
-    "moe_sel": {"train.gradient_checkpointing": "selective"},
     "moe_full": {"train.gradient_checkpointing": True},
 }
 GUIDANCE = 1.25
@@ -235,7 +231,7 @@ def main() -> None:
     reps, warmup = (3, 1) if args.quick else (max(3, args.reps), 2)
     print(f"threads={args.threads} reps={reps} warmup={warmup} compile={args.compile} torch={torch.__version__}")
     worst_t, worst_m = 0.0, 0.0
-    worst_recompute = {v: [0.0, 0.0] for v in ("moe_sel", "moe_full")}
+    worst_recompute = {v: [0.0, 0.0] for v in ("moe_full",)}
     for scale in args.scales:
         r = run_scale(scale, reps, warmup, args.threads, args.compile)
         ms, ratio, mem, info = r["ms"], r["ratio"], r["mem"], r["info"]

@@ -97,8 +97,6 @@ def broken_image(tmp):
 CASES = [
     ("misspelled key", cfg_case({"moe": {"num_expert": 4}}), ConfigError, r"unknown key 'moe.num_expert'; did you mean 'num_experts'\?"),
     ("unknown section", cfg_case({"optimiser": {"lr": 1}}), ConfigError, r"unknown config section 'optimiser'"),
-    ("bad checkpointing mode", cfg_case({"train": {"gradient_checkpointing": "partial"}}), ConfigError,
-     r"train.gradient_checkpointing='partial' is not allowed; use true, false or \"selective\""),
     ("wrong type number", cfg_case({"train": {"lr": "fast"}}), ConfigError, r'train.lr must be a number, got "fast"'),
     ("wrong type int", cfg_case({"model": {"image_size": 32.5}}), ConfigError, r"model.image_size must be an integer, got 32.5"),
     ("bool for int", cfg_case({"model": {"in_channels": True}}), ConfigError, r"model.in_channels must be an integer, got true"),

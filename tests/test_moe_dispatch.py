@@ -202,38 +202,3 @@ def test_gradient_checkpointing_gives_same_gradients():
     for a, b in zip(ref, [p.grad for p in layer.parameters()]):
         torch.testing.assert_close(a, b)
 
-
-@pytest.mark.parametrize("mode", ["grouped", "gathered"])
-def test_selective_recompute_gives_bitwise_equal_outputs_and_gradients(mode):
-    """Selective recomputation re-runs the same ops on the same values: nothing may change."""
-    torch.manual_seed(7)
-    layer = MoELayer(TopKRouter(8, 4, 2), ResidualConvExperts(4, 8, dispatch_mode=mode))
-    x = torch.randn(5, 8, 6, 6).contiguous(memory_format=torch.channels_last)
-    g_out = torch.randn(5, 8, 6, 6)
-    results = []
-    for selective in (False, True):
-        layer.experts.selective_recompute = selective
-        xi = x.clone().requires_grad_(True)
-        y = layer(xi, xi.mean((2, 3)))
-        grads = torch.autograd.grad(y, [xi, *layer.parameters()], g_out)
-        results.append((y.detach(), grads))
-    (y0, g0), (y1, g1) = results
-    assert torch.equal(y0, y1)
-    assert all(torch.equal(a, b) for a, b in zip(g0, g1))
-
-
-def test_selective_recompute_keeps_only_matmul_outputs():
-    """What the policy keeps: GEMMs and dense convs, never the norms / activations / depthwise convs."""
-    from torch.utils.checkpoint import CheckpointPolicy
-
-    from moelab.moe.dispatch import _keep_matmul_outputs
-
-    aten = torch.ops.aten
-    assert _keep_matmul_outputs(None, aten.addmm.default) is CheckpointPolicy.MUST_SAVE
-    assert _keep_matmul_outputs(None, aten.mm.default) is CheckpointPolicy.MUST_SAVE
-    dense_conv_args = (None, None, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1)
-    depthwise_args = (*dense_conv_args[:-1], 8)
-    assert _keep_matmul_outputs(None, aten.convolution.default, *dense_conv_args) is CheckpointPolicy.MUST_SAVE
-    assert _keep_matmul_outputs(None, aten.convolution.default, *depthwise_args) is CheckpointPolicy.PREFER_RECOMPUTE
-    for op in (aten.native_group_norm.default, aten.gelu.default, aten.index_select.default, aten.mul.Tensor):
-        assert _keep_matmul_outputs(None, op) is CheckpointPolicy.PREFER_RECOMPUTE

@@ -85,7 +85,7 @@ _TYPES: dict[str, dict[str, Any]] = {
         "grad_clip": _NUM,  # max gradient norm; 0 = off
         "accumulate_grad_batches": int,
         "precision": ("32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "fp16", "bf16"),
-        "gradient_checkpointing": (bool, str),  # true | false | "selective"
+        "gradient_checkpointing": bool,
         "ema": bool,
         "ema_decay": _NUM,
         "checkpoint_every": int,  # epochs between checkpoints
@@ -242,12 +242,8 @@ class TrainConfig(_Section):
         lr_schedule (`str`, "constant"): constant | constant_with_warmup | cosine | plateau, with
             warmup_steps (`int`, 0), plateau_factor (`float`, 0.5), plateau_patience (`int`, 5).
         grad_clip (`float`, 1.0): max gradient norm, 0 = off.
-        accumulate_grad_batches (`int`, 1), precision (`str`, "32-true"): Lightning's options of
-            the same names.
-        gradient_checkpointing (`bool` or ``"selective"``, False): what backward recomputes
-            instead of keeping: ``true`` every block body (least memory, about one more forward),
-            ``"selective"`` only the MoE experts' norms, GELUs and depthwise convs, keeping their
-            GEMM outputs (64x64 default config: peak memory -40% for +~7% step time; `perf/train_step.py`).
+        accumulate_grad_batches (`int`, 1), precision (`str`, "32-true"), gradient_checkpointing
+            (`bool`, False): Lightning's options of the same names.
         ema (`bool`, True), ema_decay (`float`, 0.999): EMA weights (the ones checkpoints export).
         checkpoint_every (`int`, 1) [save_interval], keep_last (`int`, 0 = all), checkpoint_dir
             (`str`, "checkpoints"; ``--checkpoint-dir`` overrides): checkpoints.
@@ -279,7 +275,7 @@ class TrainConfig(_Section):
     grad_clip: float = 1.0
     accumulate_grad_batches: int = 1
     precision: str = "32-true"
-    gradient_checkpointing: bool | str = False
+    gradient_checkpointing: bool = False
     ema: bool = True
     ema_decay: float = 0.999
     checkpoint_every: int = 1
@@ -600,10 +596,6 @@ def _check_values(cfg: dict) -> None:
     for key in ("weight_decay", "lambda_load", "grad_clip", "warmup_steps", "keep_last", "num_workers", "seed", "plateau_patience"):
         _positive(cfg, "train", key, allow_zero=True)
     _positive(cfg, "train", "lr")
-    if isinstance(tr["gradient_checkpointing"], str) and tr["gradient_checkpointing"] != "selective":
-        raise ConfigError(
-            f"train.gradient_checkpointing={tr['gradient_checkpointing']!r} is not allowed; use true, false or \"selective\""
-        )
     if not 0 <= tr["cond_drop_prob"] < 1:
         raise ConfigError(f"train.cond_drop_prob={tr['cond_drop_prob']} must be in [0, 1) (fraction of labels dropped for guidance)")
     if not 0 < tr["ema_decay"] < 1:

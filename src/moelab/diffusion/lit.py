@@ -47,7 +47,7 @@ class MoEFsDiCLit(pl.LightningModule):
         if cfg.train.gradient_checkpointing:
             if not hasattr(self.model, "set_gradient_checkpointing"):
                 raise ConfigError(f"train.gradient_checkpointing is not supported by model.arch={cfg.model.arch}")
-            self.model.set_gradient_checkpointing(cfg.train.gradient_checkpointing)
+            self.model.set_gradient_checkpointing(True)
         self.criterion = MoELoss.from_config(cfg)
         self.noise_scheduler = training_scheduler(cfg)
         self.last_metrics: dict[str, float] = {}

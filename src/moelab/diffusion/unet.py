@@ -34,7 +34,7 @@ from moelab.diffusion.blocks import (
 )
 from moelab.diffusion.config import ModelConfig, model_config
 from moelab.diffusion.experts import PointwiseConv2d, norm_groups
-from moelab.moe import ExpertBank, MoELayer, moe_layers
+from moelab.moe import MoELayer, moe_layers
 
 _D = ModelConfig()  # the defaults of every architecture field, stated once (in ModelConfig)
 
@@ -183,22 +183,11 @@ class MoEFsDiC_UNet(ModelMixin, ConfigMixin):  # noqa: N801 - the name the quick
         return [m for b in blocks for m in moe_layers(b)]
 
     # --- utilities -----------------------------------------------------------------------------
-    def set_gradient_checkpointing(self, enabled: bool | str = True) -> None:
-        """What backward recomputes instead of keeping (``train.gradient_checkpointing``).
-
-        ``True``: every block body (MoE experts via the core's flag, fusion/freq bodies) -- the
-        least memory, one more forward of the blocks. ``"selective"``: only the MoE experts'
-        cheap ops (norms, GELUs, depthwise convs, gathers; the core's `recompute_elementwise`),
-        keeping their GEMM outputs -- most of the memory saving for a fraction of the time.
-        ``False``: nothing. Outputs and gradients are the same in all three.
-        """
-        if enabled not in (True, False, "selective"):
-            raise ValueError(f"gradient checkpointing {enabled!r}: use True, False or 'selective'")
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute block bodies (MoE experts via the core's flag, fusion/freq bodies) in backward."""
         for mod in self.modules():
             if isinstance(mod, CondBlock):
-                mod.gradient_checkpointing = enabled is True
-            if isinstance(mod, ExpertBank):
-                mod.selective_recompute = enabled == "selective"
+                mod.gradient_checkpointing = enabled
 
     def parameter_counts(self) -> dict[str, int]:
         """Total parameters and parameters active per sample (k of E experts in every MoE block)."""

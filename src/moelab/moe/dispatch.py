@@ -24,12 +24,10 @@ no MoE block synchronises with the host there).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from functools import partial
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from moelab.moe.router import Routing
 
@@ -47,9 +45,6 @@ class ExpertBank(nn.Module):
 
     num_experts: int
     dispatch_mode: DispatchMode = "auto"
-    #: Selective recomputation (`dispatch`): keep only the experts' GEMM / dense-conv outputs for
-    #: backward and recompute the rest (norms, activations, depthwise convs, gathers, weighting).
-    selective_recompute: bool = False
 
     def forward_gathered(self, x: Tensor, expert_idx: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -134,43 +129,9 @@ def gathered_dispatch(bank: ExpertBank, x: Tensor, routing: Routing) -> Tensor:
     return y
 
 
-#: Ops whose outputs selective recomputation keeps: the matrix products (pointwise convs, linear
-#: layers) and dense convolutions, i.e. the FLOPs. Everything else an expert computes is
-#: memory-bound and cheap to run again.
-_KEPT_OPS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default, torch.ops.aten.baddbmm.default)
-
-
-def _keep_matmul_outputs(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
-    if op in _KEPT_OPS:
-        return CheckpointPolicy.MUST_SAVE
-    if op is torch.ops.aten.convolution.default and args[-1] == 1:  # groups == 1: a dense conv
-        return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def recompute_elementwise(fn: Callable[..., Tensor], *args: Any) -> Tensor:
-    """``fn(*args)`` under selective activation checkpointing: for backward it keeps only the
-    outputs of matrix products and dense convs (plus ``fn``'s inputs) and recomputes everything
-    else -- norms, activations, depthwise convs, row gathers, the routing-weight products.
-
-    Why: with k experts per unit, an expert of conv -> norm -> GELU -> conv -> norm -> GELU keeps
-    ~9 activation-sized tensors per unit and slot; this keeps 2 per slot plus the input, for a
-    recompute of the cheap ops only (the GEMMs are never run twice). Gradients are exactly those of
-    ``fn`` without recomputation (the same ops on the same values).
-    """
-    return checkpoint(fn, *args, use_reentrant=False, context_fn=partial(create_selective_checkpoint_contexts, _keep_matmul_outputs))
-
-
 def dispatch(experts: nn.Module, x: Tensor, routing: Routing) -> Tensor:
     """The exact dispatch that fits the experts: a module list is grouped; a bank follows its
-    ``dispatch_mode``, and in ``"auto"`` its cost model (`ExpertBank.prefers_grouped`).
-    A bank with ``selective_recompute`` runs it under `recompute_elementwise` when grad is on."""
-    if isinstance(experts, ExpertBank) and experts.selective_recompute and torch.is_grad_enabled():
-        return recompute_elementwise(_dispatch, experts, x, routing)
-    return _dispatch(experts, x, routing)
-
-
-def _dispatch(experts: nn.Module, x: Tensor, routing: Routing) -> Tensor:
+    ``dispatch_mode``, and in ``"auto"`` its cost model (`ExpertBank.prefers_grouped`)."""
     if isinstance(experts, ExpertBank):
         mode = experts.dispatch_mode
         if mode == "grouped" or (mode == "auto" and experts.prefers_grouped(x, routing)):
