@@ -11,7 +11,8 @@ from torch import nn
 
 from moelab.diffusion.blocks import Conditioning, DilatedFusionBlock, Downsample
 from moelab.diffusion.config import load_config
-from moelab.diffusion.experts import PointwiseConv2d, ResidualConvExperts, pointwise_conv
+from moelab.diffusion.convs import PointwiseConv2d, pointwise_conv
+from moelab.diffusion.experts import ResidualConvExperts
 from moelab.diffusion.unet import MoEFsDiC_UNet
 from moelab.errors import ConfigError
 

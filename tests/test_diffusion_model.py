@@ -216,7 +216,8 @@ def test_build_model_and_quickstart_import_paths():
 
 
 def test_norm_groups_keep_channels_together_and_stem_is_a_full_conv():
-    from moelab.diffusion.experts import MIN_GROUP_SIZE, ResidualConvExperts, norm_groups
+    from moelab.diffusion.convs import MIN_GROUP_SIZE, norm_groups
+    from moelab.diffusion.experts import ResidualConvExperts
 
     # >= 8 channels per group: per-channel time/class biases survive the experts' GroupNorm
     assert MIN_GROUP_SIZE == 8

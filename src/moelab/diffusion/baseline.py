@@ -19,7 +19,7 @@ from diffusers import ConfigMixin, ModelMixin, UNet2DModel
 from torch import Tensor, nn
 
 from moelab.diffusion.config import ModelConfig, model_config
-from moelab.diffusion.experts import norm_groups
+from moelab.diffusion.convs import norm_groups
 from moelab.diffusion.unet import MoEFsDiC_UNet, batch_conditions
 from moelab.errors import ConfigError
 

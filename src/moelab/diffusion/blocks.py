@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from moelab.diffusion.experts import DepthwiseSeparableConv2d, PointwiseConv2d, ResidualConvExperts, norm_groups
+from moelab.diffusion.convs import DepthwiseSeparableConv2d, PointwiseConv2d, norm_groups
+from moelab.diffusion.experts import ResidualConvExperts
 from moelab.moe import MoELayer, TopKRouter
 
 

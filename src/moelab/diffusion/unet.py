@@ -33,7 +33,7 @@ from moelab.diffusion.blocks import (
     Upsample,
 )
 from moelab.diffusion.config import ModelConfig, model_config
-from moelab.diffusion.experts import PointwiseConv2d, norm_groups
+from moelab.diffusion.convs import PointwiseConv2d, norm_groups
 from moelab.moe import MoELayer, moe_layers
 
 _D = ModelConfig()  # the defaults of every architecture field, stated once (in ModelConfig)
