@@ -12,6 +12,9 @@ ends with
 
 Usage: ``python perf/seismoe_quality.py [--seeds 0 1 2] [--traces 1200] [--base-epochs 20] [--ft-epochs 8] [--out DIR]``
 (trained models and data are reused when the folder already holds them with the same config).
+Levers: ``--moe-args '{"num_experts": 4, "num_experts_per_token": 2, "moe_loss_coef": 0.02, "shared_expert": true}'
+--tag _shared --variants eqt_ft moe_frozen moe_full`` runs them beside the default in the same folder
+(``quality_shared.md``), reusing its data, base and ``eqt_ft`` models.
 """
 
 from __future__ import annotations
