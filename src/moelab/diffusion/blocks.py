@@ -159,18 +159,27 @@ class FreqGlobalModule(CondBlock):
         self.mlp = nn.Sequential(nn.Linear(channels + emb_dim, hidden), nn.GELU(), nn.Linear(hidden, channels * bands))
         nn.init.zeros_(self.mlp[-1].weight)
         nn.init.zeros_(self.mlp[-1].bias)
+        self._band_cache: dict[tuple[int, int, str], Tensor] = {}
 
     def body(self, h: Tensor, t_emb: Tensor) -> Tensor:
         b, c, height, width = h.shape
         feats = torch.cat([h.float().mean(dim=(2, 3)), t_emb.float()], dim=1).to(h.dtype)
         w = 1.0 + self.mlp(feats).float().view(b, c, self.bands)
-        band = radial_bands(height, width, self.bands).to(h.device)  # [H, W//2+1]
+        band = self._bands_on(height, width, h.device)  # [H, W//2+1]
         gain = w[:, :, band]  # [B, C, H, W//2+1]
         hn = self.norm(h).float()
         with torch.autocast(device_type=h.device.type, enabled=False):
             spec = torch.fft.rfft2(hn, norm="ortho")
             y = torch.fft.irfft2(spec * gain, s=(height, width), norm="ortho")
         return h + y.to(h.dtype)
+
+    def _bands_on(self, height: int, width: int, device: torch.device) -> Tensor:
+        """`radial_bands` for this size, built once per (size, device): no host-to-device copy per forward."""
+        key = (height, width, str(device))
+        band = self._band_cache.get(key)
+        if band is None:
+            band = self._band_cache[key] = radial_bands(height, width, self.bands).to(device)
+        return band
 
     def forward(self, x: Tensor, cond: Conditioning) -> Tensor:
         h = self.inject(x, cond)
