@@ -23,6 +23,7 @@ from torch import Tensor
 
 from moelab.errors import ConfigError
 from moelab.moe.router import Routing, recorded_indices
+from moelab.moe.stats import expert_counts
 
 LossKind = Literal["switch", "variance"]
 LOSS_KINDS: tuple[str, ...] = ("switch", "variance")
@@ -48,9 +49,7 @@ def switch_loss(logits: Tensor, k: int | None = None, indices: Tensor | None = N
     logits = logits.reshape(-1, logits.shape[-1]).float()
     n, e = logits.shape
     probs = logits.softmax(dim=-1)
-    flat = idx.reshape(-1)  # counts by index_add_ (no host sync on CUDA, unlike bincount)
-    f = torch.zeros(e, dtype=probs.dtype, device=probs.device).index_add_(0, flat, torch.ones_like(flat, dtype=probs.dtype))
-    f = f / idx.numel()
+    f = expert_counts(idx, e, probs.dtype) / idx.numel()
     return e * (f * probs.mean(dim=0)).sum()
 
 

@@ -29,6 +29,17 @@ def sum_over_ranks(t: Tensor) -> Tensor:
     return out.to(t.device)
 
 
+def expert_counts(indices: Tensor, num_experts: int, dtype: torch.dtype = torch.long) -> Tensor:
+    """How many times each of ``num_experts`` experts appears in ``indices`` (any shape), as ``[E]``.
+
+    By ``index_add_`` rather than ``bincount``: bincount sizes its output from the data, which on
+    CUDA reads the maximum back to the host once per MoE block; this stays on the device. The
+    usage counters and the Switch loss's ``f_i`` both count with it.
+    """
+    flat = indices.reshape(-1)
+    return torch.zeros(num_experts, dtype=dtype, device=indices.device).index_add_(0, flat, torch.ones_like(flat, dtype=dtype))
+
+
 class ExpertUsage(nn.Module):
     """Accumulates per-expert assignment counts of this process over steps until `reset`.
 
@@ -45,10 +56,7 @@ class ExpertUsage(nn.Module):
     def update(self, indices: Tensor) -> None:
         if self.counts.device != indices.device:
             self.counts = self.counts.to(indices.device)
-        # index_add_ rather than bincount: bincount sizes its output from the data, which on CUDA
-        # reads the maximum back to the host once per MoE block; this stays on the device.
-        flat = indices.reshape(-1)
-        self.counts.index_add_(0, flat, torch.ones_like(flat, dtype=self.counts.dtype))
+        self.counts += expert_counts(indices, self.num_experts, self.counts.dtype)
 
     def reset(self) -> None:
         self.counts.zero_()
