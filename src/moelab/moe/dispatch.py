@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from moelab.moe.router import Routing
+from moelab.moe.stats import expert_counts
 
 DispatchMode = Literal["auto", "gathered", "grouped"]
 DISPATCH_MODES: tuple[str, ...] = ("auto", "gathered", "grouped")
@@ -85,7 +86,7 @@ def _grouped(run: Callable[[int, Tensor], Tensor], num_experts: int, x: Tensor, 
     flat = routing.indices.reshape(-1)
     order = torch.argsort(flat, stable=True)
     unit = torch.div(order, k, rounding_mode="floor")
-    counts = torch.bincount(flat, minlength=num_experts).tolist()  # host sync: the split sizes
+    counts = expert_counts(flat, num_experts).tolist()  # host sync: the split sizes
     xv, back = _units_last(x)
     chunks = xv.index_select(0, unit).split(counts)
     units = unit.split(counts)
