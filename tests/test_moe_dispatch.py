@@ -190,15 +190,35 @@ def test_grouped_dispatch_runs_each_expert_once():
     assert 2 not in [e for e, _ in calls]
 
 
-def test_gradient_checkpointing_gives_same_gradients():
+@pytest.mark.parametrize("mode", ["grouped", "gathered"])
+def test_gradient_checkpointing_gives_same_gradients(mode):
+    """Per-expert-call recompute: same output, same input and parameter gradients, in both dispatches."""
     torch.manual_seed(6)
-    layer = MoELayer(TopKRouter(8, 4, 2), ResidualConvExperts(4, 8))
-    x = torch.randn(4, 8, 8, 8)
-    layer(x, x.mean((2, 3))).sum().backward()
-    ref = [p.grad.clone() for p in layer.parameters()]
-    layer.zero_grad()
-    layer.gradient_checkpointing = True
-    layer(x, x.mean((2, 3))).sum().backward()
-    for a, b in zip(ref, [p.grad for p in layer.parameters()]):
+    experts = ResidualConvExperts(4, 8)
+    experts.dispatch_mode = mode
+    layer = MoELayer(TopKRouter(8, 4, 2), experts)
+    x = torch.randn(4, 8, 8, 8, requires_grad=True)
+    results, saved = [], []
+    for recompute in (False, True):
+        layer.zero_grad()
+        x.grad = None
+        layer.gradient_checkpointing = recompute
+        kept = [0]
+
+        def pack(t, kept=kept):
+            kept[0] += t.numel()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = layer(x, x.mean((2, 3)))
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        results.append((y.detach(), x.grad.clone(), [p.grad.clone() for p in layer.parameters()]))
+        saved.append(kept[0])
+    (y0, gx0, g0), (y1, gx1, g1) = results
+    assert saved[1] * 3 < saved[0], f"recompute should keep no expert activations for backward: {saved}"
+    torch.testing.assert_close(y0, y1)
+    torch.testing.assert_close(gx0, gx1)
+    assert len(g0) == len(g1)
+    for a, b in zip(g0, g1):
         torch.testing.assert_close(a, b)
 

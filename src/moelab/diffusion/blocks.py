@@ -188,23 +188,43 @@ class FreqGlobalModule(CondBlock):
         return self.body(h, cond.t_emb)
 
 
-class Downsample(nn.Module):
+class Resample(nn.Module):
+    """A 3x3 conv between resolutions; ``gradient_checkpointing`` recomputes it in backward.
+
+    Recomputing keeps only the (smaller) low-resolution side for backward: for `Upsample`, its
+    input instead of the 4x larger upsampled map and the depthwise output the pointwise GEMM saves.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gradient_checkpointing = False
+
+    def body(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(self.body, x, use_reentrant=False)
+        return self.body(x)
+
+
+class Downsample(Resample):
     """Stride-2 3x3 conv (depthwise-separable when enabled)."""
 
     def __init__(self, cin: int, cout: int, use_dsconv: bool) -> None:
         super().__init__()
         self.conv = conv3x3(cin, cout, use_dsconv, stride=2)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def body(self, x: Tensor) -> Tensor:
         return self.conv(x)
 
 
-class Upsample(nn.Module):
+class Upsample(Resample):
     """Nearest-neighbour x2 followed by a 3x3 conv."""
 
     def __init__(self, cin: int, cout: int, use_dsconv: bool) -> None:
         super().__init__()
         self.conv = conv3x3(cin, cout, use_dsconv)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def body(self, x: Tensor) -> Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))

@@ -29,6 +29,7 @@ from moelab.diffusion.blocks import (
     Downsample,
     FreqGlobalModule,
     MoEConvBlock,
+    Resample,
     TimeEmbedding,
     Upsample,
 )
@@ -184,9 +185,10 @@ class MoEFsDiC_UNet(ModelMixin, ConfigMixin):  # noqa: N801 - the name the quick
 
     # --- utilities -----------------------------------------------------------------------------
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute block bodies (MoE experts via the core's flag, fusion/freq bodies) in backward."""
+        """Recompute in backward: block bodies (MoE experts one expert call at a time via the core's
+        flag, fusion/freq bodies) and the up/down-sampling convs."""
         for mod in self.modules():
-            if isinstance(mod, CondBlock):
+            if isinstance(mod, (CondBlock, Resample)):
                 mod.gradient_checkpointing = enabled
 
     def parameter_counts(self) -> dict[str, int]:

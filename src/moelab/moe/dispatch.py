@@ -19,6 +19,12 @@ Two ways, both exact and both free of Python loops over units:
 `dispatch` chooses per call: a module list is grouped; a bank asks its `ExpertBank.prefers_grouped`
 (cost of the per-unit weight copies against the activations; always gathered on accelerators, so
 no MoE block synchronises with the host there).
+
+``recompute=True`` (activation checkpointing) recomputes every expert call -- one expert's block of
+units in grouped dispatch, one routing slot in gathered dispatch -- separately in backward, so that
+only one call's intermediate activations are alive at a time, instead of those of all experts of
+the layer (what checkpointing the whole dispatch keeps during its recompute). Same values, same
+gradients.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from moelab.moe.router import Routing
 from moelab.moe.stats import expert_counts
@@ -81,61 +88,99 @@ def _units_last(x: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
     return x, lambda y: y
 
 
-def _grouped(run: Callable[[int, Tensor], Tensor], num_experts: int, x: Tensor, routing: Routing) -> Tensor:
+class _AddRows(torch.autograd.Function):
+    """``y.index_add_(0, index, src)`` whose backward keeps only ``index``.
+
+    Autograd's own ``index_add_`` saves ``src`` (for its shape), i.e. every expert output of the
+    block, k times the block's activations, held until backward; the gradient of ``src`` is just
+    ``grad.index_select(0, index)``.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, y: Tensor, index: Tensor, src: Tensor) -> Tensor:  # type: ignore[override]
+        y.index_add_(0, index, src)
+        ctx.mark_dirty(y)
+        ctx.save_for_backward(index)
+        return y
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None, Tensor]:  # type: ignore[override]
+        (index,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        return grad, None, grad.index_select(0, index)
+
+
+def _grouped(run: Callable[[int, Tensor], Tensor], num_experts: int, x: Tensor, routing: Routing, recompute: bool = False) -> Tensor:
     n, k = routing.indices.shape
     flat = routing.indices.reshape(-1)
     order = torch.argsort(flat, stable=True)
     unit = torch.div(order, k, rounding_mode="floor")
     counts = expert_counts(flat, num_experts).tolist()  # host sync: the split sizes
     xv, back = _units_last(x)
-    chunks = xv.index_select(0, unit).split(counts)
     units = unit.split(counts)
     weights = routing.weights.reshape(-1).index_select(0, order).split(counts)
+
+    def weighted(e: int, rows: Tensor, w: Tensor) -> Tensor:
+        out, _ = _units_last(run(e, back(rows)))
+        return out * _bcast(w, out)
+
+    def gathered_weighted(e: int, src: Tensor, idx: Tensor, w: Tensor) -> Tensor:
+        return weighted(e, src.index_select(0, idx), w)
+
+    recompute = recompute and torch.is_grad_enabled()
+    # Without recompute one gather serves every expert; with it, each checkpointed call gathers its
+    # own rows from ``xv``, so backward keeps only ``xv`` (once) instead of a copy of every block.
+    chunks = None if recompute else xv.index_select(0, unit).split(counts)
     y: Tensor | None = None
-    for e, chunk in enumerate(chunks):
+    for e in range(num_experts):
         if counts[e] == 0:
             continue
-        out, _ = _units_last(run(e, back(chunk)))
-        out = out * _bcast(weights[e], out)
+        if chunks is None:
+            out = checkpoint(gathered_weighted, e, xv, units[e], weights[e], use_reentrant=False)
+        else:
+            out = weighted(e, chunks[e], weights[e])
         if y is None:
             y = out.new_zeros((n, *out.shape[1:]))
-        y.index_add_(0, units[e], out)  # in place, per expert: no concatenated copy of all outputs
+        y = _AddRows.apply(y, units[e], out)  # in place, per expert: no concatenated copy of all outputs
     assert y is not None
     return back(y)
 
 
-def grouped_dispatch(experts: Sequence[nn.Module] | ExpertBank, x: Tensor, routing: Routing) -> Tensor:
+def grouped_dispatch(experts: Sequence[nn.Module] | ExpertBank, x: Tensor, routing: Routing, recompute: bool = False) -> Tensor:
     """Run each expert once on exactly the units routed to it; return the weighted sum per unit.
 
     ``x``: ``[N, ...]`` with units on dim 0; experts map ``[n, ...] -> [n, ...out]``. Channels-last
     images stay channels-last (rows are selected and added in ``[N, H, W, C]`` order).
     """
     if isinstance(experts, ExpertBank):
-        return _grouped(experts.expert_runner(), experts.num_experts, x, routing)
-    return _grouped(lambda e, z: experts[e](z), len(experts), x, routing)
+        return _grouped(experts.expert_runner(), experts.num_experts, x, routing, recompute)
+    return _grouped(lambda e, z: experts[e](z), len(experts), x, routing, recompute)
 
 
-def gathered_dispatch(bank: ExpertBank, x: Tensor, routing: Routing) -> Tensor:
+def gathered_dispatch(bank: ExpertBank, x: Tensor, routing: Routing, recompute: bool = False) -> Tensor:
     """Weighted sum over the k slots; in slot j every unit runs with its own expert ``indices[:, j]``.
 
     One bank call per slot (k calls, never E or N). Measured faster on CPU than stacking the k
     copies of the batch into one call, which costs a copy of the activations and its backward.
     """
+    def slot(z: Tensor, idx: Tensor, w: Tensor) -> Tensor:
+        out = bank.forward_gathered(z, idx)
+        return out * _bcast(w, out)
+
     y: Tensor | None = None
     for j in range(routing.k):
-        out = bank.forward_gathered(x, routing.indices[:, j])
-        out = out * _bcast(routing.weights[:, j], out)
+        args = (x, routing.indices[:, j], routing.weights[:, j])
+        out = checkpoint(slot, *args, use_reentrant=False) if recompute and torch.is_grad_enabled() else slot(*args)
         y = out if y is None else y + out
     assert y is not None
     return y
 
 
-def dispatch(experts: nn.Module, x: Tensor, routing: Routing) -> Tensor:
+def dispatch(experts: nn.Module, x: Tensor, routing: Routing, recompute: bool = False) -> Tensor:
     """The exact dispatch that fits the experts: a module list is grouped; a bank follows its
     ``dispatch_mode``, and in ``"auto"`` its cost model (`ExpertBank.prefers_grouped`)."""
     if isinstance(experts, ExpertBank):
         mode = experts.dispatch_mode
         if mode == "grouped" or (mode == "auto" and experts.prefers_grouped(x, routing)):
-            return grouped_dispatch(experts, x, routing)
-        return gathered_dispatch(experts, x, routing)
-    return grouped_dispatch(experts, x, routing)  # type: ignore[arg-type]
+            return grouped_dispatch(experts, x, routing, recompute)
+        return gathered_dispatch(experts, x, routing, recompute)
+    return grouped_dispatch(experts, x, routing, recompute)  # type: ignore[arg-type]

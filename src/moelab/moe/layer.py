@@ -25,7 +25,6 @@ import copy
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from moelab.moe.dispatch import ExpertBank, dispatch
 from moelab.moe.losses import LossKind, aux_loss
@@ -38,7 +37,8 @@ class MoELayer(nn.Module):
 
     ``router_features`` (``[N, F]``) lets the caller route on something other than ``x`` itself,
     e.g. pooled features plus time and class embeddings for per-sample conv routing.
-    Set ``gradient_checkpointing = True`` to recompute the experts (not the router) in backward.
+    Set ``gradient_checkpointing = True`` to recompute the experts (not the router) in backward, one
+    expert call at a time (`dispatch`'s ``recompute``).
 
     ``shared_expert``: an optional module applied to every unit (always on, not routed); the output
     is then ``shared_weight * shared_expert(x) + (1 - shared_weight) * routed``, with
@@ -69,10 +69,7 @@ class MoELayer(nn.Module):
         routing = self.router(x if router_features is None else router_features)
         self.last_routing = routing
         self.usage.update(routing.indices)
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            y = checkpoint(dispatch, self.experts, x, routing, use_reentrant=False)
-        else:
-            y = dispatch(self.experts, x, routing)
+        y = dispatch(self.experts, x, routing, recompute=self.gradient_checkpointing)
         y = self._touch_all_experts(y)
         if self.shared_expert is not None:
             y = self.shared_weight * self.shared_expert(x) + (1.0 - self.shared_weight) * y
