@@ -12,11 +12,11 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from moelab.diffusion.convs import DepthwiseSeparableConv2d, PointwiseConv2d, norm_groups
 from moelab.diffusion.experts import ResidualConvExperts
 from moelab.moe import MoELayer, TopKRouter
+from moelab.recompute import recomputed
 
 
 def conv3x3(cin: int, cout: int, use_dsconv: bool, dilation: int = 1, stride: int = 1) -> nn.Module:
@@ -129,9 +129,7 @@ class DilatedFusionBlock(CondBlock):
 
     def forward(self, x: Tensor, cond: Conditioning) -> Tensor:
         h = self.inject(x, cond)
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(self.body, h, use_reentrant=False)
-        return self.body(h)
+        return recomputed(self.body, h, enabled=self.gradient_checkpointing)
 
 
 def radial_bands(height: int, width: int, bands: int) -> Tensor:
@@ -183,9 +181,7 @@ class FreqGlobalModule(CondBlock):
 
     def forward(self, x: Tensor, cond: Conditioning) -> Tensor:
         h = self.inject(x, cond)
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(self.body, h, cond.t_emb, use_reentrant=False)
-        return self.body(h, cond.t_emb)
+        return recomputed(self.body, h, cond.t_emb, enabled=self.gradient_checkpointing)
 
 
 class Resample(nn.Module):
@@ -203,9 +199,7 @@ class Resample(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(self.body, x, use_reentrant=False)
-        return self.body(x)
+        return recomputed(self.body, x, enabled=self.gradient_checkpointing)
 
 
 class Downsample(Resample):

@@ -34,10 +34,10 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from moelab.moe.router import Routing
 from moelab.moe.stats import expert_counts
+from moelab.recompute import recomputed
 
 DispatchMode = Literal["auto", "gathered", "grouped"]
 DISPATCH_MODES: tuple[str, ...] = ("auto", "gathered", "grouped")
@@ -135,7 +135,7 @@ def _grouped(run: Callable[[int, Tensor], Tensor], num_experts: int, x: Tensor, 
         if counts[e] == 0:
             continue
         if chunks is None:
-            out = checkpoint(gathered_weighted, e, xv, units[e], weights[e], use_reentrant=False)
+            out = recomputed(gathered_weighted, e, xv, units[e], weights[e], enabled=True)
         else:
             out = weighted(e, chunks[e], weights[e])
         if y is None:
@@ -168,8 +168,7 @@ def gathered_dispatch(bank: ExpertBank, x: Tensor, routing: Routing, recompute: 
 
     y: Tensor | None = None
     for j in range(routing.k):
-        args = (x, routing.indices[:, j], routing.weights[:, j])
-        out = checkpoint(slot, *args, use_reentrant=False) if recompute and torch.is_grad_enabled() else slot(*args)
+        out = recomputed(slot, x, routing.indices[:, j], routing.weights[:, j], enabled=recompute)
         y = out if y is None else y + out
     assert y is not None
     return y
