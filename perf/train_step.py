@@ -14,10 +14,13 @@ and measured on the same inputs (x, t, c, noise), with the same torch thread cou
            of the per-round ratio, next to each model's median time.
 * memory : peak resident set size (``VmHWM`` of /proc/self/status) of a fresh
            Python process per model that imports torch, builds the model and the inputs and runs
-           three training steps -- what a training process of that model needs, parameters,
+           four training steps -- what a training process of that model needs, parameters,
            gradients, activations and allocator slack included. The RSS of the process just
            before its first step (interpreter, torch, the model) is printed too, so the step's own
-           share can be read off.
+           share can be read off. The same process times its last two steps (the faster one is
+           printed, with its minor page faults, as "one model per process"): unlike the timing
+           process, which holds all four models, this is the allocator state of a real training
+           run, where glibc's defaults page-fault MoEFsDiC's activations in again every step.
 * FLOPs  : forward FLOPs per sample counted by ``torch.utils.flop_counter.FlopCounterMode``.
 
 Scales: ``digits`` (configs/digits.yaml, 8x8, its batch 64), ``cifar32`` (default.yaml with
@@ -28,7 +31,14 @@ model_channels 64, channel_mults [1, 2, 4], 32x32, batch 32) and ``default64``
   sample_step: moe/dense=<x.xx>                    (one guided noise prediction, w = 1.25, cifar32,
                                                     32 images: 64 rows, eval mode, no grad)
 
-Usage: python perf/train_step.py [--quick] [--threads 1] [--reps 7] [--compile] [--scales ...]
+Host memory: by default the benchmark process and its memory children run with
+`moelab.hostmem.retain_freed_memory` (glibc keeps freed memory for the next step instead of
+returning it to the kernel), as ``moelab diffusion train`` does, for every model alike;
+``--malloc default`` measures glibc's defaults instead. The minor page faults per step (median) are
+printed with the times: with the defaults they are where MoEFsDiC, which holds ~3x the dense
+model's activations, loses about a tenth of its step.
+
+Usage: python perf/train_step.py [--quick] [--threads 1] [--reps 7] [--compile] [--malloc retain|default] [--scales ...]
 ``--compile`` times ``torch.compile``-d models (inductor, C++ backend) instead of eager ones; on
 torch 2.13 CPU it failed for MoEFsDiC (InductorError on a dynamic batch symbol, both dispatch modes).
 """
@@ -52,6 +62,7 @@ import torch.nn.functional as F
 from moelab.diffusion.config import load_config
 from moelab.diffusion.models import build_model
 from moelab.diffusion.sample import guided_eps
+from moelab.hostmem import retain_freed_memory
 from moelab.moe import model_aux_loss
 
 SCALES: dict[str, dict[str, Any]] = {
@@ -124,17 +135,27 @@ def flops_per_sample(model: torch.nn.Module, data: tuple) -> float:
     return fc.get_total_flops() / x.shape[0]
 
 
-def interleaved(fns: dict[str, Callable[[], None]], reps: int, warmup: int) -> dict[str, list[float]]:
-    """Seconds per call of every function, rounds alternating the functions (after ``warmup``)."""
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def interleaved(
+    fns: dict[str, Callable[[], None]], reps: int, warmup: int, faults: dict[str, list[int]] | None = None
+) -> dict[str, list[float]]:
+    """Seconds per call of every function, rounds alternating the functions (after ``warmup``);
+    ``faults`` (when given) collects the minor page faults of every timed call."""
     for _ in range(warmup):
         for f in fns.values():
             f()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps):
         for name, f in fns.items():
+            f0 = minor_faults()
             t0 = time.perf_counter()
             f()
             times[name].append(time.perf_counter() - t0)
+            if faults is not None:
+                faults.setdefault(name, []).append(minor_faults() - f0)
     return times
 
 
@@ -149,12 +170,19 @@ def rss_mb() -> float:
 
 
 def memory_child(scale: str, variant: str) -> None:
-    """In a fresh process: RSS before the first step and peak RSS over three steps, as JSON."""
+    """In a fresh process, as a training run has it (one model): RSS before the first step, peak RSS
+    over the steps, and the time and minor page faults of the last two steps, as JSON."""
     step, _, _ = make_step(scale, variant)
     before = rss_mb()
-    for _ in range(3):
+    step()
+    step()
+    times, faults = [], []
+    for _ in range(2):
+        f0, t0 = minor_faults(), time.perf_counter()
         step()
-    print(json.dumps({"before_mb": before, "peak_mb": peak_rss_mb()}))
+        times.append(time.perf_counter() - t0)
+        faults.append(minor_faults() - f0)
+    print(json.dumps({"before_mb": before, "peak_mb": peak_rss_mb(), "alone_ms": 1e3 * min(times), "alone_faults": min(faults)}))
 
 
 def peak_rss_mb() -> float:
@@ -167,24 +195,26 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: KiB on most systems
 
 
-def measure_memory(scale: str, variant: str, threads: int) -> dict[str, float]:
+def measure_memory(scale: str, variant: str, threads: int, malloc: str) -> dict[str, float]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, __file__, "--threads", str(threads), "--memory-child", scale, variant]
+    cmd = [sys.executable, __file__, "--threads", str(threads), "--malloc", malloc, "--memory-child", scale, variant]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
-def run_scale(scale: str, reps: int, warmup: int, threads: int, compile_model: bool) -> dict[str, Any]:
+def run_scale(scale: str, reps: int, warmup: int, threads: int, compile_model: bool, malloc: str) -> dict[str, Any]:
     steps, info = {}, {}
     for v in VARIANTS:
         step, model, data = make_step(scale, v, compile_model)
         steps[v] = step
         counts = model.parameter_counts()
         info[v] = {"active": counts["active_per_sample"], "total": counts["total"], "gflops": flops_per_sample(model, data) / 1e9}
-    times = interleaved(steps, reps, warmup)
-    mem = {v: measure_memory(scale, v, threads) for v in VARIANTS}
+    faults: dict[str, list[int]] = {}
+    times = interleaved(steps, reps, warmup, faults)
+    mem = {v: measure_memory(scale, v, threads, malloc) for v in VARIANTS}
     return {
         "ms": {v: 1e3 * statistics.median(ts) for v, ts in times.items()},
+        "faults": {v: statistics.median(f) for v, f in faults.items()},
         "ratio": {v: paired_ratio(times[v], times["dense"]) for v in VARIANTS},
         "mem": mem,
         "info": info,
@@ -222,21 +252,29 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")
     ap.add_argument("--scales", nargs="+", default=list(SCALES), choices=list(SCALES))
     ap.add_argument("--compile", action="store_true", help="time torch.compile-d models")
+    ap.add_argument(
+        "--malloc", choices=("retain", "default"), default="retain",
+        help="retain: glibc keeps freed memory for the next step (moelab.hostmem, as moelab diffusion train runs); default: glibc's defaults",
+    )
     ap.add_argument("--memory-child", nargs=2, metavar=("SCALE", "VARIANT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    retained = retain_freed_memory() if args.malloc == "retain" else False
     if args.memory_child:
         memory_child(*args.memory_child)
         return
     reps, warmup = (3, 1) if args.quick else (max(3, args.reps), 2)
-    print(f"threads={args.threads} reps={reps} warmup={warmup} compile={args.compile} torch={torch.__version__}")
+    print(f"threads={args.threads} reps={reps} warmup={warmup} compile={args.compile} malloc={args.malloc} (retained={retained}) torch={torch.__version__}")
     worst: dict[str, list[float]] = {v: [0.0, 0.0] for v in ("moe", "moe_full")}  # time, memory ratios
     for scale in args.scales:
-        r = run_scale(scale, reps, warmup, args.threads, args.compile)
+        r = run_scale(scale, reps, warmup, args.threads, args.compile, args.malloc)
         ms, ratio, mem, info = r["ms"], r["ratio"], r["mem"], r["info"]
         mem_ratios = {v: mem[v]["peak_mb"] / mem["dense"]["peak_mb"] for v in VARIANTS}
         peak = fmt({v: "%.0f" % mem[v]["peak_mb"] for v in VARIANTS})
         before = "/".join("%.0f" % mem[v]["before_mb"] for v in VARIANTS)
+        alone = fmt({v: "%.0f" % mem[v]["alone_ms"] for v in VARIANTS})
+        alone_faults = "/".join("%.0f" % mem[v]["alone_faults"] for v in VARIANTS)
+        alone_ratio = mem["moe"]["alone_ms"] / mem["dense"]["alone_ms"]
         gflops = fmt({v: "%.3f" % info[v]["gflops"] for v in VARIANTS})
         active = fmt({v: "{:,}".format(info[v]["active"]) for v in VARIANTS})
         # float32 parameters + their gradients: what no activation recomputation can remove
@@ -244,9 +282,11 @@ def main() -> None:
         print(
             f"{scale} ({SCALES[scale]['label']}, batch {r['batch']}): "
             f"step ms {fmt({v: '%.0f' % ms[v] for v in VARIANTS})} "
+            f"(minor faults/step {fmt({v: '%.0f' % r['faults'][v] for v in VARIANTS})}) "
             f"ratio to dense {fmt({v: '%.2f' % ratio[v] for v in VARIANTS if v != 'dense'})} | "
             f"peak RSS MB {peak} (before step {before}) ratio to dense {fmt({v: '%.2f' % mem_ratios[v] for v in VARIANTS if v != 'dense'})} | "
-            f"params+grads MB {weights} | fwd GFLOPs/sample {gflops} | active params {active}",
+            f"params+grads MB {weights} | fwd GFLOPs/sample {gflops} | active params {active} | "
+            f"one model per process: step ms {alone} (minor faults/step {alone_faults}) moe/dense={alone_ratio:.2f}",
             flush=True,
         )
         if scale != "digits":

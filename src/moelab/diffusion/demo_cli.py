@@ -10,8 +10,10 @@ from moelab.diffusion.sample_cli import set_threads
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from moelab.diffusion.demo import run_demo
+    from moelab.hostmem import retain_freed_memory
 
     set_threads(args.threads)
+    retain_freed_memory()  # a training process: reuse freed memory across steps (moelab.hostmem)
     run_demo(args.config, args.out, per_class=args.per_class, seed=args.seed, progress=not args.no_progress,
              cache_dir=args.cache_dir, max_steps=args.max_steps)
     return 0

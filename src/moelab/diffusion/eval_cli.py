@@ -52,8 +52,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from moelab.diffusion.compare import compare
     from moelab.diffusion.config import parse_override
+    from moelab.hostmem import retain_freed_memory
 
     set_threads(args.threads)
+    retain_freed_memory()  # a training process: both models' steps reuse freed memory (moelab.hostmem)
     overrides = dict(parse_override(s) for s in args.set)
     res = compare(
         args.config, args.out, baseline=args.baseline, max_steps=args.max_steps, train_seed=args.train_seed,

@@ -43,6 +43,9 @@ def run_train(args: argparse.Namespace) -> int:
     else:
         raise ConfigError("give --config configs/<name>.yaml (or --resume <checkpoint> to continue a run)")
     from moelab.diffusion.training import fit  # Lightning is imported only once the config is valid
+    from moelab.hostmem import retain_freed_memory
+
+    retain_freed_memory()  # a training process: reuse freed memory across steps instead of page-faulting it in again
 
     last = fit(
         cfg,
