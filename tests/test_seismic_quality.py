@@ -97,6 +97,24 @@ def test_summary_line_compares_means_over_seeds():
     assert line == "seismoe_quality: mcc moe-eqt=+0.050 p_mae moe/eqt=0.75 s_mae moe/eqt=1.00 det_auc moe-eqt=-0.010"
 
 
+def test_paired_differences_are_taken_seed_by_seed(tmp_path):
+    def r(mcc, p, s_, auc):
+        return {"test_phase_mcc": mcc, "test_P_mae_s": p, "test_S_mae_s": s_, "test_det_auc": auc, "test_S_n": 5}
+
+    results = {
+        "eqt_ft": {d: [r(0.8, 0.2, 0.4, 0.99), r(0.9, 0.4, 0.2, 0.97)] for d in "ABC"},
+        "moe_full": {d: [r(0.85, 0.15, 0.3, 0.98), r(0.93, 0.3, 0.32, 0.96)] for d in "ABC"},
+    }
+    diffs = quality.paired_differences(results, "moe_full", "B", "phase_mcc")
+    assert diffs == pytest.approx([0.05, 0.03])
+    base = {d: r(0.7, 0.5, 0.5, 0.9) for d in "ABC"}
+    s = quality.QualitySettings(out=tmp_path, seeds=(0, 1), domains=("A", "B", "C"), variants=("eqt_ft", "moe_full"), headline="moe_full")
+    tables = quality.format_tables(s, results, base)
+    # the in-domain row of differences: mean ± sample std of (moe - eqt) per seed, signed
+    assert "| moe_full | -0.010 ± 0.000 | +0.040 ± 0.014 | -0.075 ± 0.035 | +0.010 ± 0.156 |" in tables
+    assert tables.index("paired by seed") < tables.index("Cross-domain")
+
+
 def test_bad_settings_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="unknown domain"):
         quality.QualitySettings(out=tmp_path, domains=("stead_like", "ethz", "geofon_like")).check()

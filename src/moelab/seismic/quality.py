@@ -15,7 +15,9 @@ benchmark/train.py and eval.py), so nothing here is a second trainer or evaluato
    of the data set it is tested on; in-domain on B, cross-domain on A and C (``geofon_like``,
    P-only, stored at 20 Hz).
 
-The summary gives mean ± std over seeds per variant, and the last line compares the headline
+The summary gives mean ± std over seeds per variant, the in-domain differences to ``eqt_ft`` paired
+by seed (every variant of seed i is trained with seed i, so the spread of the per-seed differences
+is the spread of the comparison itself), and the last line compares the headline
 SeisMoE variant with ``eqt_ft`` (differences / ratios of the means over seeds, in-domain test):
 ``seismoe_quality: mcc moe-eqt=<±x.xxx> p_mae moe/eqt=<x.xx> s_mae moe/eqt=<x.xx> det_auc moe-eqt=<±x.xxx>``.
 """
@@ -174,11 +176,12 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
 
 
-def _cell(values: list[float]) -> str:
+def _cell(values: list[float], signed: bool = False) -> str:
     m, sd = _mean_std(values)
     if math.isnan(m):
         return "n/a"
-    return f"{m:.3f}" if len(values) == 1 else f"{m:.3f} ± {sd:.3f}"  # one run (the base): no spread to show
+    mean = f"{m:+.3f}" if signed else f"{m:.3f}"
+    return mean if len(values) == 1 else f"{mean} ± {sd:.3f}"  # one run (the base): no spread to show
 
 
 def summary_line(results: dict[str, dict[str, list[dict[str, float]]]], headline: str, domain: str) -> str:
@@ -194,14 +197,29 @@ def summary_line(results: dict[str, dict[str, list[dict[str, float]]]], headline
     return f"seismoe_quality: mcc moe-eqt={mcc:+.3f} p_mae moe/eqt={p:.2f} s_mae moe/eqt={s_:.2f} det_auc moe-eqt={auc:+.3f}"
 
 
+def paired_differences(results: dict[str, dict[str, list[dict[str, float]]]], variant: str, domain: str, metric: str) -> list[float]:
+    """``variant`` minus ``eqt_ft`` on ``metric``, seed by seed (run i of each was trained with the
+    same seed: the same fine-tuning data order and, for the upcycled variants, the same base)."""
+    pairs = zip(results[variant][domain], results["eqt_ft"][domain])
+    return [_get(r, metric) - _get(e, metric) for r, e in pairs]
+
+
 def format_tables(s: QualitySettings, results: dict[str, dict[str, list[dict[str, float]]]], base: dict[str, dict[str, float]]) -> str:
-    """Markdown tables: in-domain (B) per variant, then cross-domain (trained on B, tested on A and C)."""
+    """Markdown tables: in-domain (B) per variant, the in-domain differences to ``eqt_ft`` paired by
+    seed, then cross-domain (trained on B, tested on A and C)."""
     a, b, c = s.domains
     head = "| model | " + " | ".join(f"test {m}" for m in METRICS) + " |\n|---|" + "---|" * len(METRICS) + "\n"
     lines = [f"In-domain: trained on {b}, tested on {b} (mean ± std over seeds {list(s.seeds)}; thresholds from {b} dev)\n", head]
     lines.append(f"| base EQTransformer ({a} only, not fine-tuned) | " + " | ".join(_cell([_get(base[b], m)]) for m in METRICS) + " |\n")
     for v in s.variants:
         lines.append(f"| {v} | " + " | ".join(_cell([_get(r, m) for r in results[v][b]]) for m in METRICS) + " |\n")
+    moe = [v for v in s.variants if v != "eqt_ft"]
+    if moe:
+        # Seeds are shared: the spread of the per-seed difference is the spread of the comparison itself.
+        lines.append(f"\nIn-domain, paired by seed: variant minus eqt_ft on the same seed (mean ± std of the {len(s.seeds)} differences)\n\n")
+        lines.append(head.replace("| model |", "| variant − eqt_ft |"))
+        for v in moe:
+            lines.append(f"| {v} | " + " | ".join(_cell(paired_differences(results, v, b, m), signed=True) for m in METRICS) + " |\n")
     for d in (a, c):
         lines.append(f"\nCross-domain: trained on {b}, tested on {d} (thresholds from {d} dev)\n\n")
         lines.append(head)
