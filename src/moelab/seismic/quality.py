@@ -16,8 +16,9 @@ benchmark/train.py and eval.py), so nothing here is a second trainer or evaluato
    P-only, stored at 20 Hz).
 
 The summary gives mean ± std over seeds per variant, the in-domain differences to ``eqt_ft`` paired
-by seed (every variant of seed i is trained with seed i, so the spread of the per-seed differences
-is the spread of the comparison itself), and the last line compares the headline
+by seed (every variant of seed i is trained with seed i from the same base; the spread of the
+per-seed differences holds both models' seed noise and is what a difference has to exceed), and the
+last line compares the headline
 SeisMoE variant with ``eqt_ft`` (differences / ratios of the means over seeds, in-domain test):
 ``seismoe_quality: mcc moe-eqt=<±x.xxx> p_mae moe/eqt=<x.xx> s_mae moe/eqt=<x.xx> det_auc moe-eqt=<±x.xxx>``.
 """
@@ -199,7 +200,8 @@ def summary_line(results: dict[str, dict[str, list[dict[str, float]]]], headline
 
 def paired_differences(results: dict[str, dict[str, list[dict[str, float]]]], variant: str, domain: str, metric: str) -> list[float]:
     """``variant`` minus ``eqt_ft`` on ``metric``, seed by seed (run i of each was trained with the
-    same seed: the same fine-tuning data order and, for the upcycled variants, the same base)."""
+    same seed and, for the upcycled variants, from the same base). Their spread holds the seed noise
+    of both models: what a difference has to exceed to be more than noise."""
     pairs = zip(results[variant][domain], results["eqt_ft"][domain])
     return [_get(r, metric) - _get(e, metric) for r, e in pairs]
 
@@ -215,7 +217,7 @@ def format_tables(s: QualitySettings, results: dict[str, dict[str, list[dict[str
         lines.append(f"| {v} | " + " | ".join(_cell([_get(r, m) for r in results[v][b]]) for m in METRICS) + " |\n")
     moe = [v for v in s.variants if v != "eqt_ft"]
     if moe:
-        # Seeds are shared: the spread of the per-seed difference is the spread of the comparison itself.
+        # The spread of the per-seed difference is the spread of the comparison itself.
         lines.append(f"\nIn-domain, paired by seed: variant minus eqt_ft on the same seed (mean ± std of the {len(s.seeds)} differences)\n\n")
         lines.append(head.replace("| model |", "| variant − eqt_ft |"))
         for v in moe:
