@@ -7,8 +7,8 @@ threshold) is its own ``mmap``. The next step then page-faults all of that memor
 the kernel zero-fills each page. Measured on the 2-core build machine (64x64 default config,
 batch 8, 1 thread): MoEFsDiC took 110k-160k minor page faults per training step, 0.15-0.35 s of
 system time (about 10 % of the step); the dense UNet2DModel, with a third of the activation
-memory, took 18k-36k. With the settings below both take almost none, and MoEFsDiC's step time
-falls by about that 10 % (the dense model's by ~2 %).
+memory, took 18k-36k. With the settings below both take almost none: in an A/B of fresh
+processes MoEFsDiC's step got 8-9 % faster (64x64 and 32x32), the dense model's 1-6 %.
 
 `retain_freed_memory` sets, through ``mallopt``, what the environment variables
 ``MALLOC_TRIM_THRESHOLD_`` and ``MALLOC_MMAP_THRESHOLD_`` would set at process start: freed memory
