@@ -115,6 +115,44 @@ def test_paired_differences_are_taken_seed_by_seed(tmp_path):
     assert tables.index("paired by seed") < tables.index("Cross-domain")
 
 
+def test_merge_combines_runs_on_disjoint_seeds_in_seed_order(tmp_path):
+    """Two processes, one seed set each: the merged tables are those of one run over all seeds."""
+    import json
+    from dataclasses import asdict
+
+    def r(mcc):
+        return {"test_phase_mcc": mcc, "test_P_mae_s": 0.2, "test_S_mae_s": 0.3, "test_det_auc": 0.99, "test_S_n": 5}
+
+    s = quality.QualitySettings(out=tmp_path, seeds=(0, 1, 2), domains=("A", "B", "C"), variants=("eqt_ft", "moe_full"), headline="moe_full")
+    settings = {k: (str(v) if k == "out" else v) for k, v in asdict(s).items()}
+    base = {d: r(0.7) for d in "ABC"}
+    mcc = {"eqt_ft": {0: 0.80, 1: 0.90, 2: 0.85}, "moe_full": {0: 0.81, 1: 0.95, 2: 0.83}}
+
+    def doc(seeds, tag):
+        res = {v: {d: [r(mcc[v][seed]) for seed in seeds] for d in "ABC"} for v in mcc}
+        return {"settings": {**settings, "seeds": seeds, "tag": tag}, "seeds_done": seeds, "base": base, "results": res}
+
+    (tmp_path / "results_a.json").write_text(json.dumps(doc([2], "_a")))
+    (tmp_path / "results_b.json").write_text(json.dumps(doc([0, 1], "_b")))
+    last = quality.merge([tmp_path / "results_a.json", tmp_path / "results_b.json"], tmp_path, "_ab")
+    whole = {v: {d: [r(mcc[v][seed]) for seed in (0, 1, 2)] for d in "ABC"} for v in mcc}
+    assert last == quality.summary_line(whole, "moe_full", "B")
+    written = (tmp_path / "quality_ab.md").read_text()
+    assert written == quality.format_tables(s, whole, base) + "\n" + last + "\n"
+    merged = json.loads((tmp_path / "results_ab.json").read_text())
+    assert merged["seeds_done"] == [0, 1, 2] and merged["results"] == json.loads(json.dumps(whole))
+
+    with pytest.raises(ConfigError, match="appear in more than one"):
+        quality.merge([tmp_path / "results_a.json", tmp_path / "results_a.json"], tmp_path, "_x")
+    other = doc([1], "_c")
+    other["settings"]["ft_epochs"] = 99
+    (tmp_path / "results_c.json").write_text(json.dumps(other))
+    with pytest.raises(ConfigError, match=r"other settings .*\(ft_epochs\)"):
+        quality.merge([tmp_path / "results_a.json", tmp_path / "results_c.json"], tmp_path, "_x")
+    with pytest.raises(ConfigError, match="cannot read results file"):
+        quality.merge([tmp_path / "missing.json"], tmp_path, "_x")
+
+
 def test_bad_settings_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="unknown domain"):
         quality.QualitySettings(out=tmp_path, domains=("stead_like", "ethz", "geofon_like")).check()

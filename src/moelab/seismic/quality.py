@@ -286,6 +286,57 @@ def run(s: QualitySettings, echo: Callable[[str], None] = print) -> str:
     return last
 
 
+def merge(paths: list[Path], out: Path, tag: str) -> str:
+    """Combine ``results*.json`` files of runs that differ only in their seeds (and tag) -- e.g. two
+    processes of the same settings on disjoint seeds, one per core -- into ``out/results<tag>.json``
+    and ``out/quality<tag>.md``, seeds in ascending order; returns the last line.
+
+    The runs must agree on every setting but ``seeds``/``tag`` and on the base model's scores (same
+    data, same base), and no seed may appear twice: otherwise a `ConfigError` names the difference.
+    """
+    from moelab.checkpoint import atomic_write_bytes
+
+    docs = []
+    for path in paths:
+        try:
+            docs.append(json.loads(Path(path).read_text()))
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"cannot read results file {path}: {err}; give results*.json files written by this benchmark") from err
+    ignore = {"seeds", "tag", "out"}
+    first = {k: v for k, v in docs[0]["settings"].items() if k not in ignore}
+    for path, doc in zip(paths[1:], docs[1:]):
+        other = {k: v for k, v in doc["settings"].items() if k not in ignore}
+        diff = sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k))
+        if diff:
+            raise ConfigError(f"{path} was run with other settings than {paths[0]} ({', '.join(diff)}); only runs that differ in seeds can be merged")
+        if doc["base"] != docs[0]["base"]:
+            raise ConfigError(f"{path} scored another base model than {paths[0]}; merge only runs of the same folder and base")
+    seeds = [seed for doc in docs for seed in doc["seeds_done"]]
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seed(s) {sorted({x for x in seeds if seeds.count(x) > 1})} appear in more than one results file; merge runs of disjoint seeds")
+    # (seed, variant, domain) -> stats, then back into per-variant lists in ascending seed order
+    per_seed: dict[int, dict[str, dict[str, dict[str, float]]]] = {}
+    for doc in docs:
+        for i, seed in enumerate(doc["seeds_done"]):
+            per_seed[seed] = {v: {d: stats[i] for d, stats in by_domain.items()} for v, by_domain in doc["results"].items()}
+    order = sorted(per_seed)
+    variants = list(docs[0]["results"])
+    domains = list(docs[0]["results"][variants[0]])
+    results = {v: {d: [per_seed[seed][v][d] for seed in order] for d in domains} for v in variants}
+    raw = dict(docs[0]["settings"])
+    settings = QualitySettings(**{**raw, "out": Path(out), "seeds": tuple(order), "tag": tag, "domains": tuple(raw["domains"]),
+                                  "variants": tuple(raw["variants"])})
+    tables = format_tables(settings, results, docs[0]["base"])
+    last = summary_line(results, settings.headline, settings.domains[1])
+    doc = {"settings": {**raw, "out": str(out), "seeds": order, "tag": tag, "merged_from": [str(p) for p in paths]},
+           "seeds_done": order, "base": docs[0]["base"], "results": results}
+    Path(out).mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(json.dumps(doc, indent=1).encode(), Path(out) / f"results{tag}.json")
+    atomic_write_bytes((tables + "\n" + last + "\n").encode(), Path(out) / f"quality{tag}.md")
+    print(tables)
+    return last
+
+
 def add_args(p: Any) -> Any:
     """Command-line flags of `QualitySettings` (perf/seismoe_quality.py and `moelab seismic quality`)."""
     d = QualitySettings()
@@ -307,6 +358,9 @@ def add_args(p: Any) -> Any:
     p.add_argument("--headline", default=d.headline, choices=[v for v in VARIANTS if v.startswith("moe_")])
     p.add_argument("--tag", default=d.tag, help="suffix of the SeisMoE runs and tables (quality<TAG>.md), to compare moe_args levers in one folder")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared CPU)")
+    p.add_argument("--merge", nargs="+", metavar="RESULTS_JSON", default=None,
+                   help="train nothing: combine results*.json of runs on disjoint seeds (e.g. one process per core) "
+                        "into OUT/quality<TAG>.md and OUT/results<TAG>.json")
     return p
 
 
@@ -326,6 +380,9 @@ def main_from_args(args: Any) -> int:
 
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", module="lightning")
-    last = run(settings_from_args(args))
+    if getattr(args, "merge", None):
+        last = merge([Path(p) for p in args.merge], Path(args.out), args.tag)
+    else:
+        last = run(settings_from_args(args))
     print(last)
     return 0
