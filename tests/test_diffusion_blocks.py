@@ -40,6 +40,35 @@ def test_pointwise_conv_equals_conv2d_in_values_and_gradients(channels_last):
         torch.testing.assert_close(a, r, **TOL)
 
 
+@pytest.mark.parametrize("x_grad, with_bias", [(False, True), (True, False)])
+def test_pointwise_conv_gradients_of_partial_inputs(x_grad, with_bias):
+    """Only what needs a gradient gets one (a frozen input, a bias-free conv), still exactly conv2d's."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 3, 4, generator=g, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(x_grad)
+    w = torch.randn(4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True) if with_bias else None
+    inputs = [t for t in (x, w, b) if t is not None and t.requires_grad]
+    y, ref = pointwise_conv(x, w, b), F.conv2d(x, w[:, :, None, None], b)
+    torch.testing.assert_close(y, ref, **TOL)
+    go = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    for a, r in zip(torch.autograd.grad(y, inputs, go), torch.autograd.grad(ref, inputs, go)):
+        torch.testing.assert_close(a, r, **TOL)
+
+
+def test_pointwise_conv_under_cpu_autocast_runs_in_bfloat16():
+    """Under autocast the GEMM path runs (autocast casts its inputs); gradients reach float32 weights."""
+    x = torch.randn(2, 6, 4, 4).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(3, 6, requires_grad=True)
+    b = torch.zeros(3, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = pointwise_conv(x, w, b)
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
+    y.float().sum().backward()
+    assert w.grad is not None and w.grad.dtype == torch.float32 and b.grad is not None
+    torch.testing.assert_close(y.float(), F.conv2d(x, w.detach()[:, :, None, None], b.detach()), atol=0.1, rtol=0.02)
+
+
 def test_pointwise_module_is_a_drop_in_for_conv2d_1x1():
     """Same parameters, init distribution and state-dict keys: old checkpoints load unchanged."""
     torch.manual_seed(0)

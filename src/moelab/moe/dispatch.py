@@ -121,6 +121,8 @@ def _grouped(run: Callable[[int, Tensor], Tensor], num_experts: int, x: Tensor, 
 
     def weighted(e: int, rows: Tensor, w: Tensor) -> Tensor:
         out, _ = _units_last(run(e, back(rows)))
+        if not torch.is_grad_enabled():  # sampling: weight the fresh output where it is
+            return out.mul_(_bcast(w, out))
         return out * _bcast(w, out)
 
     def gathered_weighted(e: int, src: Tensor, idx: Tensor, w: Tensor) -> Tensor:
