@@ -69,6 +69,24 @@ def test_pointwise_conv_under_cpu_autocast_runs_in_bfloat16():
     torch.testing.assert_close(y.float(), F.conv2d(x, w.detach()[:, :, None, None], b.detach()), atol=0.1, rtol=0.02)
 
 
+def test_pointwise_of_parts_under_cpu_autocast_runs_in_bfloat16():
+    """The skip merge under bf16 autocast (precision: bf16-mixed): every part's GEMM in bfloat16."""
+    g = torch.Generator().manual_seed(4)
+    xs = [torch.randn(2, c, 4, 4, generator=g).contiguous(memory_format=torch.channels_last) for c in (6, 3)]
+    w = torch.randn(5, 9, 1, 1, generator=g)
+    b = torch.zeros(5)
+    merge = PointwiseConv2d(9, 5)
+    with torch.no_grad():
+        merge.weight.copy_(w)
+        merge.bias.zero_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = merge(*xs)
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
+    y.float().sum().backward()
+    assert merge.weight.grad is not None and merge.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(y.float(), F.conv2d(torch.cat(xs, dim=1), w, b), atol=0.1, rtol=0.02)
+
+
 def test_pointwise_module_is_a_drop_in_for_conv2d_1x1():
     """Same parameters, init distribution and state-dict keys: old checkpoints load unchanged."""
     torch.manual_seed(0)

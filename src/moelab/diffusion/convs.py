@@ -102,10 +102,12 @@ def pointwise_conv_concat(xs: list[Tensor], weight: Tensor, bias: Tensor | None)
     # of the output per part
     out = pointwise_conv(xs[0], w2[:, :c0], bias).permute(0, 2, 3, 1).reshape(-1, w2.shape[0])  # a view
     start = c0
+    autocast = torch.is_autocast_enabled(xs[0].device.type)  # autocast casts addmm's inputs, never addmm_'s
     for x in xs[1:]:
         c = x.shape[1]
         rows = x.permute(0, 2, 3, 1).reshape(-1, c)  # a view: channels-last memory is [N*H*W, C]
-        out = out.addmm_(rows, w2[:, start : start + c].t())
+        part = w2[:, start : start + c].t()
+        out = torch.addmm(out, rows, part) if autocast else out.addmm_(rows, part)
         start += c
     return out.view(n, h, w, -1).permute(0, 3, 1, 2)
 
