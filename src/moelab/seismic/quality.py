@@ -30,7 +30,7 @@ import logging
 import math
 import statistics
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -302,7 +302,7 @@ def merge(paths: list[Path], out: Path, tag: str) -> str:
             docs.append(json.loads(Path(path).read_text()))
         except (OSError, ValueError) as err:
             raise ConfigError(f"cannot read results file {path}: {err}; give results*.json files written by this benchmark") from err
-    ignore = {"seeds", "tag", "out"}
+    ignore = {"seeds", "tag", "out", "merged_from"}
     first = {k: v for k, v in docs[0]["settings"].items() if k not in ignore}
     for path, doc in zip(paths[1:], docs[1:]):
         other = {k: v for k, v in doc["settings"].items() if k not in ignore}
@@ -323,7 +323,7 @@ def merge(paths: list[Path], out: Path, tag: str) -> str:
     variants = list(docs[0]["results"])
     domains = list(docs[0]["results"][variants[0]])
     results = {v: {d: [per_seed[seed][v][d] for seed in order] for d in domains} for v in variants}
-    raw = dict(docs[0]["settings"])
+    raw = {k: v for k, v in docs[0]["settings"].items() if k in {f.name for f in fields(QualitySettings)}}  # not e.g. merged_from
     settings = QualitySettings(**{**raw, "out": Path(out), "seeds": tuple(order), "tag": tag, "domains": tuple(raw["domains"]),
                                   "variants": tuple(raw["variants"])})
     tables = format_tables(settings, results, docs[0]["base"])
