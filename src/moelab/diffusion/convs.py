@@ -37,9 +37,9 @@ class _PointwiseRows(torch.autograd.Function):
     Why both: forward, oneDNN adds the bias inside its kernel, where ``addmm`` (``F.linear``) first
     copies the broadcast bias into the whole output and then accumulates the GEMM on it -- one more
     pass over every output (with the in-place expert weighting of grouped dispatch, a MoEFsDiC
-    guided sampling step at 32x32, 64 rows, 1 thread: 455-462 -> 424-435 ms). Backward, PyTorch's 1x1-conv kernels were the slowest op of the
-    training step, so the gradients are the two GEMMs ``F.linear``'s backward would run (same
-    saved tensors: the input and the weight).
+    guided sampling step at 32x32, 64 rows, 1 thread: 455-462 -> 424-435 ms). Backward, PyTorch's
+    1x1-conv kernels were the slowest op of the training step, so the gradients are the two GEMMs
+    ``F.linear``'s backward would run (same saved tensors: the input and the weight).
     """
 
     @staticmethod

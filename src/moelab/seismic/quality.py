@@ -234,7 +234,6 @@ def format_tables(s: QualitySettings, results: dict[str, dict[str, list[dict[str
 # ----------------------------------------------------------------------------------------- the run
 def run(s: QualitySettings, echo: Callable[[str], None] = print) -> str:
     """Run the whole workflow; writes ``out/results.json`` and ``out/quality.md``; returns the last line."""
-    from moelab.checkpoint import atomic_write_bytes
     from moelab.seismic import harness
     from moelab.seismic.config import validate
 
@@ -267,12 +266,7 @@ def run(s: QualitySettings, echo: Callable[[str], None] = print) -> str:
     def write(seeds_done: list[int]) -> tuple[str, str]:
         # after every seed, so that a run stopped early still leaves the table of its complete seeds
         done = QualitySettings(**{**asdict(s), "seeds": tuple(seeds_done)})
-        tables = format_tables(done, results, base)
-        last = summary_line(results, s.headline, b)
-        doc = {"settings": settings, "seeds_done": seeds_done, "base": base, "results": results}
-        atomic_write_bytes(json.dumps(doc, indent=1).encode(), s.out / f"results{s.tag}.json")
-        atomic_write_bytes((tables + "\n" + last + "\n").encode(), s.out / f"quality{s.tag}.md")
-        return tables, last
+        return write_outputs(done, settings, base, results)
 
     for i, seed in enumerate(s.seeds):
         for v in s.variants:
@@ -286,6 +280,21 @@ def run(s: QualitySettings, echo: Callable[[str], None] = print) -> str:
     return last
 
 
+def write_outputs(
+    done: QualitySettings, settings: dict[str, Any], base: dict[str, dict[str, float]], results: dict[str, dict[str, list[dict[str, float]]]]
+) -> tuple[str, str]:
+    """Write ``results<tag>.json`` (``settings`` as recorded, the seeds of ``done``) and
+    ``quality<tag>.md`` into ``done.out``, atomically; return the tables and the last line."""
+    from moelab.checkpoint import atomic_write_bytes
+
+    tables = format_tables(done, results, base)
+    last = summary_line(results, done.headline, done.domains[1])
+    doc = {"settings": settings, "seeds_done": list(done.seeds), "base": base, "results": results}
+    atomic_write_bytes(json.dumps(doc, indent=1).encode(), done.out / f"results{done.tag}.json")
+    atomic_write_bytes((tables + "\n" + last + "\n").encode(), done.out / f"quality{done.tag}.md")
+    return tables, last
+
+
 def merge(paths: list[Path], out: Path, tag: str) -> str:
     """Combine ``results*.json`` files of runs that differ only in their seeds (and tag) -- e.g. two
     processes of the same settings on disjoint seeds, one per core -- into ``out/results<tag>.json``
@@ -294,8 +303,6 @@ def merge(paths: list[Path], out: Path, tag: str) -> str:
     The runs must agree on every setting but ``seeds``/``tag`` and on the base model's scores (same
     data, same base), and no seed may appear twice: otherwise a `ConfigError` names the difference.
     """
-    from moelab.checkpoint import atomic_write_bytes
-
     docs = []
     for path in paths:
         try:
@@ -326,13 +333,9 @@ def merge(paths: list[Path], out: Path, tag: str) -> str:
     raw = {k: v for k, v in docs[0]["settings"].items() if k in {f.name for f in fields(QualitySettings)}}  # not e.g. merged_from
     settings = QualitySettings(**{**raw, "out": Path(out), "seeds": tuple(order), "tag": tag, "domains": tuple(raw["domains"]),
                                   "variants": tuple(raw["variants"])})
-    tables = format_tables(settings, results, docs[0]["base"])
-    last = summary_line(results, settings.headline, settings.domains[1])
-    doc = {"settings": {**raw, "out": str(out), "seeds": order, "tag": tag, "merged_from": [str(p) for p in paths]},
-           "seeds_done": order, "base": docs[0]["base"], "results": results}
+    recorded = {**raw, "out": str(out), "seeds": order, "tag": tag, "merged_from": [str(p) for p in paths]}
     Path(out).mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(json.dumps(doc, indent=1).encode(), Path(out) / f"results{tag}.json")
-    atomic_write_bytes((tables + "\n" + last + "\n").encode(), Path(out) / f"quality{tag}.md")
+    tables, last = write_outputs(settings, recorded, docs[0]["base"], results)
     print(tables)
     return last
 
@@ -380,7 +383,7 @@ def main_from_args(args: Any) -> int:
 
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", module="lightning")
-    if getattr(args, "merge", None):
+    if args.merge:
         last = merge([Path(p) for p in args.merge], Path(args.out), args.tag)
     else:
         last = run(settings_from_args(args))
