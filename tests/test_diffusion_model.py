@@ -11,6 +11,7 @@ from moelab import MoEFsDiC_UNet, MoELoss
 from moelab.diffusion.blocks import Conditioning, DilatedFusionBlock, FreqGlobalModule, MoEConvBlock
 from moelab.diffusion.config import load_config, model_config
 from moelab.diffusion.models import build_model
+from moelab.diffusion.sample import guided_eps
 from moelab.moe import MoELayer, TopKRouter, aux_loss, moe_layers
 
 
@@ -320,3 +321,25 @@ def test_ablation_output_slice_is_pinned(name):
     assert n_logits == {"default": 4, "no_moe": 0, "no_freq": 5, "no_dsconv": 4, "moe_variants": 4, "minimal": 0}[name]
     expected = torch.tensor(PINNED[name])
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["digits", "default"])
+def test_accelerator_path_never_reads_back_to_the_host(name):
+    """Off the CPU, MoE blocks gather per-sample expert weights and never synchronise with the host.
+
+    Run on the meta device, where any host read (``.item()``, ``.tolist()``, ``bool(t)``,
+    ``nonzero``, ``bincount``) raises: a training step (forward, MoE loss, backward to every
+    parameter) and a guided sampling step of the shipped configs must go through without one.
+    """
+    cfg = load_config(name).model
+    model = build_model(cfg).to("meta")
+    n, s = 2, cfg.image_size
+    x = torch.randn(n, cfg.in_channels, s, s, device="meta")
+    t = torch.randint(0, 1000, (n,), device="meta")
+    c = torch.randint(0, cfg.num_classes, (n,), device="meta")
+    eps, logits = model(x, t, c)
+    assert eps.shape == x.shape and len(logits) == len(moe_layers(model)) > 0
+    MoELoss()(eps, torch.randn_like(eps), logits)[0].backward()
+    assert all(p.grad is not None and p.grad.device.type == "meta" for p in model.parameters())
+    with torch.no_grad():
+        assert guided_eps(model.eval(), x, t, c, 1.25, cfg.num_classes).shape == x.shape

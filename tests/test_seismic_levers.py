@@ -1,4 +1,5 @@
-"""SeisMoE's upcycling levers: expert noise at upcycling and the shared always-on expert.
+"""SeisMoE's upcycling levers: expert noise at upcycling, the shared always-on expert and wider
+experts (``expert_hidden``).
 
 Exact properties only: outputs at upcycling, parameter figures, what the noise touches, the model
 arguments and their save/load round trip, config checks. Whether a lever helps is measured by
@@ -18,7 +19,8 @@ from moelab.errors import ConfigError  # noqa: E402
 from moelab.moe import freeze_non_moe  # noqa: E402
 from moelab.seismic.config import validate  # noqa: E402
 from moelab.seismic.lit import SeisMoELit  # noqa: E402
-from moelab.seismic.model import MOE_BLOCKS, SeisMoE, add_upcycle_noise  # noqa: E402
+from moelab.errors import CheckpointError  # noqa: E402
+from moelab.seismic.model import MOE_BLOCKS, SeisMoE, add_upcycle_noise, widen_into  # noqa: E402
 
 N = 600
 FFN = 16 * 128 + 128 + 128 * 16 + 16  # one EQTransformer transformer FFN: 4,240 parameters
@@ -140,9 +142,70 @@ def test_lightning_module_passes_the_levers_through(tmp_path, dense):
     assert trainable == {"router", "experts", "shared_expert"}
 
 
+def _ffn(hidden: int) -> int:
+    return 16 * hidden + hidden + hidden * 16 + 16
+
+
+@pytest.mark.parametrize("shared_expert", [False, True])
+def test_wider_experts_are_upcycled_to_the_dense_output(dense, shared_expert):
+    torch.manual_seed(8)
+    moe = SeisMoE.from_eqtransformer(dense, expert_hidden=320, shared_expert=shared_expert).eval()
+    plain = SeisMoE(in_samples=N, shared_expert=shared_expert)
+    copies = 4 + int(shared_expert)
+    extra = 2 * copies * (_ffn(320) - FFN)  # two MoE layers
+    assert sum(p.numel() for p in moe.parameters()) == sum(p.numel() for p in plain.parameters()) + extra
+    for name in MOE_BLOCKS:
+        ff = getattr(moe, name).ff
+        ref = getattr(dense, name).ff.state_dict()
+        experts = list(ff.experts) + ([ff.shared_expert] if shared_expert else [])
+        for e in experts:
+            sd = e.state_dict()
+            assert sd["lin1.weight"].shape == (320, 16) and sd["lin2.weight"].shape == (16, 320)
+            assert torch.equal(sd["lin1.weight"][:128], ref["lin1.weight"]) and torch.equal(sd["lin1.bias"][:128], ref["lin1.bias"])
+            assert torch.equal(sd["lin2.weight"][:, :128], ref["lin2.weight"]) and torch.equal(sd["lin2.bias"], ref["lin2.bias"])
+            assert torch.count_nonzero(sd["lin2.weight"][:, 128:]) == 0  # the extra units add nothing yet
+            assert torch.count_nonzero(sd["lin1.weight"][128:]) == 192 * 16  # ... but are not dead
+    with torch.no_grad():
+        assert _max_diff(moe(_x()), dense(_x())) < 1e-6
+    # the extra units train: their weights into lin2 get a gradient at the first step
+    moe.train()
+    det, p, s = moe(_x())
+    (det.sum() + p.sum() + s.sum()).backward()
+    grads = [e.lin2.weight.grad[:, 128:] for name in MOE_BLOCKS for e in getattr(moe, name).ff.experts if e.lin2.weight.grad is not None]
+    assert grads and any(torch.count_nonzero(g) > 0 for g in grads)
+
+
+def test_wider_experts_survive_save_load_and_refuse_narrower_than_dense(tmp_path, dense):
+    torch.manual_seed(9)
+    moe = SeisMoE.from_eqtransformer(dense, expert_hidden=256, upcycle_noise=0.05).eval()
+    assert moe.get_model_args()["expert_hidden"] == 256
+    moe.save(tmp_path / "w")
+    back = SeisMoE.load(tmp_path / "w").eval()
+    with torch.no_grad():
+        assert _max_diff(moe(_x()), back(_x())) == 0.0
+        assert _max_diff(moe(_x()), SeisMoE.from_base(tmp_path / "w").eval()(_x())) == 0.0
+    assert SeisMoE(in_samples=N).get_model_args()["expert_hidden"] is None
+    with pytest.raises(ConfigError, match="expert_hidden=64 is smaller than EQTransformer's feed-forward hidden size 128"):
+        SeisMoE(in_samples=N, expert_hidden=64)
+    with pytest.raises(CheckpointError, match="do not fit num_experts=4, expert_hidden=512"):
+        SeisMoE.from_base(tmp_path / "w", expert_hidden=512)  # trained 256-wide experts load only as they are
+
+
+def test_widen_into_copies_the_leading_block_and_zeroes_the_extra_inputs():
+    target = torch.full((3, 5), 7.0)
+    out = widen_into(torch.ones(2, 3), target, "w")
+    assert torch.equal(out[:2, :3], torch.ones(2, 3)) and torch.equal(out[:, 3:], torch.zeros(3, 2))
+    assert torch.equal(out[2, :3], torch.full((3,), 7.0)) and torch.equal(target, torch.full((3, 5), 7.0))
+    assert torch.equal(widen_into(torch.ones(2), torch.zeros(4), "b"), torch.tensor([1.0, 1.0, 0.0, 0.0]))
+    with pytest.raises(ValueError, match="'w': the dense tensor \\(4, 3\\) does not fit into \\(3, 5\\)"):
+        widen_into(torch.ones(4, 3), target, "w")
+
+
 @pytest.mark.parametrize(
     ("args", "match"),
     [
+        ({"expert_hidden": 0}, "expert_hidden must be a positive integer or null"),
+        ({"expert_hidden": 256.0}, "expert_hidden must be a positive integer or null"),
         ({"upcycle_noise": -0.1}, "upcycle_noise must be a number in \\[0, 1\\)"),
         ({"upcycle_noise": 1.0}, "upcycle_noise must be a number in \\[0, 1\\)"),
         ({"upcycle_noise": True}, "upcycle_noise must be a number in \\[0, 1\\)"),
@@ -160,6 +223,8 @@ def test_bad_lever_values_raise_one_clear_error(args, match):
         ({"upcycle_noise": 1.5}, "model_args.upcycle_noise must be in \\[0, 1\\)"),
         ({"upcycle_noise": "x"}, "model_args.upcycle_noise must be a number"),
         ({"shared_expert": "yes"}, "model_args.shared_expert must be true/false"),
+        ({"expert_hidden": 0}, "model_args.expert_hidden must be >= 1"),
+        ({"expert_hidden": "wide"}, "model_args.expert_hidden must be"),
     ],
 )
 def test_config_refuses_bad_lever_values(args, match):

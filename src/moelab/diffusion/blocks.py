@@ -7,6 +7,7 @@ Routing, dispatch and the experts' gathered evaluation come from the MoE core
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -132,6 +133,14 @@ class DilatedFusionBlock(CondBlock):
         return recomputed(self.body, h, enabled=self.gradient_checkpointing)
 
 
+def no_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast switched off on ``device_type``; nothing where autocast does not exist (the meta
+    device, on which the host-synchronisation test runs the model)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def radial_bands(height: int, width: int, bands: int) -> Tensor:
     """Band index (0..bands-1) of every rfft2 frequency bin by its normalised radial frequency."""
     fy = torch.fft.fftfreq(height).abs()[:, None]
@@ -166,7 +175,7 @@ class FreqGlobalModule(CondBlock):
         band = self._bands_on(height, width, h.device)  # [H, W//2+1]
         gain = w[:, :, band]  # [B, C, H, W//2+1]
         hn = self.norm(h).float()
-        with torch.autocast(device_type=h.device.type, enabled=False):
+        with no_autocast(h.device.type):
             spec = torch.fft.rfft2(hn, norm="ortho")
             y = torch.fft.irfft2(spec * gain, s=(height, width), norm="ortho")
         return h + y.to(h.dtype)

@@ -102,7 +102,8 @@ def pointwise_conv_concat(xs: list[Tensor], weight: Tensor, bias: Tensor | None)
     # of the output per part
     out = pointwise_conv(xs[0], w2[:, :c0], bias).permute(0, 2, 3, 1).reshape(-1, w2.shape[0])  # a view
     start = c0
-    autocast = torch.is_autocast_enabled(xs[0].device.type)  # autocast casts addmm's inputs, never addmm_'s
+    device = xs[0].device.type  # autocast casts addmm's inputs, never addmm_'s
+    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
     for x in xs[1:]:
         c = x.shape[1]
         rows = x.permute(0, 2, 3, 1).reshape(-1, c)  # a view: channels-last memory is [N*H*W, C]

@@ -67,6 +67,7 @@ _MOE_ARGS: dict[str, tuple[tuple[type, ...], str]] = {
     "detach_router_input": ((bool,), "route on gradient-free features, so the load loss moves only the routers (default true)"),
     "upcycle_noise": ((int, float), "relative std of the noise added to upcycled expert copies, in [0, 1) (default 0: exact copies)"),
     "shared_expert": ((bool,), "add an always-on shared expert (a copy of the dense FFN) to each MoE layer (default false)"),
+    "expert_hidden": ((int, type(None)), "hidden size of each expert FFN, >= 128 (default null: the dense FFN's 128; wider experts are upcycled without changing the output)"),
 }
 MODEL_ARGS: dict[str, dict[str, tuple[tuple[type, ...], str]]] = {
     "SeisMoE": {**_COMMON_ARGS, **_MOE_ARGS},
@@ -188,6 +189,8 @@ def _check_model_values(a: dict[str, Any], source: str) -> None:
                 f"{where}.num_experts_per_token={k} exceeds num_experts={e}: each token can use at most all experts; "
                 f"lower num_experts_per_token or raise num_experts"
             )
+    if a.get("expert_hidden") is not None and a["expert_hidden"] < 1:
+        raise ConfigError(f"{where}.expert_hidden must be >= 1 (SeisMoE needs >= 128, the dense FFN's hidden size), got {a['expert_hidden']}")
     if a.get("router_lr") is not None and a["router_lr"] <= 0:
         raise ConfigError(f"{where}.router_lr must be > 0 (or null for lr), got {a['router_lr']}")
     for key in ("lr", "sigma"):

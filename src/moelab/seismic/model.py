@@ -27,7 +27,7 @@ from moelab.moe import GATES, LOSS_KINDS, TokenMoE, model_aux_loss, moe_usage, r
 from moelab.moe.layer import moe_layers
 from moelab.seismic.weights import MOE_ARGS, BaseWeights, apply_metadata, eqtransformer_from, holds_moe, load_base_weights, load_local
 
-__all__ = ["MOE_ARGS", "MOE_BLOCKS", "SeisMoE", "load_trained", "window_annotate_args"]
+__all__ = ["MOE_ARGS", "MOE_BLOCKS", "SeisMoE", "load_trained", "widen_into", "window_annotate_args"]
 
 #: The EQTransformer blocks whose feed-forward network becomes an MoE layer.
 MOE_BLOCKS: tuple[str, ...] = ("transformer_d0", "transformer_d")
@@ -46,13 +46,42 @@ class TokenFeedForward(nn.Module):
         self.dropout = nn.Dropout(drop_rate)
 
     @classmethod
-    def from_dense(cls, dense: FeedForward) -> "TokenFeedForward":
-        ff = cls(dense.lin1.in_features, dense.dropout.p, dense.lin1.out_features)
-        ff.load_state_dict(dense.state_dict())
+    def from_dense(cls, dense: FeedForward, hidden_size: int | None = None) -> "TokenFeedForward":
+        """A copy of ``dense``; with ``hidden_size`` larger than its own, widened without changing
+        what it computes (`widen_into`): the extra hidden units start with ``lin1``'s fresh
+        initialisation and zero weight into ``lin2``."""
+        hidden = dense.lin1.out_features if hidden_size is None else hidden_size
+        ff = cls(dense.lin1.in_features, dense.dropout.p, hidden)
+        with torch.no_grad():
+            for name, target in ff.state_dict(keep_vars=True).items():
+                target.copy_(widen_into(dense.state_dict()[name], target.detach(), name))
         return ff
 
     def forward(self, x: Tensor) -> Tensor:
         return self.lin2(self.dropout(torch.relu(self.lin1(x))))
+
+
+def widen_into(value: Tensor, target: Tensor, name: str) -> Tensor:
+    """``value`` (a dense FFN tensor) written into the leading block of ``target`` (a wider FFN's).
+
+    Function-preserving widening (Net2Net-style, with zero fan-out): the FFN's extra hidden units
+    keep ``target``'s own values in ``lin1`` (fresh initialisation, so they are not dead) and get
+    zero weight into ``lin2`` (the extra *columns* of a 2-d weight whose input side is wider), so
+    the wider FFN outputs exactly what the dense one does; training then grows them. Why: the
+    dense FFN of EQTransformer is 16 -> 128 -> 16 (4,240 parameters), and copies of it give an MoE
+    layer little capacity to add; wider experts can be upcycled from the same pretrained weights.
+    Equal shapes: ``value`` itself. A ``value`` larger than ``target`` in any dimension cannot be
+    copied in (ValueError naming ``name``).
+    """
+    if value.shape == target.shape:
+        return value
+    if value.dim() != target.dim() or any(v > t for v, t in zip(value.shape, target.shape)):
+        raise ValueError(f"'{name}': the dense tensor {tuple(value.shape)} does not fit into {tuple(target.shape)}")
+    out = target.clone()
+    if value.dim() == 2 and value.shape[1] < target.shape[1]:
+        out[:, value.shape[1]:] = 0.0
+    out[tuple(slice(0, n) for n in value.shape)] = value
+    return out
 
 
 class ChannelsFirstTokenMoE(TokenMoE):
@@ -77,14 +106,22 @@ class ChannelsFirstTokenMoE(TokenMoE):
 
 
 def upcycle_feedforward(
-    dense: FeedForward, num_experts: int, k: int, gate: str = "topk_softmax", jitter: float = 0.0, shared_expert: bool = False
+    dense: FeedForward,
+    num_experts: int,
+    k: int,
+    gate: str = "topk_softmax",
+    jitter: float = 0.0,
+    shared_expert: bool = False,
+    expert_hidden: int | None = None,
 ) -> ChannelsFirstTokenMoE:
     """MoE layer whose experts are copies of ``dense`` (core `MoELayer.upcycle`): same output at init.
 
     ``shared_expert``: one more copy of ``dense`` as an always-on shared expert; the layer then
     outputs ``0.5 * shared(x) + 0.5 * routed(x)``, still the dense output at init.
+    ``expert_hidden``: hidden size of every expert (routed and shared), >= the dense FFN's; wider
+    copies are widened without changing their output (`TokenFeedForward.from_dense`).
     """
-    expert = TokenFeedForward.from_dense(dense)
+    expert = TokenFeedForward.from_dense(dense, expert_hidden)
     layer = ChannelsFirstTokenMoE.upcycle(
         expert, num_experts, k, router_in_features=expert.lin1.in_features, gate=gate, jitter=jitter, shared_expert=shared_expert  # type: ignore[arg-type]
     )
@@ -143,6 +180,9 @@ class SeisMoE(EQTransformer):
         ``0.5 * shared(x) + 0.5 * routed(x)``, which is still the dense output at upcycling
         (with ``upcycle_noise`` 0), and holds one more FFN (+4,240 parameters per layer for the
         16 -> 128 -> 16 FFN).
+    :param expert_hidden: hidden size of every expert FFN (null/None: the dense FFN's, 128). Larger
+        experts are upcycled from the dense FFN without changing the output (`widen_into`): more
+        capacity per expert than copies of EQTransformer's 4,240-parameter FFN can give.
     :param eqt_kwargs: EQTransformer's own arguments (in_samples, original_compatible, norm, ...).
 
     ``SeisMoE.from_base("stead", ...)`` starts from pretrained EQTransformer weights (see
@@ -159,6 +199,7 @@ class SeisMoE(EQTransformer):
         detach_router_input: bool = True,
         upcycle_noise: float = 0.0,
         shared_expert: bool = False,
+        expert_hidden: int | None = None,
         **eqt_kwargs: Any,
     ) -> None:
         _validate_moe_args(num_experts, num_experts_per_token, gate, router_jitter, aux_loss)
@@ -166,6 +207,8 @@ class SeisMoE(EQTransformer):
             raise ConfigError(f"upcycle_noise must be a number in [0, 1) (relative std of the expert noise; 0 = exact copies), got {upcycle_noise!r}")
         if not isinstance(shared_expert, bool):
             raise ConfigError(f"shared_expert must be true or false, got {shared_expert!r}")
+        if expert_hidden is not None and (isinstance(expert_hidden, bool) or not isinstance(expert_hidden, int) or expert_hidden < 1):
+            raise ConfigError(f"expert_hidden must be a positive integer or null (null: the dense FFN's 128), got {expert_hidden!r}")
         try:
             super().__init__(**eqt_kwargs)
         except TypeError as e:
@@ -180,9 +223,18 @@ class SeisMoE(EQTransformer):
         self.detach_router_input = bool(detach_router_input)
         self.upcycle_noise = float(upcycle_noise)
         self.shared_expert = shared_expert
+        self.expert_hidden = expert_hidden
         for name in MOE_BLOCKS:
             block = getattr(self, name)
-            block.ff = upcycle_feedforward(block.ff, num_experts, num_experts_per_token, gate, self.router_jitter, shared_expert)
+            dense_hidden = block.ff.lin1.out_features
+            if expert_hidden is not None and expert_hidden < dense_hidden:
+                raise ConfigError(
+                    f"expert_hidden={expert_hidden} is smaller than EQTransformer's feed-forward hidden size {dense_hidden}: "
+                    f"experts are upcycled from that FFN, so use expert_hidden >= {dense_hidden} (or null)"
+                )
+            block.ff = upcycle_feedforward(
+                block.ff, num_experts, num_experts_per_token, gate, self.router_jitter, shared_expert, expert_hidden
+            )
             block.ff.detach_router_input = self.detach_router_input
 
     # ----------------------------------------------------------------- building from dense weights
@@ -225,8 +277,9 @@ class SeisMoE(EQTransformer):
                 model.load_state_dict(base.state_dict)
             except RuntimeError as e:
                 raise CheckpointError(
-                    f"SeisMoE weights from {base.source} do not fit num_experts={model.num_experts}: "
-                    f"{str(e).splitlines()[0]}; use the num_experts they were trained with"
+                    f"SeisMoE weights from {base.source} do not fit num_experts={model.num_experts}, "
+                    f"expert_hidden={model.expert_hidden}, shared_expert={model.shared_expert}: {str(e).splitlines()[0]}; "
+                    "use the MoE arguments they were trained with (their .json 'model_args')"
                 ) from None
         else:
             model.load_dense_state_dict(base.state_dict)
@@ -264,7 +317,13 @@ class SeisMoE(EQTransformer):
                 f"{sorted(set(unexpected))[:5]}{'...' if len(unexpected) > 5 else ''}); pass the model arguments stored "
                 "with the weights (their .json 'model_args', e.g. original_compatible, lstm_blocks, in_samples)"
             )
-        for key, value in mapped.items():
+        for key, value in list(mapped.items()):
+            if own[key].shape != value.shape and (".ff.experts." in key or ".ff.shared_expert." in key):
+                try:
+                    mapped[key] = widen_into(value, own[key], key)
+                    continue
+                except ValueError:
+                    pass
             if own[key].shape != value.shape:
                 raise CheckpointError(
                     f"base weight '{key}' has shape {tuple(value.shape)} but the model expects {tuple(own[key].shape)}; "
@@ -302,6 +361,7 @@ class SeisMoE(EQTransformer):
             detach_router_input=self.detach_router_input,
             upcycle_noise=self.upcycle_noise,
             shared_expert=self.shared_expert,
+            expert_hidden=self.expert_hidden,
         )
         return args
 
