@@ -15,11 +15,10 @@ import torch
 pytest.importorskip("seisbench")
 from seisbench.models import EQTransformer  # noqa: E402
 
-from moelab.errors import ConfigError  # noqa: E402
+from moelab.errors import CheckpointError, ConfigError  # noqa: E402
 from moelab.moe import freeze_non_moe  # noqa: E402
 from moelab.seismic.config import validate  # noqa: E402
 from moelab.seismic.lit import SeisMoELit  # noqa: E402
-from moelab.errors import CheckpointError  # noqa: E402
 from moelab.seismic.model import MOE_BLOCKS, SeisMoE, add_upcycle_noise, widen_into  # noqa: E402
 
 N = 600

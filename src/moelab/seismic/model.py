@@ -52,13 +52,19 @@ class TokenFeedForward(nn.Module):
         initialisation and zero weight into ``lin2``."""
         hidden = dense.lin1.out_features if hidden_size is None else hidden_size
         ff = cls(dense.lin1.in_features, dense.dropout.p, hidden)
+        source = dense.state_dict()
         with torch.no_grad():
             for name, target in ff.state_dict(keep_vars=True).items():
-                target.copy_(widen_into(dense.state_dict()[name], target.detach(), name))
+                target.copy_(widen_into(source[name], target.detach(), name))
         return ff
 
     def forward(self, x: Tensor) -> Tensor:
         return self.lin2(self.dropout(torch.relu(self.lin1(x))))
+
+
+def fits_into(value: Tensor, target: Tensor) -> bool:
+    """Whether `widen_into` can write ``value`` into ``target``: same rank, no dimension larger."""
+    return value.dim() == target.dim() and all(v <= t for v, t in zip(value.shape, target.shape))
 
 
 def widen_into(value: Tensor, target: Tensor, name: str) -> Tensor:
@@ -75,7 +81,7 @@ def widen_into(value: Tensor, target: Tensor, name: str) -> Tensor:
     """
     if value.shape == target.shape:
         return value
-    if value.dim() != target.dim() or any(v > t for v, t in zip(value.shape, target.shape)):
+    if not fits_into(value, target):
         raise ValueError(f"'{name}': the dense tensor {tuple(value.shape)} does not fit into {tuple(target.shape)}")
     out = target.clone()
     if value.dim() == 2 and value.shape[1] < target.shape[1]:
@@ -308,7 +314,12 @@ class SeisMoE(EQTransformer):
             if self.shared_expert:
                 targets.append(f"{block}.ff.shared_expert.{rest}")
             for target in targets:
-                (mapped.__setitem__(target, value) if target in own else unexpected.append(key))
+                if target not in own:
+                    unexpected.append(key)
+                elif fits_into(value, own[target]):  # a copy of the FFN, widened to expert_hidden if wider
+                    mapped[target] = widen_into(value, own[target], target)
+                else:
+                    mapped[target] = value  # refused with its shapes below
         missing = [k for k in own if k not in mapped and ".ff.router." not in k]
         if missing or unexpected:
             raise CheckpointError(
@@ -317,13 +328,7 @@ class SeisMoE(EQTransformer):
                 f"{sorted(set(unexpected))[:5]}{'...' if len(unexpected) > 5 else ''}); pass the model arguments stored "
                 "with the weights (their .json 'model_args', e.g. original_compatible, lstm_blocks, in_samples)"
             )
-        for key, value in list(mapped.items()):
-            if own[key].shape != value.shape and (".ff.experts." in key or ".ff.shared_expert." in key):
-                try:
-                    mapped[key] = widen_into(value, own[key], key)
-                    continue
-                except ValueError:
-                    pass
+        for key, value in mapped.items():
             if own[key].shape != value.shape:
                 raise CheckpointError(
                     f"base weight '{key}' has shape {tuple(value.shape)} but the model expects {tuple(own[key].shape)}; "
