@@ -5,7 +5,7 @@ its predictions and results, and the thresholds it applies to test are the ones 
 exact resume of SeisMoE training and the guide's commands offline.
 
 Whether the trained models beat an untrained one, and how SeisMoE compares with EQTransformer, is
-a claim about trained models: it lives in `perf/seismoe_learning.py` (several seeds, spread
+a claim about trained models: it lives in `bench/seismoe_learning.py` (several seeds, spread
 printed), not here. On one short CPU run the margins were within run-to-run spread: e.g. detection
 AUC 0.955 (SeisMoE) / 0.961 (EQTransformer) vs 0.899 untrained here, 0.962 vs 0.986 on another
 machine, and P MAE 1.22 / 1.19 s vs 1.27 s untrained.
@@ -32,7 +32,7 @@ from moelab.seismic.evaluate import task1_metrics, task23_metrics  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 IN_SAMPLES = 1001  # 10 s model windows keep CPU training fast; task windows shrink to 5 s (half, as 30 of 60 s)
 QUIET = {"enable_progress_bar": False, "num_sanity_val_steps": 0, "limit_val_batches": 2}
-# a workflow run: small data, two epochs (quality is measured in perf/seismoe_learning.py)
+# a workflow run: small data, two epochs (quality is measured in bench/seismoe_learning.py)
 N_TRACES, N_SAMPLES, EPOCHS, BATCH, LR, SIGMA = 160, 2000, 2, 16, 1e-3, 40
 
 

@@ -1,6 +1,6 @@
 """The upcycle-and-fine-tune quality workflow (moelab.seismic.quality) runs end to end, writes its
 tables, and scores every model on thresholds chosen on dev. Model-vs-model claims are made by
-perf/seismoe_quality.py over seeds, never here."""
+bench/seismoe_quality.py over seeds, never here."""
 
 from __future__ import annotations
 

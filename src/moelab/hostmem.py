@@ -40,6 +40,9 @@ M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024
 #: ``M_TRIM_THRESHOLD`` -1: never trim the heap (mallopt(3): "-1 disables trimming completely").
 TRIM_DISABLED = -1
+#: `map_large_blocks`' default: blocks of 256 KiB or more (every activation of a real model) get
+#: their own ``mmap``.
+LARGE_BLOCK_BYTES = 256 * 1024
 
 _applied: bool | None = None
 
@@ -77,3 +80,23 @@ def retain_freed_memory() -> bool:
             )
         log.debug("retain_freed_memory: %s", "in force" if _applied else "not available")
     return _applied
+
+
+def map_large_blocks(threshold_bytes: int = LARGE_BLOCK_BYTES) -> bool:
+    """For measuring memory, never for training: every block of ``threshold_bytes`` or more gets
+    its own ``mmap`` and goes back to the kernel when freed.
+
+    Why: with the heap (`retain_freed_memory`, or glibc's defaults) a process's peak RSS is the
+    heap's high-water mark, which holds freed blocks between live ones (fragmentation) as well as
+    the live tensors; how much depends on the order of a model's allocations, not on what it needs.
+    With large blocks mapped one by one, peak RSS follows the peak of live tensor memory (plus the
+    interpreter and libraries), so two models' peaks compare what their tensors need. It is slow:
+    every step page-faults all of its activations in again. Returns False where it cannot be
+    applied (not glibc, or ``mallopt`` refused a value). Not combinable with `retain_freed_memory`
+    in one process (whichever runs last sets the mmap threshold).
+    """
+    libc = _glibc()
+    if libc is None:
+        return False
+    # a fixed mmap threshold also stops glibc from raising it after each free (its dynamic threshold)
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold_bytes))

@@ -12,7 +12,7 @@ from typing import Any
 
 DEFAULT_CONFIG = Path("configs/digits.yaml")
 
-#: Sampling settings of the demo (tuned on configs/digits.yaml; see perf/sampling.py): 20 steps of
+#: Sampling settings of the demo (tuned on configs/digits.yaml; see bench/sampling.py): 20 steps of
 #: SDE-DPM-Solver++(2M) at guidance 1.25. The stochastic solver gives the lower Fréchet distance at
 #: 20 steps (0.85 vs 1.33 deterministic; its fresh noise corrects model errors). Guidance 1.25 is
 #: where the Fréchet distance bottoms out with accuracy ~0.99, for MoEFsDiC and the dense baseline

@@ -259,7 +259,7 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
         ("make-dataset", add_make_dataset_args, run_make_dataset, "generate a SeisBench data set from real recordings + TauP onsets"),
         ("pick", add_pick_args, run_pick, "pick continuous records (QuakeML/CSV) with a trained model (default: ObsPy's AR-picker test event)"),
         ("export", add_export_args, run_export, "save a checkpoint as SeisBench weights (json + pt) with the thresholds tuned on dev"),
-        ("quality", _add_quality_args, _run_quality, "upcycle-and-fine-tune benchmark: SeisMoE vs EQTransformer over seeds and domains (= perf/seismoe_quality.py)"),
+        ("quality", _add_quality_args, _run_quality, "upcycle-and-fine-tune benchmark: SeisMoE vs EQTransformer over seeds and domains (= bench/seismoe_quality.py)"),
     ):
         p = add(sub.add_parser(name, help=help_))
         p.set_defaults(func=run)

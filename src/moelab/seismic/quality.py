@@ -341,7 +341,7 @@ def merge(paths: list[Path], out: Path, tag: str) -> str:
 
 
 def add_args(p: Any) -> Any:
-    """Command-line flags of `QualitySettings` (perf/seismoe_quality.py and `moelab seismic quality`)."""
+    """Command-line flags of `QualitySettings` (bench/seismoe_quality.py and `moelab seismic quality`)."""
     d = QualitySettings()
     p.add_argument("--out", default=str(d.out), help="working folder (data, weights, quality.md, results.json)")
     p.add_argument("--seeds", type=int, nargs="+", default=list(d.seeds))

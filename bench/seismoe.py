@@ -4,7 +4,7 @@ Same batch of 64 windows of 3 x 6000 samples, CPU with 2 threads, eval mode, no_
 models are timed alternately (so machine load hits both alike) and the medians of the repetitions
 after warm-up are compared. SeisMoE is upcycled from the EQTransformer, so both compute the same
 function and differ only in the MoE routing/dispatch. Last line: ``seismoe: moe/eqt=<ratio>``.
-Usage: ``python perf/seismoe.py [--reps 7] [--batch 64]``.
+Usage: ``python bench/seismoe.py [--reps 7] [--batch 64]``.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ The two last lines compare 20 DPM-Solver++ steps with 1000 DDPM steps, first for
 ``sampling: dpm++20/ddpm1000 speedup=<x> acc_drop=<y>`` with speedup = DDPM-1000's time per image /
 DPM++-20's and acc_drop = DDPM-1000 accuracy - DPM++-20 accuracy.
 
-Usage: python perf/sampling.py [--checkpoint outputs/demo/checkpoints/checkpoint_epoch_N.pth]
+Usage: python bench/sampling.py [--checkpoint outputs/demo/checkpoints/checkpoint_epoch_N.pth]
        [--per-class 50] [--guidance 1.25] [--threads 2]
 (run `moelab diffusion demo` first; without --checkpoint the newest demo checkpoint is used)
 """

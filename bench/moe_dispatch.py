@@ -14,7 +14,7 @@ Conv case (MoEFsDiC): B=32, C=64, 32x32, E=8 residual DS-conv experts, k=2, per-
   sorted  : (for reference) generic sort + index_select/index_add grouping, one call per expert
 Token case (SeisMoE): B=64, T=47, D=16, FFN 16->128->16, E=4, k=2, per-token routing.
 
-Usage: python perf/moe_dispatch.py [--reps 7] [--threads 2]
+Usage: python bench/moe_dispatch.py [--reps 7] [--threads 2]
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from torch import nn
 
 from moelab.diffusion.experts import ResidualConvExperts
 from moelab.moe import MoELayer, TokenMoE, TopKRouter, grouped_dispatch
-from train_step import interleaved  # perf/ is on sys.path when a perf script runs
+from train_step import interleaved  # bench/ is on sys.path when a bench script runs
 
 
 def timed_rounds(fns: dict[str, Callable[[], None]], reps: int, warmup: int = 2) -> dict[str, float]:

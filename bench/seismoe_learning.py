@@ -13,7 +13,7 @@ Prints one row per model and seed, then mean ± std per model, then the last lin
 ``seismoe_learning: det_auc moe-eqt=<±x.xxx>±<std> mcc moe-eqt=<±x.xxx>±<std> trained-untrained det_auc=<x.xxx> mcc=<x.xxx>``
 
 (differences are per seed, then averaged; the trained-untrained gaps are the smaller of the two
-models' mean gaps). Usage: ``python perf/seismoe_learning.py [--seeds 11 12 13] [--epochs 18]``.
+models' mean gaps). Usage: ``python bench/seismoe_learning.py [--seeds 11 12 13] [--epochs 18]``.
 """
 
 from __future__ import annotations

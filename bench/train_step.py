@@ -21,6 +21,11 @@ and measured on the same inputs (x, t, c, noise), with the same torch thread cou
            printed, with its minor page faults, as "one model per process"): unlike the timing
            process, which holds all four models, this is the allocator state of a real training
            run, where glibc's defaults page-fault MoEFsDiC's activations in again every step.
+* live memory: the same fresh processes with every block of 256 KiB or more its own ``mmap``
+           (`moelab.hostmem.map_large_blocks`; ``--no-live-memory`` skips them): peak RSS then
+           follows the peak of live tensors, without the freed blocks glibc's heap holds between
+           live ones (fragmentation, which depends on allocation order more than on the model).
+           Slow (every step faults its activations in), so it is a memory figure only.
 * FLOPs  : forward FLOPs per sample counted by ``torch.utils.flop_counter.FlopCounterMode``.
 
 Scales: ``digits`` (configs/digits.yaml, 8x8, its batch 64), ``cifar32`` (default.yaml with
@@ -38,7 +43,7 @@ returning it to the kernel), as ``moelab diffusion train`` does, for every model
 printed with the times: with the defaults they are where MoEFsDiC, which holds ~3x the dense
 model's activations, loses about a tenth of its step.
 
-Usage: python perf/train_step.py [--quick] [--threads 1] [--reps 7] [--compile] [--malloc retain|default] [--scales ...]
+Usage: python bench/train_step.py [--quick] [--threads 1] [--reps 7] [--compile] [--malloc retain|default] [--no-live-memory] [--scales ...]
 ``--compile`` times ``torch.compile``-d models (inductor, C++ backend) instead of eager ones; on
 torch 2.13 CPU it failed for MoEFsDiC (InductorError on a dynamic batch symbol, both dispatch modes).
 """
@@ -62,7 +67,7 @@ import torch.nn.functional as F
 from moelab.diffusion.config import load_config
 from moelab.diffusion.models import build_model
 from moelab.diffusion.sample import guided_eps
-from moelab.hostmem import retain_freed_memory
+from moelab.hostmem import map_large_blocks, retain_freed_memory
 from moelab.moe import model_aux_loss
 
 SCALES: dict[str, dict[str, Any]] = {
@@ -202,7 +207,9 @@ def measure_memory(scale: str, variant: str, threads: int, malloc: str) -> dict[
     return json.loads(out.strip().splitlines()[-1])
 
 
-def run_scale(scale: str, reps: int, warmup: int, threads: int, compile_model: bool, malloc: str) -> dict[str, Any]:
+def run_scale(
+    scale: str, reps: int, warmup: int, threads: int, compile_model: bool, malloc: str, live_memory: bool = True
+) -> dict[str, Any]:
     steps, info = {}, {}
     for v in VARIANTS:
         step, model, data = make_step(scale, v, compile_model)
@@ -212,11 +219,13 @@ def run_scale(scale: str, reps: int, warmup: int, threads: int, compile_model: b
     faults: dict[str, list[int]] = {}
     times = interleaved(steps, reps, warmup, faults)
     mem = {v: measure_memory(scale, v, threads, malloc) for v in VARIANTS}
+    live = {v: measure_memory(scale, v, threads, "mmap") for v in VARIANTS} if live_memory else {}
     return {
         "ms": {v: 1e3 * statistics.median(ts) for v, ts in times.items()},
         "faults": {v: statistics.median(f) for v, f in faults.items()},
         "ratio": {v: paired_ratio(times[v], times["dense"]) for v in VARIANTS},
         "mem": mem,
+        "live": live,
         "info": info,
         "batch": batch_size(scale, scale_config(scale, "moe")),
     }
@@ -253,21 +262,30 @@ def main() -> None:
     ap.add_argument("--scales", nargs="+", default=list(SCALES), choices=list(SCALES))
     ap.add_argument("--compile", action="store_true", help="time torch.compile-d models")
     ap.add_argument(
-        "--malloc", choices=("retain", "default"), default="retain",
-        help="retain: glibc keeps freed memory for the next step (moelab.hostmem, as moelab diffusion train runs); default: glibc's defaults",
+        "--malloc", choices=("retain", "default", "mmap"), default="retain",
+        help="retain: glibc keeps freed memory for the next step (moelab.hostmem, as moelab diffusion train runs); default: glibc's defaults; "
+        "mmap: every block >= 256 KiB its own mmap (moelab.hostmem.map_large_blocks; memory only, slow)",
+    )
+    ap.add_argument(
+        "--no-live-memory", action="store_true",
+        help="skip the live-memory processes (every block >= 256 KiB its own mmap: peak RSS follows the live tensors; slow)",
     )
     ap.add_argument("--memory-child", nargs=2, metavar=("SCALE", "VARIANT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     retained = retain_freed_memory() if args.malloc == "retain" else False
     if args.memory_child:
+        if args.malloc == "mmap" and not map_large_blocks():
+            raise SystemExit("--malloc mmap needs glibc's mallopt")
         memory_child(*args.memory_child)
         return
     reps, warmup = (3, 1) if args.quick else (max(3, args.reps), 2)
     print(f"threads={args.threads} reps={reps} warmup={warmup} compile={args.compile} malloc={args.malloc} (retained={retained}) torch={torch.__version__}")
-    worst: dict[str, list[float]] = {v: [0.0, 0.0] for v in ("moe", "moe_full")}  # time, memory ratios
+    if args.malloc == "mmap":
+        raise SystemExit("--malloc mmap is for the memory processes only (the live-memory figures); time with retain or default")
+    worst: dict[str, list[float]] = {v: [0.0, 0.0, 0.0] for v in ("moe", "moe_full")}  # time, memory, live-memory ratios
     for scale in args.scales:
-        r = run_scale(scale, reps, warmup, args.threads, args.compile, args.malloc)
+        r = run_scale(scale, reps, warmup, args.threads, args.compile, args.malloc, not args.no_live_memory)
         ms, ratio, mem, info = r["ms"], r["ratio"], r["mem"], r["info"]
         mem_ratios = {v: mem[v]["peak_mb"] / mem["dense"]["peak_mb"] for v in VARIANTS}
         peak = fmt({v: "%.0f" % mem[v]["peak_mb"] for v in VARIANTS})
@@ -289,11 +307,23 @@ def main() -> None:
             f"one model per process: step ms {alone} (minor faults/step {alone_faults}) moe/dense={alone_ratio:.2f}",
             flush=True,
         )
+        live = r["live"]
+        live_ratios = {v: live[v]["peak_mb"] / live["dense"]["peak_mb"] for v in live}
+        if live:
+            print(
+                f"{scale} live memory (blocks >= 256 KiB mmapped, no heap fragmentation): peak RSS MB "
+                f"{fmt({v: '%.0f' % live[v]['peak_mb'] for v in VARIANTS})} ratio to dense "
+                f"{fmt({v: '%.2f' % live_ratios[v] for v in VARIANTS if v != 'dense'})}",
+                flush=True,
+            )
         if scale != "digits":
             for v, w in worst.items():
                 w[0], w[1] = max(w[0], ratio[v]), max(w[1], mem_ratios[v])
+                w[2] = max(w[2], live_ratios.get(v, 0.0))
     if worst["moe"][0]:
         print(f"moe_full (train.gradient_checkpointing: True): moe_full/dense time={worst['moe_full'][0]:.2f} mem={worst['moe_full'][1]:.2f}")
+        if worst["moe"][2]:
+            print(f"live memory (no heap fragmentation): moe/dense={worst['moe'][2]:.2f} moe_full/dense={worst['moe_full'][2]:.2f}")
         print(f"train_step: moe/dense time={worst['moe'][0]:.2f} mem={worst['moe'][1]:.2f}")
     ratio, ms = sample_step_ratio(reps, warmup)
     print(f"sample step ms (cifar32, 32 images, w={GUIDANCE}): moe={ms['moe']:.0f} dense={ms['dense']:.0f}")

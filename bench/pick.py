@@ -14,7 +14,7 @@ station_day_s=<SeisMoE seconds per station-day>`` from the median process CPU ti
 the wall time on an idle core; on a shared machine wall time also counts the other processes); the
 goal is a ratio <= 1.10.
 
-Usage: ``python perf/pick.py [--hours 24] [--reps 3] [--threads 1] [--batch-size 256]``.
+Usage: ``python bench/pick.py [--hours 24] [--reps 3] [--threads 1] [--batch-size 256]``.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ ends with
 
 ``seismoe_quality: mcc moe-eqt=<±x.xxx> p_mae moe/eqt=<x.xx> s_mae moe/eqt=<x.xx> det_auc moe-eqt=<±x.xxx>``
 
-Usage: ``python perf/seismoe_quality.py [--seeds 0 1 2] [--traces 1200] [--base-epochs 20] [--ft-epochs 8] [--out DIR]``
+Usage: ``python bench/seismoe_quality.py [--seeds 0 1 2] [--traces 1200] [--base-epochs 20] [--ft-epochs 8] [--out DIR]``
 (trained models and data are reused when the folder already holds them with the same config).
 Levers: ``--moe-args '{"num_experts": 4, "num_experts_per_token": 2, "moe_loss_coef": 0.02, "shared_expert": true}'
 --tag _shared --variants eqt_ft moe_frozen moe_full`` runs them beside the default in the same folder

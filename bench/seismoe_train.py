@@ -5,10 +5,10 @@ load-balance loss times ``moe_loss_coef`` for SeisMoE), backward and an Adam ste
 `moelab.seismic.lit` does per batch, without the data loader. The two models are stepped
 alternately after warm-up (so machine load hits both alike); the median of the per-round ratios is
 reported with the medians of each. Last line: ``seismoe_train: moe/eqt=<ratio>`` (goal <= 1.10).
-Usage: ``python perf/seismoe_train.py [--rounds 15] [--batch 16] [--in-samples 6000] [--threads 1]
+Usage: ``python bench/seismoe_train.py [--rounds 15] [--batch 16] [--in-samples 6000] [--threads 1]
 [--moe-args JSON]``; ``--moe-args`` gives SeisMoE's model_args (default
 ``{"num_experts": 4, "num_experts_per_token": 2, "moe_loss_coef": 0.01}``), e.g. to time a lever of
-perf/seismoe_quality.py such as ``"expert_hidden": 512``.
+bench/seismoe_quality.py such as ``"expert_hidden": 512``.
 """
 
 from __future__ import annotations
