@@ -1,9 +1,9 @@
-"""SeisMoE's upcycling levers: expert noise at upcycling, the shared always-on expert and wider
-experts (``expert_hidden``).
+"""SeisMoE's upcycling levers: expert noise at upcycling, Drop-Upcycling (``upcycle_drop``), the
+shared always-on expert and wider experts (``expert_hidden``).
 
 Exact properties only: outputs at upcycling, parameter figures, what the noise touches, the model
 arguments and their save/load round trip, config checks. Whether a lever helps is measured by
-perf/seismoe_quality.py, not here."""
+bench/seismoe_quality.py, not here."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from moelab.errors import CheckpointError, ConfigError  # noqa: E402
 from moelab.moe import freeze_non_moe  # noqa: E402
 from moelab.seismic.config import validate  # noqa: E402
 from moelab.seismic.lit import SeisMoELit  # noqa: E402
-from moelab.seismic.model import MOE_BLOCKS, SeisMoE, add_upcycle_noise, widen_into  # noqa: E402
+from moelab.seismic.model import MOE_BLOCKS, SeisMoE, add_upcycle_noise, drop_upcycle, widen_into  # noqa: E402
 
 N = 600
 FFN = 16 * 128 + 128 + 128 * 16 + 16  # one EQTransformer transformer FFN: 4,240 parameters
@@ -190,6 +190,53 @@ def test_wider_experts_survive_save_load_and_refuse_narrower_than_dense(tmp_path
         SeisMoE.from_base(tmp_path / "w", expert_hidden=512)  # trained 256-wide experts load only as they are
 
 
+@pytest.mark.parametrize("expert_hidden", [None, 256])
+def test_drop_upcycling_reinitialises_that_fraction_of_each_experts_units(dense, expert_hidden):
+    """Exactly round(fraction * hidden) units per routed expert get a new lin1 row, lin1 bias
+    entry and lin2 column, each expert its own draw; everything else (lin2 bias, router, shared
+    expert, trunk) is what plain upcycling gives."""
+    torch.manual_seed(11)
+    plain = SeisMoE.from_eqtransformer(dense, expert_hidden=expert_hidden, shared_expert=True)
+    torch.manual_seed(11)
+    dropped = SeisMoE.from_eqtransformer(dense, expert_hidden=expert_hidden, shared_expert=True, upcycle_drop=0.25)
+    hidden = expert_hidden or 128
+    for name in MOE_BLOCKS:
+        a, b = getattr(plain, name).ff, getattr(dropped, name).ff
+        draws = []
+        for ea, eb in zip(a.experts, b.experts):
+            rows = (ea.lin1.weight != eb.lin1.weight).any(1)
+            assert torch.equal(rows, ea.lin1.bias != eb.lin1.bias)
+            assert torch.equal(rows, (ea.lin2.weight != eb.lin2.weight).any(0))
+            assert int(rows.sum()) == round(0.25 * hidden)
+            assert torch.equal(ea.lin2.bias, eb.lin2.bias)
+            draws.append(tuple(rows.nonzero().flatten().tolist()))
+        assert len(set(draws)) == len(draws)  # a different draw per expert
+    for (ka, va), (_, vb) in zip(plain.state_dict().items(), dropped.state_dict().items()):
+        if ".ff.experts." not in ka:  # routers, shared experts, the trunk
+            assert torch.equal(va, vb), ka
+    assert dropped.get_model_args()["upcycle_drop"] == 0.25
+    with torch.no_grad():
+        assert _max_diff(plain.eval()(_x()), dropped.eval()(_x())) > 0  # no longer the dense model exactly
+
+
+def test_drop_upcycle_draws_from_the_dense_tensors_spread_and_zero_is_a_no_op(dense):
+    torch.manual_seed(12)
+    moe = SeisMoE.from_eqtransformer(dense, num_experts=2, expert_hidden=1024)
+    ff = moe.transformer_d.ff
+    before = {k: v.clone() for k, v in ff.state_dict().items()}
+    drop_upcycle(ff, 0.0, 128)
+    assert all(torch.equal(v, ff.state_dict()[k]) for k, v in before.items())
+    drop_upcycle(ff, 0.5, 128, generator=torch.Generator().manual_seed(0))
+    w2 = ff.experts[0].lin2.weight.detach()
+    changed = (w2 != before["experts.0.lin2.weight"]).any(0)
+    fresh = w2[:, changed]
+    dense_w2 = dense.transformer_d.ff.lin2.weight.detach()
+    # 512 x 16 fresh values drawn from the dense lin2's N(mean, std), not from the 896 zero columns
+    assert abs(float(fresh.std()) / float(dense_w2.std()) - 1) < 0.1
+    with pytest.raises(ConfigError, match="upcycle_drop must be a number in \\[0, 1\\)"):
+        SeisMoE(in_samples=N, upcycle_drop=1.0)
+
+
 def test_widen_into_copies_the_leading_block_and_zeroes_the_extra_inputs():
     target = torch.full((3, 5), 7.0)
     out = widen_into(torch.ones(2, 3), target, "w")
@@ -222,6 +269,8 @@ def test_bad_lever_values_raise_one_clear_error(args, match):
         ({"upcycle_noise": 1.5}, "model_args.upcycle_noise must be in \\[0, 1\\)"),
         ({"upcycle_noise": "x"}, "model_args.upcycle_noise must be a number"),
         ({"shared_expert": "yes"}, "model_args.shared_expert must be true/false"),
+        ({"upcycle_drop": 1.0}, "model_args.upcycle_drop must be in \\[0, 1\\)"),
+        ({"upcycle_drop": "half"}, "model_args.upcycle_drop must be a number"),
         ({"expert_hidden": 0}, "model_args.expert_hidden must be >= 1"),
         ({"expert_hidden": "wide"}, "model_args.expert_hidden must be"),
     ],

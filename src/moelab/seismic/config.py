@@ -66,6 +66,7 @@ _MOE_ARGS: dict[str, tuple[tuple[type, ...], str]] = {
     "router_lr": ((int, float, type(None)), "learning rate of the routers alone (null: lr)"),
     "detach_router_input": ((bool,), "route on gradient-free features, so the load loss moves only the routers (default true)"),
     "upcycle_noise": ((int, float), "relative std of the noise added to upcycled expert copies, in [0, 1) (default 0: exact copies)"),
+    "upcycle_drop": ((int, float), "fraction of each upcycled expert's hidden units re-initialised (Drop-Upcycling), in [0, 1) (default 0: none)"),
     "shared_expert": ((bool,), "add an always-on shared expert (a copy of the dense FFN) to each MoE layer (default false)"),
     "expert_hidden": ((int, type(None)), "hidden size of each expert FFN, >= 128 (default null: the dense FFN's 128; wider experts are upcycled without changing the output)"),
 }
@@ -202,6 +203,10 @@ def _check_model_values(a: dict[str, Any], source: str) -> None:
     if "upcycle_noise" in a and not 0 <= a["upcycle_noise"] < 1:
         raise ConfigError(
             f"{where}.upcycle_noise must be in [0, 1) (relative std of the expert noise at upcycling, e.g. 0.01), got {a['upcycle_noise']}"
+        )
+    if "upcycle_drop" in a and not 0 <= a["upcycle_drop"] < 1:
+        raise ConfigError(
+            f"{where}.upcycle_drop must be in [0, 1) (fraction of each expert's hidden units re-initialised at upcycling, e.g. 0.5), got {a['upcycle_drop']}"
         )
     if "drop_rate" in a and not 0 <= a["drop_rate"] < 1:
         raise ConfigError(f"{where}.drop_rate must be in [0, 1), got {a['drop_rate']}")

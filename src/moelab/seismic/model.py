@@ -27,7 +27,7 @@ from moelab.moe import GATES, LOSS_KINDS, TokenMoE, model_aux_loss, moe_usage, r
 from moelab.moe.layer import moe_layers
 from moelab.seismic.weights import MOE_ARGS, BaseWeights, apply_metadata, eqtransformer_from, holds_moe, load_base_weights, load_local
 
-__all__ = ["MOE_ARGS", "MOE_BLOCKS", "SeisMoE", "load_trained", "widen_into", "window_annotate_args"]
+__all__ = ["MOE_ARGS", "MOE_BLOCKS", "SeisMoE", "drop_upcycle", "load_trained", "widen_into", "window_annotate_args"]
 
 #: The EQTransformer blocks whose feed-forward network becomes an MoE layer.
 MOE_BLOCKS: tuple[str, ...] = ("transformer_d0", "transformer_d")
@@ -152,6 +152,39 @@ def add_upcycle_noise(layer: TokenMoE, noise: float, generator: torch.Generator 
             p.add_((noise * scale * torch.randn(p.shape, generator=generator, dtype=torch.float32)).to(p.dtype))
 
 
+@torch.no_grad()
+def drop_upcycle(layer: TokenMoE, fraction: float, dense_hidden: int, generator: torch.Generator | None = None) -> None:
+    """Drop-Upcycling (Nakamura et al., ICLR 2025): re-initialise a random ``fraction`` of every
+    routed expert's hidden units, a different draw per expert.
+
+    For each chosen hidden unit ``j`` the unit's ``lin1`` row and bias entry and its ``lin2``
+    column get fresh values drawn from N(mean, std) of the dense FFN's tensor they belong to (its
+    leading ``dense_hidden`` units, so the zero fan-out of `widen_into`'s extra units does not
+    shrink the spread); ``lin2``'s bias is kept. Why: copies of one FFN get the same gradients
+    until something breaks the symmetry, and small noise (`add_upcycle_noise`) breaks it slowly;
+    re-initialising part of each expert makes the experts diverge from the first step while
+    keeping most of the pretrained knowledge. The upcycled layer then computes what the dense FFN
+    does only approximately. The router and a shared expert are left as they are; ``fraction`` 0
+    changes nothing.
+    """
+    if fraction == 0.0:
+        return
+    for expert in layer.experts:
+        lin1, lin2 = expert.lin1, expert.lin2
+        hidden = lin1.out_features
+        chosen = torch.randperm(hidden, generator=generator)[: round(fraction * hidden)]
+        for tensor, dense_part, index_dim in (
+            (lin1.weight, lin1.weight[:dense_hidden], 0),
+            (lin1.bias, lin1.bias[:dense_hidden], 0),
+            (lin2.weight, lin2.weight[:, :dense_hidden], 1),
+        ):
+            mean, std = dense_part.float().mean(), dense_part.float().std()
+            shape = list(tensor.shape)
+            shape[index_dim] = len(chosen)
+            fresh = mean + std * torch.randn(shape, generator=generator, dtype=torch.float32)
+            tensor.index_copy_(index_dim, chosen, fresh.to(tensor.dtype))
+
+
 def _validate_moe_args(num_experts: Any, k: Any, gate: Any, router_jitter: Any, aux_loss: Any) -> None:
     if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
         raise ConfigError(f"num_experts must be a positive integer, got {num_experts!r} (the guide recommends 4-16)")
@@ -181,6 +214,9 @@ class SeisMoE(EQTransformer):
         are upcycled (`load_dense_state_dict`; see `add_upcycle_noise`), so the copies can diverge;
         0 (default): exact copies, the model computes what the dense model does. Weights of a
         trained SeisMoE are loaded as they are, without noise.
+    :param upcycle_drop: fraction of every routed expert's hidden units re-initialised when dense
+        weights are upcycled (Drop-Upcycling, `drop_upcycle`; a different draw per expert), in
+        [0, 1); 0 (default): none. Applied before ``upcycle_noise``.
     :param shared_expert: add an always-on shared expert to each MoE layer (DeepSeek-MoE / DiT-MoE
         style), also a copy of the dense FFN when upcycling; each layer then outputs
         ``0.5 * shared(x) + 0.5 * routed(x)``, which is still the dense output at upcycling
@@ -206,11 +242,16 @@ class SeisMoE(EQTransformer):
         upcycle_noise: float = 0.0,
         shared_expert: bool = False,
         expert_hidden: int | None = None,
+        upcycle_drop: float = 0.0,
         **eqt_kwargs: Any,
     ) -> None:
         _validate_moe_args(num_experts, num_experts_per_token, gate, router_jitter, aux_loss)
         if isinstance(upcycle_noise, bool) or not isinstance(upcycle_noise, (int, float)) or not 0.0 <= float(upcycle_noise) < 1.0:
             raise ConfigError(f"upcycle_noise must be a number in [0, 1) (relative std of the expert noise; 0 = exact copies), got {upcycle_noise!r}")
+        if isinstance(upcycle_drop, bool) or not isinstance(upcycle_drop, (int, float)) or not 0.0 <= float(upcycle_drop) < 1.0:
+            raise ConfigError(
+                f"upcycle_drop must be a number in [0, 1) (fraction of each expert's hidden units re-initialised; 0 = none), got {upcycle_drop!r}"
+            )
         if not isinstance(shared_expert, bool):
             raise ConfigError(f"shared_expert must be true or false, got {shared_expert!r}")
         if expert_hidden is not None and (isinstance(expert_hidden, bool) or not isinstance(expert_hidden, int) or expert_hidden < 1):
@@ -228,6 +269,7 @@ class SeisMoE(EQTransformer):
         self.aux_loss = aux_loss
         self.detach_router_input = bool(detach_router_input)
         self.upcycle_noise = float(upcycle_noise)
+        self.upcycle_drop = float(upcycle_drop)
         self.shared_expert = shared_expert
         self.expert_hidden = expert_hidden
         for name in MOE_BLOCKS:
@@ -297,9 +339,10 @@ class SeisMoE(EQTransformer):
 
         The routers keep their initialisation; since each token's combine weights sum to one and
         all experts are equal, the model then computes what the dense model computed. A shared
-        expert (``shared_expert``) gets the FFN too; with ``upcycle_noise`` > 0 the routed experts
-        are then perturbed (`add_upcycle_noise`, torch's global RNG), and the model computes what the
-        dense model did only approximately.
+        expert (``shared_expert``) gets the FFN too; with ``upcycle_drop`` > 0 part of each routed
+        expert is then re-initialised (`drop_upcycle`) and with ``upcycle_noise`` > 0 the routed
+        experts are perturbed (`add_upcycle_noise`), both from torch's global RNG, and the model
+        computes what the dense model did only approximately.
         """
         own = self.state_dict()
         mapped: dict[str, Tensor] = {}
@@ -336,6 +379,8 @@ class SeisMoE(EQTransformer):
                 )
         self.load_state_dict(mapped, strict=False)
         for name in MOE_BLOCKS:
+            dense_hidden = state_dict[f"{name}.ff.lin1.weight"].shape[0]
+            drop_upcycle(getattr(self, name).ff, self.upcycle_drop, dense_hidden)
             add_upcycle_noise(getattr(self, name).ff, self.upcycle_noise)
 
     # ----------------------------------------------------------------- MoE API of the user guide
@@ -365,6 +410,7 @@ class SeisMoE(EQTransformer):
             aux_loss=self.aux_loss,
             detach_router_input=self.detach_router_input,
             upcycle_noise=self.upcycle_noise,
+            upcycle_drop=self.upcycle_drop,
             shared_expert=self.shared_expert,
             expert_hidden=self.expert_hidden,
         )
