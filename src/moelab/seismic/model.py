@@ -26,6 +26,7 @@ from moelab.errors import CheckpointError, ConfigError
 from moelab.moe import GATES, LOSS_KINDS, TokenMoE, model_aux_loss, moe_usage, reset_moe_stats
 from moelab.moe.layer import moe_layers
 from moelab.seismic.weights import MOE_ARGS, BaseWeights, apply_metadata, eqtransformer_from, holds_moe, load_base_weights, load_local
+from moelab.validation import is_instance
 
 __all__ = ["MOE_ARGS", "MOE_BLOCKS", "SeisMoE", "drop_upcycle", "load_trained", "widen_into", "window_annotate_args"]
 
@@ -185,6 +186,12 @@ def drop_upcycle(layer: TokenMoE, fraction: float, dense_hidden: int, generator:
             tensor.index_copy_(index_dim, chosen, fresh.to(tensor.dtype))
 
 
+def _check_fraction(name: str, value: Any, meaning: str) -> None:
+    """One ConfigError unless ``value`` is a number (not a boolean) in [0, 1)."""
+    if not is_instance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+        raise ConfigError(f"{name} must be a number in [0, 1) ({meaning}), got {value!r}")
+
+
 def _validate_moe_args(num_experts: Any, k: Any, gate: Any, router_jitter: Any, aux_loss: Any) -> None:
     if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
         raise ConfigError(f"num_experts must be a positive integer, got {num_experts!r} (the guide recommends 4-16)")
@@ -246,12 +253,8 @@ class SeisMoE(EQTransformer):
         **eqt_kwargs: Any,
     ) -> None:
         _validate_moe_args(num_experts, num_experts_per_token, gate, router_jitter, aux_loss)
-        if isinstance(upcycle_noise, bool) or not isinstance(upcycle_noise, (int, float)) or not 0.0 <= float(upcycle_noise) < 1.0:
-            raise ConfigError(f"upcycle_noise must be a number in [0, 1) (relative std of the expert noise; 0 = exact copies), got {upcycle_noise!r}")
-        if isinstance(upcycle_drop, bool) or not isinstance(upcycle_drop, (int, float)) or not 0.0 <= float(upcycle_drop) < 1.0:
-            raise ConfigError(
-                f"upcycle_drop must be a number in [0, 1) (fraction of each expert's hidden units re-initialised; 0 = none), got {upcycle_drop!r}"
-            )
+        _check_fraction("upcycle_noise", upcycle_noise, "relative std of the expert noise; 0 = exact copies")
+        _check_fraction("upcycle_drop", upcycle_drop, "fraction of each expert's hidden units re-initialised; 0 = none")
         if not isinstance(shared_expert, bool):
             raise ConfigError(f"shared_expert must be true or false, got {shared_expert!r}")
         if expert_hidden is not None and (isinstance(expert_hidden, bool) or not isinstance(expert_hidden, int) or expert_hidden < 1):
