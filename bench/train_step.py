@@ -6,6 +6,8 @@ For each scale the three models are built from the same config (only the archite
            parameters *active per sample*
   no_moe : MoEFsDiC with ``moe.enabled: false`` (Dilated_Fusion_Blocks instead of MoE blocks)
   moe_full: MoEFsDiC with ``train.gradient_checkpointing: true`` (every block body recomputed)
+  moe_plain: MoEFsDiC with ``train.lean_backward: false`` (experts as plain autograd ops, keeping
+           every intermediate for backward: what `moe` cost before `moelab.diffusion.lean_backward`)
 and measured on the same inputs (x, t, c, noise), with the same torch thread count:
 
 * time   : forward + loss (MSE, plus the load-balance loss for MoE) + backward, gradients reset
@@ -14,12 +16,12 @@ and measured on the same inputs (x, t, c, noise), with the same torch thread cou
            of the per-round ratio, next to each model's median time.
 * memory : peak resident set size (``VmHWM`` of /proc/self/status) of a fresh
            Python process per model that imports torch, builds the model and the inputs and runs
-           four training steps -- what a training process of that model needs, parameters,
+           eight training steps -- what a training process of that model needs, parameters,
            gradients, activations and allocator slack included. The RSS of the process just
            before its first step (interpreter, torch, the model) is printed too, so the step's own
            share can be read off. The same process times its last two steps (the faster one is
            printed, with its minor page faults, as "one model per process"): unlike the timing
-           process, which holds all four models, this is the allocator state of a real training
+           process, which holds all five models, this is the allocator state of a real training
            run, where glibc's defaults page-fault MoEFsDiC's activations in again every step.
 * live memory: the same fresh processes with every block of 256 KiB or more its own ``mmap``
            (`moelab.hostmem.map_large_blocks`; ``--no-live-memory`` skips them): peak RSS then
@@ -85,8 +87,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "dense": {"model.arch": "unet2d"},
     "no_moe": {"moe.enabled": False},
     "moe_full": {"train.gradient_checkpointing": True},
+    "moe_plain": {"train.lean_backward": False},
 }
 GUIDANCE = 1.25
+#: Steps a memory process runs before timing its last two: glibc's heap keeps growing (page faults)
+#: for the first 4-6 steps of a 64x64 MoEFsDiC process, so timing steps 3-4 measured that growth
+#: (42-48k faults per step for one variant, 16-20k for another; ~0 from step 7 on).
+ALONE_WARMUP = 6
 
 
 def scale_config(scale: str, variant: str) -> Any:
@@ -114,6 +121,8 @@ def make_step(scale: str, variant: str, compile_model: bool = False) -> tuple[Ca
     model = build_model(cfg).train()
     if cfg["train"]["gradient_checkpointing"]:
         model.set_gradient_checkpointing(True)
+    if hasattr(model, "set_lean_backward"):
+        model.set_lean_backward(cfg["train"]["lean_backward"])
     data = inputs(cfg, batch_size(scale, cfg))
     x, t, c, noise = data
     lam = cfg["train"]["lambda_load"]
@@ -132,10 +141,16 @@ def make_step(scale: str, variant: str, compile_model: bool = False) -> tuple[Ca
 
 
 def flops_per_sample(model: torch.nn.Module, data: tuple) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
+    from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
+    def onednn_conv(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:  # type: ignore[no-untyped-def]
+        return conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
+
+    # `moelab.diffusion.convs.pointwise_forward` calls oneDNN's convolution op directly, which torch's
+    # counter has no formula for: count it as the convolution it is
+    mapping = {torch.ops.aten.mkldnn_convolution: onednn_conv} if hasattr(torch.ops.aten, "mkldnn_convolution") else {}
     x, t, c, _ = data
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
+    with FlopCounterMode(display=False, custom_mapping=mapping) as fc, torch.no_grad():
         model(x, t, c)
     return fc.get_total_flops() / x.shape[0]
 
@@ -179,8 +194,8 @@ def memory_child(scale: str, variant: str) -> None:
     over the steps, and the time and minor page faults of the last two steps, as JSON."""
     step, _, _ = make_step(scale, variant)
     before = rss_mb()
-    step()
-    step()
+    for _ in range(ALONE_WARMUP):
+        step()
     times, faults = [], []
     for _ in range(2):
         f0, t0 = minor_faults(), time.perf_counter()
@@ -283,7 +298,7 @@ def main() -> None:
     print(f"threads={args.threads} reps={reps} warmup={warmup} compile={args.compile} malloc={args.malloc} (retained={retained}) torch={torch.__version__}")
     if args.malloc == "mmap":
         raise SystemExit("--malloc mmap is for the memory processes only (the live-memory figures); time with retain or default")
-    worst: dict[str, list[float]] = {v: [0.0, 0.0, 0.0] for v in ("moe", "moe_full")}  # time, memory, live-memory ratios
+    worst: dict[str, list[float]] = {v: [0.0, 0.0, 0.0] for v in ("moe", "moe_full", "moe_plain")}  # time, memory, live-memory ratios
     for scale in args.scales:
         r = run_scale(scale, reps, warmup, args.threads, args.compile, args.malloc, not args.no_live_memory)
         ms, ratio, mem, info = r["ms"], r["ratio"], r["mem"], r["info"]
@@ -322,8 +337,12 @@ def main() -> None:
                 w[2] = max(w[2], live_ratios.get(v, 0.0))
     if worst["moe"][0]:
         print(f"moe_full (train.gradient_checkpointing: True): moe_full/dense time={worst['moe_full'][0]:.2f} mem={worst['moe_full'][1]:.2f}")
+        print(f"moe_plain (train.lean_backward: False): moe_plain/dense time={worst['moe_plain'][0]:.2f} mem={worst['moe_plain'][1]:.2f}")
         if worst["moe"][2]:
-            print(f"live memory (no heap fragmentation): moe/dense={worst['moe'][2]:.2f} moe_full/dense={worst['moe_full'][2]:.2f}")
+            print(
+                f"live memory (no heap fragmentation): moe/dense={worst['moe'][2]:.2f} moe_full/dense={worst['moe_full'][2]:.2f} "
+                f"moe_plain/dense={worst['moe_plain'][2]:.2f}"
+            )
         print(f"train_step: moe/dense time={worst['moe'][0]:.2f} mem={worst['moe'][1]:.2f}")
     ratio, ms = sample_step_ratio(reps, warmup)
     print(f"sample step ms (cifar32, 32 images, w={GUIDANCE}): moe={ms['moe']:.0f} dense={ms['dense']:.0f}")

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from moelab.diffusion.convs import DepthwiseSeparableConv2d, PointwiseConv2d, norm_groups
 from moelab.diffusion.experts import ResidualConvExperts
+from moelab.diffusion.lean_backward import upsample_depthwise
 from moelab.moe import MoELayer, TopKRouter
 from moelab.recompute import recomputed
 
@@ -228,6 +229,10 @@ class Upsample(Resample):
     def __init__(self, cin: int, cout: int, use_dsconv: bool) -> None:
         super().__init__()
         self.conv = conv3x3(cin, cout, use_dsconv)
+        #: keep ``x`` rather than the upsampled map for backward (`upsample_depthwise`); same values
+        self.lean_backward = True
 
     def body(self, x: Tensor) -> Tensor:
+        if self.lean_backward and isinstance(self.conv, DepthwiseSeparableConv2d):
+            return self.conv.pointwise(upsample_depthwise(x, self.conv.depthwise))
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))

@@ -86,6 +86,7 @@ _TYPES: dict[str, dict[str, Any]] = {
         "accumulate_grad_batches": int,
         "precision": ("32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "fp16", "bf16"),
         "gradient_checkpointing": bool,
+        "lean_backward": bool,  # experts and upsampling convs keep less for backward (moelab.diffusion.lean_backward)
         "ema": bool,
         "ema_decay": _NUM,
         "checkpoint_every": int,  # epochs between checkpoints
@@ -244,6 +245,11 @@ class TrainConfig(_Section):
         grad_clip (`float`, 1.0): max gradient norm, 0 = off.
         accumulate_grad_batches (`int`, 1), precision (`str`, "32-true"), gradient_checkpointing
             (`bool`, False): Lightning's options of the same names.
+        lean_backward (`bool`, True): MoEFsDiC's depthwise-separable experts keep only their
+            pointwise outputs for backward and recompute the rest, and its upsampling convs keep
+            their input instead of the upsampled map (`moelab.diffusion.lean_backward`; experts:
+            CPU, channels-last, grouped dispatch). Same values and gradients; less memory for some
+            recompute time (README, `bench/train_step.py`'s ``moe_plain``). False: plain autograd ops.
         ema (`bool`, True), ema_decay (`float`, 0.999): EMA weights (the ones checkpoints export).
         checkpoint_every (`int`, 1) [save_interval], keep_last (`int`, 0 = all), checkpoint_dir
             (`str`, "checkpoints"; ``--checkpoint-dir`` overrides): checkpoints.
@@ -276,6 +282,7 @@ class TrainConfig(_Section):
     accumulate_grad_batches: int = 1
     precision: str = "32-true"
     gradient_checkpointing: bool = False
+    lean_backward: bool = True
     ema: bool = True
     ema_decay: float = 0.999
     checkpoint_every: int = 1

@@ -31,6 +31,27 @@ def is_channels_last(x: Tensor) -> bool:
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
+def pointwise_forward(x: Tensor, w2: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.conv2d(x, w2[:, :, None, None], bias)`` without autograd, on CPU always by oneDNN.
+
+    Why: for a channels-last float32 input of few images (each expert's share of a batch), PyTorch
+    sends a 1x1 convolution to its THNN kernel (``_slow_conv2d_forward``), which copies the bias
+    into the output and then runs a GEMM: at 128 channels, 64x64, 1 thread, 3.4 ms for 2 images and
+    10.0 ms for 8, against 1.7 and 6.9 ms for oneDNN's convolution on the same tensors
+    (``aten.mkldnn_convolution``), which adds the bias in its kernel; elsewhere the two were level.
+    The pointwise forwards were 15% of MoEFsDiC's 64x64 training step. Same values up to float
+    summation order (bit-identical at 64 and 128 channels here). Falls back to ``F.conv2d`` where
+    oneDNN is not built in or the input is not a channels-last float32 CPU tensor.
+    """
+    w4 = w2[:, :, None, None]
+    if x.device.type == "cpu" and x.dtype == torch.float32 and w2.dtype == torch.float32 and _ONEDNN and is_channels_last(x):
+        return torch.ops.aten.mkldnn_convolution(x, w4, bias, [0, 0], [1, 1], [1, 1], 1)
+    return F.conv2d(x, w4, bias)
+
+
+_ONEDNN = torch.backends.mkldnn.is_available()
+
+
 class _PointwiseRows(torch.autograd.Function):
     """Channels-last 1x1 conv on CPU: oneDNN's convolution forward, GEMMs over the pixel rows backward.
 
@@ -46,21 +67,31 @@ class _PointwiseRows(torch.autograd.Function):
     def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor, w2: Tensor, bias: Tensor | None) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(x, w2)
         ctx.has_bias = bias is not None  # type: ignore[attr-defined]
-        return F.conv2d(x, w2[:, :, None, None], bias)
+        return pointwise_forward(x, w2, bias)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # type: ignore[override]
         x, w2 = ctx.saved_tensors  # type: ignore[attr-defined]
-        n, c_in, h, w = x.shape
-        rows = grad.permute(0, 2, 3, 1).reshape(-1, w2.shape[0])  # a view when grad is channels-last
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = torch.mm(rows, w2).view(n, h, w, c_in).permute(0, 3, 1, 2)
-        if ctx.needs_input_grad[1]:
-            gw = torch.mm(rows.t(), x.permute(0, 2, 3, 1).reshape(-1, c_in))
-        if ctx.has_bias and ctx.needs_input_grad[2]:  # type: ignore[attr-defined]
-            gb = rows.sum(0)
-        return gx, gw, gb
+        need = ctx.needs_input_grad
+        return pointwise_rows_backward(grad, x, w2, need[0], need[1], ctx.has_bias and need[2])  # type: ignore[attr-defined]
+
+
+def pointwise_rows_backward(
+    grad: Tensor, x: Tensor, w2: Tensor, input_grad: bool = True, weight_grad: bool = True, bias_grad: bool = True
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of a 1x1 conv ``y = conv(x, w2[:, :, None, None], b)`` as GEMMs over the pixel rows:
+    ``(grad_x, grad_w2, grad_b)``, each None where not asked for. Views, no copies, when ``grad``
+    and ``x`` are channels-last."""
+    n, c_in, h, w = x.shape
+    rows = grad.permute(0, 2, 3, 1).reshape(-1, w2.shape[0])  # a view when grad is channels-last
+    gx = gw = gb = None
+    if input_grad:
+        gx = torch.mm(rows, w2).view(n, h, w, c_in).permute(0, 3, 1, 2)
+    if weight_grad:
+        gw = torch.mm(rows.t(), x.permute(0, 2, 3, 1).reshape(-1, c_in))
+    if bias_grad:
+        gb = rows.sum(0)
+    return gx, gw, gb
 
 
 def pointwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

@@ -48,6 +48,8 @@ class MoEFsDiCLit(pl.LightningModule):
             if not hasattr(self.model, "set_gradient_checkpointing"):
                 raise ConfigError(f"train.gradient_checkpointing is not supported by model.arch={cfg.model.arch}")
             self.model.set_gradient_checkpointing(True)
+        if hasattr(self.model, "set_lean_backward"):  # the dense baseline has no experts
+            self.model.set_lean_backward(cfg.train.lean_backward)
         self.criterion = MoELoss.from_config(cfg)
         self.noise_scheduler = training_scheduler(cfg)
         self.last_metrics: dict[str, float] = {}

@@ -35,6 +35,7 @@ from moelab.diffusion.blocks import (
 )
 from moelab.diffusion.config import ModelConfig, model_config
 from moelab.diffusion.convs import PointwiseConv2d, norm_groups
+from moelab.diffusion.experts import ResidualConvExperts
 from moelab.moe import MoELayer, moe_layers
 
 _D = ModelConfig()  # the defaults of every architecture field, stated once (in ModelConfig)
@@ -190,6 +191,14 @@ class MoEFsDiC_UNet(ModelMixin, ConfigMixin):  # noqa: N801 - the name the quick
         for mod in self.modules():
             if isinstance(mod, (CondBlock, Resample)):
                 mod.gradient_checkpointing = enabled
+
+    def set_lean_backward(self, enabled: bool = True) -> None:
+        """Whether the MoE experts and the upsampling convs keep only what is costly to recompute
+        for backward (`moelab.diffusion.lean_backward`, the default) or run as plain autograd ops.
+        Same values and gradients either way."""
+        for mod in self.modules():
+            if isinstance(mod, (ResidualConvExperts, Upsample)):
+                mod.lean_backward = enabled
 
     def parameter_counts(self) -> dict[str, int]:
         """Total parameters and parameters active per sample (k of E experts in every MoE block)."""

@@ -20,6 +20,11 @@ Two ways, both exact and both free of Python loops over units:
 (cost of the per-unit weight copies against the activations; always gathered on accelerators, so
 no MoE block synchronises with the host there).
 
+While autograd records, grouped dispatch runs a bank through `ExpertBank.weighted_runner`: each
+expert call gets its routing weights and a way to re-gather its input rows from the layer input,
+so a bank may fuse the weighting into the expert and keep less for backward
+(`moelab.diffusion.lean_backward`); the default is the expert's output times the weights.
+
 ``recompute=True`` (activation checkpointing) recomputes every expert call -- one expert's block of
 units in grouped dispatch, one routing slot in gathered dispatch -- separately in backward, so that
 only one call's intermediate activations are alive at a time, instead of those of all experts of
@@ -68,6 +73,19 @@ class ExpertBank(nn.Module):
         tensor per expert and parameter, as indexing ``weight[e]`` E times would give)."""
         return lambda e, z: self.expert_forward(z, e)
 
+    def weighted_runner(self) -> Callable[[int, Tensor, Tensor, Callable[[], Tensor]], Tensor]:
+        """Grouped dispatch's ``run(e, rows, w, regather)`` while autograd records: expert ``e`` on
+        ``rows``, each output row times its routing weight in ``w``. ``regather()`` returns ``rows``
+        again, so that a bank may recompute its input in backward instead of keeping it (what
+        `moelab.diffusion.lean_backward` does). Default: `expert_runner`'s output times ``w``."""
+        run = self.expert_runner()
+
+        def weighted(e: int, rows: Tensor, w: Tensor, regather: Callable[[], Tensor]) -> Tensor:
+            out = run(e, rows)
+            return out * _bcast(w, out)
+
+        return weighted
+
     def prefers_grouped(self, x: Tensor, routing: Routing) -> bool:
         """Whether grouping units by expert is cheaper than gathering per-unit weights for ``x``.
 
@@ -109,7 +127,14 @@ class _AddRows(torch.autograd.Function):
         return grad, None, grad.index_select(0, index)
 
 
-def _grouped(run: Callable[[int, Tensor], Tensor], num_experts: int, x: Tensor, routing: Routing, recompute: bool = False) -> Tensor:
+def _grouped(
+    run: Callable[[int, Tensor], Tensor] | None,
+    num_experts: int,
+    x: Tensor,
+    routing: Routing,
+    recompute: bool = False,
+    weighted_run: Callable[[int, Tensor, Tensor, Callable[[], Tensor]], Tensor] | None = None,
+) -> Tensor:
     n, k = routing.indices.shape
     flat = routing.indices.reshape(-1)
     order = torch.argsort(flat, stable=True)
@@ -118,17 +143,28 @@ def _grouped(run: Callable[[int, Tensor], Tensor], num_experts: int, x: Tensor, 
     xv, back = _units_last(x)
     units = unit.split(counts)
     weights = routing.weights.reshape(-1).index_select(0, order).split(counts)
+    grad = torch.is_grad_enabled()
 
     def weighted(e: int, rows: Tensor, w: Tensor) -> Tensor:
+        if grad and weighted_run is not None:
+            version = xv._version
+
+            def regather(idx: Tensor = units[e]) -> Tensor:
+                if xv._version != version:
+                    raise RuntimeError("grouped dispatch: the MoE input was modified in place before backward")
+                return back(xv.index_select(0, idx))
+
+            return _units_last(weighted_run(e, back(rows), w, regather))[0]
+        assert run is not None
         out, _ = _units_last(run(e, back(rows)))
-        if not torch.is_grad_enabled():  # sampling: weight the fresh output where it is
+        if not grad:  # sampling: weight the fresh output where it is
             return out.mul_(_bcast(w, out))
         return out * _bcast(w, out)
 
     def gathered_weighted(e: int, src: Tensor, idx: Tensor, w: Tensor) -> Tensor:
         return weighted(e, src.index_select(0, idx), w)
 
-    recompute = recompute and torch.is_grad_enabled()
+    recompute = recompute and grad
     # Without recompute one gather serves every expert; with it, each checkpointed call gathers its
     # own rows from ``xv``, so backward keeps only ``xv`` (once) instead of a copy of every block.
     chunks = None if recompute else xv.index_select(0, unit).split(counts)
@@ -154,6 +190,8 @@ def grouped_dispatch(experts: Sequence[nn.Module] | ExpertBank, x: Tensor, routi
     images stay channels-last (rows are selected and added in ``[N, H, W, C]`` order).
     """
     if isinstance(experts, ExpertBank):
+        if torch.is_grad_enabled() and not recompute:  # checkpointing recomputes the composed expert
+            return _grouped(None, experts.num_experts, x, routing, False, experts.weighted_runner())
         return _grouped(experts.expert_runner(), experts.num_experts, x, routing, recompute)
     return _grouped(lambda e, z: experts[e](z), len(experts), x, routing, recompute)
 
