@@ -153,3 +153,14 @@ def test_train_config_switches_lean_backward_off_and_on():
         banks = [m for m in module.model.modules() if isinstance(m, (ResidualConvExperts, Upsample))]
         assert len({type(b) for b in banks}) == 2 and all(b.lean_backward is value for b in banks)
     MoEFsDiCLit(load_config("digits", {"model.arch": "unet2d", "train.lean_backward": False}))
+
+
+def test_double_backward_through_lean_ops_is_refused():
+    """The lean backwards are computed outside autograd: a second-order gradient raises rather than
+    silently missing terms."""
+    layer = _layer()
+    x = torch.randn(4, 16, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    y = layer(x, router_features=x.mean((2, 3)))
+    (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        g.sum().backward()

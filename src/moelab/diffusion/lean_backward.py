@@ -19,7 +19,9 @@ Values and gradients are those of the composed ops, to the bit: every backward i
 autograd would call (``convolution_backward``, ``native_group_norm_backward``, ``gelu_backward``,
 ``upsample_nearest2d_backward`` and the pointwise GEMMs of `moelab.diffusion.convs`) on
 bit-identical recomputed inputs (``tests/test_diffusion_lean_backward.py`` checks with
-``torch.equal``). ``train.lean_backward: false`` switches both off.
+``torch.equal``). Their backwards are not themselves differentiable (``once_differentiable``:
+double backward raises instead of silently dropping terms). ``train.lean_backward: false``
+switches both off.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from moelab.diffusion.convs import pointwise_forward, pointwise_rows_backward
 
@@ -79,6 +82,7 @@ class _LeanDSExpert(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         w, b1, m1, r1, b2, m2, r2, dw1w, dw1b, pw1w, n1w, n1b, dw2w, dw2b, pw2w, n2w, n2b = ctx.saved_tensors
         groups, pad = ctx.groups, ctx.pad
@@ -141,6 +145,7 @@ class _UpsampleDepthwise(torch.autograd.Function):
         return F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias, padding=pad, groups=x.shape[1])
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x, weight = ctx.saved_tensors
         need = ctx.needs_input_grad
