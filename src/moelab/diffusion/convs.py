@@ -31,6 +31,10 @@ def is_channels_last(x: Tensor) -> bool:
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
+#: oneDNN built into this torch (`pointwise_forward` calls its convolution op directly).
+_ONEDNN = torch.backends.mkldnn.is_available()
+
+
 def pointwise_forward(x: Tensor, w2: Tensor, bias: Tensor | None) -> Tensor:
     """``F.conv2d(x, w2[:, :, None, None], bias)`` without autograd, on CPU always by oneDNN.
 
@@ -44,12 +48,10 @@ def pointwise_forward(x: Tensor, w2: Tensor, bias: Tensor | None) -> Tensor:
     oneDNN is not built in or the input is not a channels-last float32 CPU tensor.
     """
     w4 = w2[:, :, None, None]
-    if x.device.type == "cpu" and x.dtype == torch.float32 and w2.dtype == torch.float32 and _ONEDNN and is_channels_last(x):
+    float32 = x.dtype == torch.float32 and w2.dtype == torch.float32
+    if x.device.type == "cpu" and float32 and _ONEDNN and is_channels_last(x):
         return torch.ops.aten.mkldnn_convolution(x, w4, bias, [0, 0], [1, 1], [1, 1], 1)
     return F.conv2d(x, w4, bias)
-
-
-_ONEDNN = torch.backends.mkldnn.is_available()
 
 
 class _PointwiseRows(torch.autograd.Function):

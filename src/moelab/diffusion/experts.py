@@ -136,7 +136,8 @@ class ResidualConvExperts(ExpertBank):
         pad = self.kernel_size // 2
 
         def run(e: int, rows: Tensor, w: Tensor, regather: Callable[[], Tensor]) -> Tensor:
-            if self.lean_backward and self.use_dsconv and rows.numel() >= LEAN_MIN_NUMEL and rows.device.type == "cpu" and is_channels_last(rows) and not torch.is_autocast_enabled("cpu"):
+            lean = self.lean_backward and self.use_dsconv and rows.numel() >= LEAN_MIN_NUMEL
+            if lean and rows.device.type == "cpu" and is_channels_last(rows) and not torch.is_autocast_enabled("cpu"):
                 return lean_ds_expert(rows, w, regather, self.groups, pad, per_expert[e])
             out = self._expert(rows, per_expert[e])
             return out * w.to(out.dtype).view(-1, 1, 1, 1)
