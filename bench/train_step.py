@@ -1,6 +1,6 @@
 """Training-step cost of MoEFsDiC against the dense UNet2DModel it must beat, at three scales.
 
-For each scale the three models are built from the same config (only the architecture differs):
+For each scale the five models are built from the same config (only the architecture differs):
   moe    : MoEFsDiC as configured
   dense  : diffusers' UNet2DModel (`moelab.diffusion.baseline`), width matched to MoEFsDiC's
            parameters *active per sample*
@@ -42,8 +42,8 @@ Host memory: by default the benchmark process and its memory children run with
 `moelab.hostmem.retain_freed_memory` (glibc keeps freed memory for the next step instead of
 returning it to the kernel), as ``moelab diffusion train`` does, for every model alike;
 ``--malloc default`` measures glibc's defaults instead. The minor page faults per step (median) are
-printed with the times: with the defaults they are where MoEFsDiC, which holds ~3x the dense
-model's activations, loses about a tenth of its step.
+printed with the times: with the defaults they are where MoEFsDiC, which held ~3x the dense
+model's activations before lean backward (``moe_plain`` still does), lost about a tenth of its step.
 
 Usage: python bench/train_step.py [--quick] [--threads 1] [--reps 7] [--compile] [--malloc retain|default] [--no-live-memory] [--scales ...]
 ``--compile`` times ``torch.compile``-d models (inductor, C++ backend) instead of eager ones; on

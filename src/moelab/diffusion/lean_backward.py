@@ -34,13 +34,10 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from moelab.diffusion.convs import pointwise_forward, pointwise_rows_backward
+from moelab.moe.dispatch import broadcast_rows
 
 _aten = torch.ops.aten
 GN_EPS = 1e-5  # F.group_norm's default, what the composed expert uses
-
-
-def _bcast(w: Tensor, like: Tensor) -> Tensor:
-    return w.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
 
 
 def _gn(x: Tensor, weight: Tensor, bias: Tensor, groups: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -76,7 +73,7 @@ class _LeanDSExpert(torch.autograd.Function):
         del d1
         h2, m2, r2 = _gn(b2, n2w, n2b, groups)
         out = F.gelu(h2 + x)
-        out.mul_(_bcast(w, out))
+        out.mul_(broadcast_rows(w, out))
         ctx.save_for_backward(w, b1, m1, r1, b2, m2, r2, dw1w, dw1b, pw1w, n1w, n1b, dw2w, dw2b, pw2w, n2w, n2b)
         ctx.regather, ctx.groups, ctx.pad = regather, groups, pad
         return out
@@ -93,8 +90,8 @@ class _LeanDSExpert(torch.autograd.Function):
         s = _gn(b2, n2w, n2b, groups)[0].add_(x)
         g_w = None
         if need[1]:
-            g_w = (grad * F.gelu(s)).sum_to_size(_bcast(w, grad).shape).view(w.shape).to(w.dtype)
-        g_s = _aten.gelu_backward(grad * _bcast(w, grad), s)
+            g_w = (grad * F.gelu(s)).sum_to_size(broadcast_rows(w, grad).shape).view(w.shape).to(w.dtype)
+        g_s = _aten.gelu_backward(grad * broadcast_rows(w, grad), s)
         del s
         g_b2, g_n2w, g_n2b = _gn_backward(g_s, b2, m2, r2, n2w, groups, [True, need[15], need[16]])
         # pw2(dw2(d1)): recompute d1 and the depthwise output

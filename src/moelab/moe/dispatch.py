@@ -82,7 +82,7 @@ class ExpertBank(nn.Module):
 
         def weighted(e: int, rows: Tensor, w: Tensor, regather: Callable[[], Tensor]) -> Tensor:
             out = run(e, rows)
-            return out * _bcast(w, out)
+            return out * broadcast_rows(w, out)
 
         return weighted
 
@@ -94,7 +94,8 @@ class ExpertBank(nn.Module):
         return False
 
 
-def _bcast(w: Tensor, like: Tensor) -> Tensor:
+def broadcast_rows(w: Tensor, like: Tensor) -> Tensor:
+    """Per-row weights ``w`` ``[N]`` shaped to multiply ``like`` ``[N, ...]`` row by row, in its dtype."""
     return w.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
 
 
@@ -158,8 +159,8 @@ def _grouped(
         assert run is not None
         out, _ = _units_last(run(e, back(rows)))
         if not grad:  # sampling: weight the fresh output where it is
-            return out.mul_(_bcast(w, out))
-        return out * _bcast(w, out)
+            return out.mul_(broadcast_rows(w, out))
+        return out * broadcast_rows(w, out)
 
     def gathered_weighted(e: int, src: Tensor, idx: Tensor, w: Tensor) -> Tensor:
         return weighted(e, src.index_select(0, idx), w)
@@ -204,7 +205,7 @@ def gathered_dispatch(bank: ExpertBank, x: Tensor, routing: Routing, recompute: 
     """
     def slot(z: Tensor, idx: Tensor, w: Tensor) -> Tensor:
         out = bank.forward_gathered(z, idx)
-        return out * _bcast(w, out)
+        return out * broadcast_rows(w, out)
 
     y: Tensor | None = None
     for j in range(routing.k):

@@ -200,14 +200,12 @@ def _check_model_values(a: dict[str, Any], source: str) -> None:
     for key in ("moe_loss_coef", "router_jitter"):
         if key in a and a[key] < 0:
             raise ConfigError(f"{where}.{key} must be >= 0, got {a[key]}")
-    if "upcycle_noise" in a and not 0 <= a["upcycle_noise"] < 1:
-        raise ConfigError(
-            f"{where}.upcycle_noise must be in [0, 1) (relative std of the expert noise at upcycling, e.g. 0.01), got {a['upcycle_noise']}"
-        )
-    if "upcycle_drop" in a and not 0 <= a["upcycle_drop"] < 1:
-        raise ConfigError(
-            f"{where}.upcycle_drop must be in [0, 1) (fraction of each expert's hidden units re-initialised at upcycling, e.g. 0.5), got {a['upcycle_drop']}"
-        )
+    for key, meaning in (
+        ("upcycle_noise", "relative std of the expert noise at upcycling, e.g. 0.01"),
+        ("upcycle_drop", "fraction of each expert's hidden units re-initialised at upcycling, e.g. 0.5"),
+    ):
+        if key in a and not 0 <= a[key] < 1:
+            raise ConfigError(f"{where}.{key} must be in [0, 1) ({meaning}), got {a[key]}")
     if "drop_rate" in a and not 0 <= a["drop_rate"] < 1:
         raise ConfigError(f"{where}.drop_rate must be in [0, 1), got {a['drop_rate']}")
     if "in_samples" in a and a["in_samples"] < 256:
