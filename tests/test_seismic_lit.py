@@ -78,6 +78,35 @@ def test_freeze_non_moe_trains_only_experts_and_routers_and_keeps_batchnorm_stat
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == 34_056
 
 
+def test_freeze_non_ffn_trains_exactly_the_layers_seismoe_makes_experts_of():
+    """The dense control of freeze_non_moe: only transformer_d0.ff / transformer_d.ff train, frozen
+    BatchNorm statistics stay, and SeisMoE's MoE layers hold E copies of exactly these parameters."""
+    from moelab.seismic.model import MOE_BLOCKS
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lit = EQTransformerLit(freeze_non_ffn=True, in_samples=N)
+        bn = lit.model.res_cnn_stack.members[0].norm1
+        before = bn.running_mean.clone()
+        lit.train()
+        assert not bn.training and lit.model.transformer_d.ff.training
+        loss = lit.training_step(_batch(), 0)
+    loss.backward()
+    trainable = {n for n, p in lit.model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{b}.ff.{lin}.{t}" for b in MOE_BLOCKS for lin in ("lin1", "lin2") for t in ("weight", "bias")}
+    for name, p in lit.model.named_parameters():
+        assert (p.grad is not None and float(p.grad.abs().sum()) > 0) if name in trainable else p.grad is None, name
+    assert torch.equal(bn.running_mean, before)
+    ffn = sum(p.numel() for n, p in lit.model.named_parameters() if n in trainable)
+    assert ffn == 8_480 and sum(p.numel() for g in lit.configure_optimizers().param_groups for p in g["params"]) == ffn
+    moe = SeisMoELit(num_experts=4, num_experts_per_token=2, freeze_non_moe=True, in_samples=N, base_model=None)
+    experts = sum(p.numel() for n, p in moe.model.named_parameters() if p.requires_grad and ".router." not in n)
+    assert experts == 4 * ffn  # upcycled: E copies of the dense FFN, plus the routers
+    with pytest.raises(ConfigError, match="for SeisMoE use freeze_non_moe"):
+        SeisMoELit(num_experts=4, freeze_non_ffn=True, in_samples=N)
+
+
 def test_eqtransformer_lit_has_the_same_interface():
     torch.manual_seed(0)
     moe, dense = SeisMoELit(in_samples=N), EQTransformerLit(in_samples=N)

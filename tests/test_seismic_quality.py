@@ -78,9 +78,10 @@ def test_upcycled_variants_start_from_the_base_weights(done):
     for v in quality.VARIANTS:
         raw = quality.variant_config(s, v, base, s.out / "data" / "ethz_like", 3)
         cfg = validate(raw)
-        assert cfg.seed == 3 and cfg.model == ("EQTransformer" if v == "eqt_ft" else "SeisMoE")
+        assert cfg.seed == 3 and cfg.model == ("EQTransformer" if v in quality.DENSE_VARIANTS else "SeisMoE")
         assert cfg.model_args["base_model"] == (None if v == "moe_scratch" else str(base))
         assert cfg.model_args.get("freeze_non_moe", False) is (v == "moe_frozen")
+        assert cfg.model_args.get("freeze_non_ffn", False) is (v == "eqt_ffn")
     raw = quality._config(s, "x", "EQTransformer", s.out / "data" / "geofon_like", 0, 1, {})
     assert raw["model_args"]["detection_fixed_window"] == 2000  # P-only picks, as pick-benchmark trains GEOFON
 
@@ -113,6 +114,15 @@ def test_paired_differences_are_taken_seed_by_seed(tmp_path):
     # the in-domain row of differences: mean ± sample std of (moe - eqt) per seed, signed
     assert "| moe_full | -0.010 ± 0.000 | +0.040 ± 0.014 | -0.075 ± 0.035 | +0.010 ± 0.156 |" in tables
     assert tables.index("paired by seed") < tables.index("Cross-domain")
+    assert "minus eqt_ffn" not in tables
+    # the guide's recipe against its dense control (same frozen trunk), paired by seed too
+    results["eqt_ffn"] = {d: [r(0.84, 0.16, 0.31, 0.98), r(0.91, 0.35, 0.3, 0.97)] for d in "ABC"}
+    results["moe_frozen"] = results.pop("moe_full")
+    assert quality.paired_differences(results, "moe_frozen", "B", "phase_mcc", "eqt_ffn") == pytest.approx([0.01, 0.02])
+    s = quality.QualitySettings(out=tmp_path, seeds=(0, 1), domains=("A", "B", "C"), variants=("eqt_ft", "eqt_ffn", "moe_frozen"))
+    tables = quality.format_tables(s, results, base)
+    part = tables.split("minus eqt_ffn")[1].split("Cross-domain")[0]
+    assert "| moe_frozen | -0.005 ± 0.007 | +0.015 ± 0.007 | -0.030 ± 0.028 | +0.005 ± 0.021 |" in part
 
 
 def test_merge_combines_runs_on_disjoint_seeds_in_seed_order(tmp_path):
@@ -195,7 +205,8 @@ def test_a_tag_keeps_lever_runs_apart_and_shares_eqt_ft(tmp_path):
     s = quality.QualitySettings(out=tmp_path, tag="_noise", moe_args={"num_experts": 4, "upcycle_noise": 0.01, "shared_expert": True})
     s.check()
     base, data = tmp_path / "base.ckpt", tmp_path / "data" / "ethz_like"
-    assert quality.variant_config(s, "eqt_ft", base, data, 1)["name"] == "eqt_ft_s1"  # the untagged run is reused
+    for v in quality.DENSE_VARIANTS:  # the untagged dense runs are reused by every lever
+        assert quality.variant_config(s, v, base, data, 1)["name"] == f"{v}_s1"
     for v in ("moe_frozen", "moe_full", "moe_scratch"):
         raw = quality.variant_config(s, v, base, data, 1)
         assert raw["name"] == f"{v}_noise_s1"

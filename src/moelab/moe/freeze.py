@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from torch import nn
@@ -32,11 +33,19 @@ def trainable_report(model: nn.Module) -> TrainableReport:
     return TrainableReport(sum(p.numel() for p in params), sum(p.numel() for p in trainable), len(trainable))
 
 
-def freeze_non_moe(model: nn.Module) -> TrainableReport:
-    """Make only parameters inside MoE layers (routers and experts) trainable; return the report."""
+def freeze_except(model: nn.Module, keep: Iterable[nn.Module]) -> TrainableReport:
+    """Make only the parameters of the modules in ``keep`` trainable; return the report.
+
+    One rule for every "fine-tune only these layers" recipe, so that an MoE model and its dense
+    control (the same layers left dense) freeze exactly the same trunk."""
     for p in model.parameters():
         p.requires_grad_(False)
-    for layer in moe_layers(model):
-        for p in layer.parameters():
+    for module in keep:
+        for p in module.parameters():
             p.requires_grad_(True)
     return trainable_report(model)
+
+
+def freeze_non_moe(model: nn.Module) -> TrainableReport:
+    """Make only parameters inside MoE layers (routers and experts) trainable; return the report."""
+    return freeze_except(model, moe_layers(model))

@@ -72,7 +72,7 @@ _MOE_ARGS: dict[str, tuple[tuple[type, ...], str]] = {
 }
 MODEL_ARGS: dict[str, dict[str, tuple[tuple[type, ...], str]]] = {
     "SeisMoE": {**_COMMON_ARGS, **_MOE_ARGS},
-    "EQTransformer": dict(_COMMON_ARGS),
+    "EQTransformer": {**_COMMON_ARGS, "freeze_non_ffn": ((bool,), "train only the two transformer feed-forward networks (the dense control of SeisMoE's freeze_non_moe)")},
 }
 #: Trainer arguments the harness sets itself (a config must not override them).
 HARNESS_TRAINER_ARGS = ("logger", "callbacks", "plugins", "default_root_dir", "enable_checkpointing")
@@ -140,6 +140,8 @@ def validate(raw: Any, source: str = "<dict>") -> BenchmarkConfig:
             hint = _suggest(key, list(allowed))
             if model == "EQTransformer" and key in _MOE_ARGS:
                 hint = " (it is a SeisMoE argument: EQTransformer has no experts; use \"model\": \"SeisMoE\")"
+            if model == "SeisMoE" and key == "freeze_non_ffn":
+                hint = " (SeisMoE's feed-forward networks are MoE layers: use freeze_non_moe)"
             raise ConfigError(f"{source}: unknown model_args key '{key}' for {model}{hint}; allowed: {', '.join(allowed)}")
         _check_type(f"{source}: model_args.{key}", value, *allowed[key])
     _check_model_values(model_args, source)
@@ -227,11 +229,12 @@ def _check_model_values(a: dict[str, Any], source: str) -> None:
             raise ConfigError(
                 f"{where}.aux_loss '{a['aux_loss']}' is unknown{_suggest(a['aux_loss'], list(LOSS_KINDS))}; choose one of {', '.join(LOSS_KINDS)}"
             )
-    if a.get("freeze_non_moe") and a.get("base_model") is None:
-        raise ConfigError(
-            f"{where}.freeze_non_moe is true but base_model is null: freezing a randomly initialised trunk trains nothing "
-            "useful; set base_model (\"stead\" or a weights path) or freeze_non_moe false"
-        )
+    for freeze in ("freeze_non_moe", "freeze_non_ffn"):
+        if a.get(freeze) and a.get("base_model") is None:
+            raise ConfigError(
+                f"{where}.{freeze} is true but base_model is null: freezing a randomly initialised trunk trains nothing "
+                f"useful; set base_model (\"stead\" or a weights path) or {freeze} false"
+            )
 
 
 def _check_trainer_args(t: dict[str, Any], source: str) -> None:

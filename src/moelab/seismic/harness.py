@@ -246,7 +246,7 @@ def load_for_eval(cfg: BenchmarkConfig, path: str | Path):
             diffs.append(f"{key}: checkpoint {ckpt_arch[key]}, config {cfg.model_args[key]}")
     if diffs:
         raise CheckpointError(f"'{path}' does not match the architecture in {cfg.source} ({'; '.join(diffs)}); use the config it was trained with")
-    args = {k: v for k, v in cfg.model_args.items() if k not in ("base_model", "freeze_non_moe")}
+    args = {k: v for k, v in cfg.model_args.items() if k not in ("base_model", "freeze_non_moe", "freeze_non_ffn")}
     if ckpt_arch:
         args["model_args"] = ckpt_arch  # resolved architecture: no pretrained weights are fetched
     seed_everything(cfg.seed)

@@ -12,7 +12,7 @@ Guards against the detection collapse the original SeisMoE showed when fine-tune
 the loss uses logits (BCE-with-logits never saturates, unlike BCE on sigmoid outputs), keeps
 EQTransformer's weights (0.05, 0.40, 0.55), starts from experts upcycled from the pretrained FFN
 (outputs identical to the pretrained model at step 0), keeps frozen BatchNorm statistics fixed
-when ``freeze_non_moe`` (otherwise the "frozen" trunk drifts to the new data set), warns when
+when ``freeze_non_moe`` (or the dense control's ``freeze_non_ffn``; otherwise the "frozen" trunk drifts to the new data set), warns when
 ``moe_loss_coef`` exceeds the detection weight, warns at the start of training when many traces
 have a P but no S pick while ``detection_fixed_window`` is unset (their detection labels would be
 empty, pick-benchmark's reason for a fixed window on GEOFON), and logs the detection loss separately.
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moelab.errors import CheckpointError, ConfigError, check_finite_loss
+from moelab.moe import freeze_except
 from moelab.moe import freeze_non_moe as _freeze_non_moe
 from moelab.moe import MoELayer, moe_layers, moe_usage, reset_moe_stats, trainable_report
 from moelab.seismic.augment import DuplicateEvent
@@ -74,6 +75,10 @@ class EQTransformerLit(SeisBenchModuleLit):
     :param rotate_array: randomly rotate waveforms and labels along time in training.
     :param detection_fixed_window: fixed detection length after P (samples) instead of P..S+1.4(S-P).
     :param base_model: starting weights: SeisBench name ("stead", "original", ...), local path, or None.
+    :param freeze_non_ffn: train only the two transformer feed-forward networks (``transformer_d0.ff``,
+        ``transformer_d.ff``), the layers SeisMoE turns into MoE layers: the dense control of
+        SeisMoE's ``freeze_non_moe`` recipe (same frozen trunk, one dense FFN where SeisMoE has
+        experts). Frozen BatchNorm statistics are kept fixed too.
     :param model_args: the resolved architecture, filled in automatically so that checkpoints
         rebuild the model without fetching ``base_model`` again; leave it unset.
     :param kwargs: EQTransformer arguments (in_samples, norm, ...), overriding those of the weights.
@@ -88,6 +93,7 @@ class EQTransformerLit(SeisBenchModuleLit):
         rotate_array: bool = False,
         detection_fixed_window: int | None = None,
         base_model: str | os.PathLike | None = None,
+        freeze_non_ffn: bool = False,
         model_args: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -112,6 +118,16 @@ class EQTransformerLit(SeisBenchModuleLit):
         else:
             self.model = self.build_model(base_model, **kwargs)
         self.hparams["model_args"] = self.model.get_model_args()
+        self.freeze_non_ffn = bool(freeze_non_ffn)
+        if self.freeze_non_ffn:
+            from moelab.seismic.model import MOE_BLOCKS
+
+            if base_model is None and model_args is None:
+                warnings.warn("freeze_non_ffn=True with base_model=None freezes a randomly initialised trunk", stacklevel=2)
+            ffns = [getattr(getattr(self.model, block, None), "ff", None) for block in MOE_BLOCKS]
+            if any(not isinstance(ff, nn.Module) or moe_layers(ff) for ff in ffns):
+                raise ConfigError(f"freeze_non_ffn needs a dense EQTransformer (feed-forward networks {', '.join(f'{b}.ff' for b in MOE_BLOCKS)}); for SeisMoE use freeze_non_moe")
+            freeze_except(self.model, ffns)
 
     def build_model(self, base_model: str | os.PathLike | None, **kwargs: Any) -> nn.Module:
         from moelab.seismic.weights import build_eqtransformer
@@ -213,6 +229,21 @@ class EQTransformerLit(SeisBenchModuleLit):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.parameters() if p.requires_grad]
         return torch.optim.Adam(params, lr=self.lr)
+
+    @property
+    def frozen_trunk(self) -> bool:
+        """Whether a fine-tuning recipe froze all but a few layers (``freeze_non_ffn`` / ``freeze_non_moe``)."""
+        return bool(getattr(self, "freeze_non_ffn", False) or getattr(self, "freeze_non_moe", False))
+
+    def train(self, mode: bool = True) -> "EQTransformerLit":
+        """With a frozen trunk, frozen BatchNorm layers stay in eval mode so that their running
+        statistics stay the pretrained ones (otherwise the "frozen" trunk drifts to the new data)."""
+        super().train(mode)
+        if mode and self.frozen_trunk:
+            for m in self.model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+                    m.eval()
+        return self
 
     # ------------------------------------------------------------------ data pipeline (pick-benchmark)
     @property
@@ -355,15 +386,6 @@ class SeisMoELit(EQTransformerLit):
 
     def trainable_report(self) -> Any:
         return trainable_report(self.model)
-
-    def train(self, mode: bool = True) -> "SeisMoELit":
-        """Frozen BatchNorm layers stay in eval mode so their running statistics stay the pretrained ones."""
-        super().train(mode)
-        if mode and getattr(self, "freeze_non_moe", False):
-            for m in self.model.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
-                    m.eval()
-        return self
 
     # ------------------------------------------------------------------ expert usage per epoch
     def _log_usage(self, prefix: str) -> None:

@@ -9,14 +9,16 @@ benchmark/train.py and eval.py), so nothing here is a second trainer or evaluato
 
 1. ``base``: EQTransformer trained from scratch on domain A (``stead_like``), the "pretrained" model;
 2. on domain B (``ethz_like``), for every seed: ``eqt_ft`` (EQTransformer fine-tuned from the base),
-   ``moe_frozen`` (SeisMoE upcycled from the base, ``freeze_non_moe``: the guide's ETHZ recipe),
+   ``eqt_ffn`` (EQTransformer fine-tuned from the base with only its two transformer feed-forward
+   networks training: the dense control of ``moe_frozen``, the same frozen trunk with one dense FFN
+   where SeisMoE has experts), ``moe_frozen`` (SeisMoE upcycled from the base, ``freeze_non_moe``: the guide's ETHZ recipe),
    ``moe_full`` (upcycled, everything trains) and ``moe_scratch`` (SeisMoE from random weights);
 3. every model is scored on pick-benchmark's tasks 1/2/3 with thresholds chosen on the dev split
    of the data set it is tested on; in-domain on B, cross-domain on A and C (``geofon_like``,
    P-only, stored at 20 Hz).
 
 The summary gives mean ± std over seeds per variant, the in-domain differences to ``eqt_ft`` paired
-by seed (every variant of seed i is trained with seed i from the same base; the spread of the
+by seed (and ``moe_frozen`` − ``eqt_ffn``, the guide's recipe against its dense control) (every variant of seed i is trained with seed i from the same base; the spread of the
 per-seed differences holds both models' seed noise and is what a difference has to exceed), and the
 last line compares the headline
 SeisMoE variant with ``eqt_ft`` (differences / ratios of the means over seeds, in-domain test):
@@ -39,7 +41,9 @@ from moelab.errors import ConfigError
 log = logging.getLogger(__name__)
 
 #: Fine-tuning variants on domain B, in table order.
-VARIANTS: tuple[str, ...] = ("eqt_ft", "moe_frozen", "moe_full", "moe_scratch")
+VARIANTS: tuple[str, ...] = ("eqt_ft", "eqt_ffn", "moe_frozen", "moe_full", "moe_scratch")
+#: Variants that do not depend on ``moe_args``: never tagged, shared by every lever run in a folder.
+DENSE_VARIANTS: tuple[str, ...] = ("eqt_ft", "eqt_ffn")
 #: Reported metrics (harness.evaluate keys without the split prefix).
 METRICS: tuple[str, ...] = ("det_auc", "phase_mcc", "P_mae_s", "S_mae_s")
 #: Trainer settings of every run: no progress bar or sanity check (logs go to the CSV logger).
@@ -69,8 +73,9 @@ class QualitySettings:
         base_seed: seed of the base training.
         tag: suffix of the SeisMoE runs and of the tables (``moe_frozen<tag>_s0``,
             ``quality<tag>.md``, ``results<tag>.json``), so that lever variants (other
-            ``moe_args``) run in the same folder, reusing its data, base and ``eqt_ft`` models
-            instead of overwriting them; ``""`` (default): the plain names.
+            ``moe_args``) run in the same folder, reusing its data, base and dense
+            (``eqt_ft``, ``eqt_ffn``) models instead of overwriting them; ``""`` (default): the
+            plain names.
     """
 
     out: Path = Path("outputs/seismoe_quality")
@@ -141,9 +146,11 @@ def variant_config(s: QualitySettings, variant: str, base_ckpt: Path, data: Path
     """Harness config of one domain-B variant (what benchmark/train.py would be given)."""
     base = str(base_ckpt)
     moe = dict(s.moe_args)
-    name = f"{variant}{s.tag}_s{seed}"  # eqt_ft does not depend on moe_args: never tagged, shared by every tag
+    name = f"{variant}_s{seed}" if variant in DENSE_VARIANTS else f"{variant}{s.tag}_s{seed}"
     if variant == "eqt_ft":
-        return _config(s, f"{variant}_s{seed}", "EQTransformer", data, seed, s.ft_epochs, {"base_model": base, "lr": s.ft_lr})
+        return _config(s, name, "EQTransformer", data, seed, s.ft_epochs, {"base_model": base, "lr": s.ft_lr})
+    if variant == "eqt_ffn":
+        return _config(s, name, "EQTransformer", data, seed, s.ft_epochs, {"base_model": base, "freeze_non_ffn": True, "lr": s.ft_lr})
     if variant == "moe_frozen":
         return _config(s, name, "SeisMoE", data, seed, s.ft_epochs, {**moe, "base_model": base, "freeze_non_moe": True, "lr": s.ft_lr})
     if variant == "moe_full":
@@ -198,11 +205,13 @@ def summary_line(results: dict[str, dict[str, list[dict[str, float]]]], headline
     return f"seismoe_quality: mcc moe-eqt={mcc:+.3f} p_mae moe/eqt={p:.2f} s_mae moe/eqt={s_:.2f} det_auc moe-eqt={auc:+.3f}"
 
 
-def paired_differences(results: dict[str, dict[str, list[dict[str, float]]]], variant: str, domain: str, metric: str) -> list[float]:
-    """``variant`` minus ``eqt_ft`` on ``metric``, seed by seed (run i of each was trained with the
-    same seed and, for the upcycled variants, from the same base). Their spread holds the seed noise
+def paired_differences(
+    results: dict[str, dict[str, list[dict[str, float]]]], variant: str, domain: str, metric: str, reference: str = "eqt_ft"
+) -> list[float]:
+    """``variant`` minus ``reference`` on ``metric``, seed by seed (run i of each was trained with the
+    same seed and, for the fine-tuned variants, from the same base). Their spread holds the seed noise
     of both models: what a difference has to exceed to be more than noise."""
-    pairs = zip(results[variant][domain], results["eqt_ft"][domain])
+    pairs = zip(results[variant][domain], results[reference][domain])
     return [_get(r, metric) - _get(e, metric) for r, e in pairs]
 
 
@@ -222,6 +231,11 @@ def format_tables(s: QualitySettings, results: dict[str, dict[str, list[dict[str
         lines.append(head.replace("| model |", "| variant − eqt_ft |"))
         for v in moe:
             lines.append(f"| {v} | " + " | ".join(_cell(paired_differences(results, v, b, m), signed=True) for m in METRICS) + " |\n")
+    if "eqt_ffn" in s.variants and "moe_frozen" in s.variants:
+        # The guide's recipe against its dense control: the same trunk frozen, experts vs one FFN.
+        lines.append(f"\nIn-domain, paired by seed: moe_frozen minus eqt_ffn (only the FFN / MoE layers trained; mean ± std of the {len(s.seeds)} differences)\n\n")
+        lines.append(head.replace("| model |", "| variant − eqt_ffn |"))
+        lines.append("| moe_frozen | " + " | ".join(_cell(paired_differences(results, "moe_frozen", b, m, "eqt_ffn"), signed=True) for m in METRICS) + " |\n")
     for d in (a, c):
         lines.append(f"\nCross-domain: trained on {b}, tested on {d} (thresholds from {d} dev)\n\n")
         lines.append(head)
