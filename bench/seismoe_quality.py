@@ -1,7 +1,8 @@
 """Does SeisMoE earn its experts? The user guide's upcycle-and-fine-tune workflow over seeds and domains.
 
 EQTransformer trained on generated domain A (stead_like) is the "pretrained" base; on domain B
-(ethz_like) EQTransformer is fine-tuned, SeisMoE is upcycled from the base and fine-tuned with
+(ethz_like) EQTransformer is fine-tuned (fully, and with only its two transformer FFNs training:
+``eqt_ffn``, the dense control of the guide's frozen recipe), SeisMoE is upcycled from the base and fine-tuned with
 ``freeze_non_moe`` (the guide's recipe) or fully, and SeisMoE is trained from scratch; every model
 is scored on pick-benchmark's tasks 1/2/3 (thresholds from dev) in-domain and on A and C
 (geofon_like). The work is done by `moelab.seismic.quality` through the benchmark harness; this
@@ -14,7 +15,7 @@ Usage: ``python bench/seismoe_quality.py [--seeds 0 1 2] [--traces 1200] [--base
 (trained models and data are reused when the folder already holds them with the same config).
 Levers: ``--moe-args '{"num_experts": 4, "num_experts_per_token": 2, "moe_loss_coef": 0.02, "shared_expert": true}'
 --tag _shared --variants eqt_ft moe_frozen moe_full`` runs them beside the default in the same folder
-(``quality_shared.md``), reusing its data, base and ``eqt_ft`` models.
+(``quality_shared.md``), reusing its data, base and dense (``eqt_ft``, ``eqt_ffn``) models.
 """
 
 from __future__ import annotations

@@ -45,7 +45,16 @@ returning it to the kernel), as ``moelab diffusion train`` does, for every model
 printed with the times: with the defaults they are where MoEFsDiC, which held ~3x the dense
 model's activations before lean backward (``moe_plain`` still does), lost about a tenth of its step.
 
+On a GPU (``--device cuda``; ``--precision bf16-mixed`` for autocast as Lightning's ``bf16-mixed``
+runs it): every step ends with ``torch.cuda.synchronize()``, so the times are the device's; memory is
+``torch.cuda.max_memory_allocated`` (peak of live tensors: parameters, gradients, activations) and
+``max_memory_reserved`` (the caching allocator's) of a fresh process per model running the same
+steps; there are no RSS or live-memory processes. MoE blocks take the accelerator path there
+(gathered dispatch, no host read per block); lean backward is a CPU path, so ``moe`` and
+``moe_plain`` run the same code. Not yet measured: no GPU was lent to this work.
+
 Usage: python bench/train_step.py [--quick] [--threads 1] [--reps 7] [--compile] [--malloc retain|default] [--no-live-memory] [--scales ...]
+       [--device cpu|cuda] [--precision 32|bf16-mixed]
 ``--compile`` times ``torch.compile``-d models (inductor, C++ backend) instead of eager ones; on
 torch 2.13 CPU it failed for MoEFsDiC (InductorError on a dynamic batch symbol, both dispatch modes).
 """
@@ -105,37 +114,59 @@ def batch_size(scale: str, cfg: Any) -> int:
     return SCALES[scale]["batch"] or cfg["train"]["batch_size"]
 
 
-def inputs(cfg: Any, b: int) -> tuple[torch.Tensor, ...]:
-    """The same (x, t, c, noise target) for every model of a scale: a fixed generator."""
+def inputs(cfg: Any, b: int, device: str = "cpu") -> tuple[torch.Tensor, ...]:
+    """The same (x, t, c, noise target) for every model of a scale: a fixed generator (on the CPU,
+    then moved, so that every device sees the same values)."""
     m = cfg["model"]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(b, m["in_channels"], m["image_size"], m["image_size"], generator=g)
     t = torch.randint(0, cfg["diffusion"]["num_train_timesteps"], (b,), generator=g)
     c = torch.randint(0, m["num_classes"] + 1, (b,), generator=g)
-    return x, t, c, torch.randn(x.shape, generator=g)
+    return tuple(v.to(device) for v in (x, t, c, torch.randn(x.shape, generator=g)))
 
 
-def make_step(scale: str, variant: str, compile_model: bool = False) -> tuple[Callable[[], None], torch.nn.Module, tuple]:
+def synchronizer(device: str) -> Callable[[], None]:
+    """What ends a timed call on ``device``: wait for its queued kernels (nothing on the CPU)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def autocast(device: str, precision: str) -> Any:
+    """The autocast context of a Lightning ``precision`` setting ("32": none)."""
+    import contextlib
+
+    if precision == "32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
+def make_step(
+    scale: str, variant: str, compile_model: bool = False, device: str = "cpu", precision: str = "32"
+) -> tuple[Callable[[], None], torch.nn.Module, tuple]:
     cfg = scale_config(scale, variant)
     torch.manual_seed(0)
-    model = build_model(cfg).train()
+    model = build_model(cfg).train().to(device)
     if cfg["train"]["gradient_checkpointing"]:
         model.set_gradient_checkpointing(True)
     if hasattr(model, "set_lean_backward"):
         model.set_lean_backward(cfg["train"]["lean_backward"])
-    data = inputs(cfg, batch_size(scale, cfg))
+    data = inputs(cfg, batch_size(scale, cfg), device)
     x, t, c, noise = data
     lam = cfg["train"]["lambda_load"]
     fwd = torch.compile(model) if compile_model else model
+    sync = synchronizer(device)
 
     def step() -> None:
         for p in model.parameters():
             p.grad = None
-        pred, logits = fwd(x, t, c)
-        loss = F.mse_loss(pred, noise)
-        if logits:
-            loss = loss + lam * model_aux_loss(model)
+        with autocast(device, precision):
+            pred, logits = fwd(x, t, c)
+            loss = F.mse_loss(pred.float(), noise)
+            if logits:
+                loss = loss + lam * model_aux_loss(model)
         loss.backward()
+        sync()
 
     return step, model, data
 
@@ -189,11 +220,14 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def memory_child(scale: str, variant: str) -> None:
-    """In a fresh process, as a training run has it (one model): RSS before the first step, peak RSS
-    over the steps, and the time and minor page faults of the last two steps, as JSON."""
-    step, _, _ = make_step(scale, variant)
-    before = rss_mb()
+def memory_child(scale: str, variant: str, device: str = "cpu", precision: str = "32") -> None:
+    """In a fresh process, as a training run has it (one model): memory before the first step, peak
+    memory over the steps, and the time and minor page faults of the last two steps, as JSON. CPU:
+    resident set sizes; CUDA: the allocator's peak of live tensors (``peak_mb``, what the ratio
+    uses) and of reserved memory (``reserved_mb``)."""
+    cuda = torch.device(device).type == "cuda"
+    step, _, _ = make_step(scale, variant, device=device, precision=precision)
+    before = torch.cuda.memory_allocated() / 2**20 if cuda else rss_mb()
     for _ in range(ALONE_WARMUP):
         step()
     times, faults = [], []
@@ -202,7 +236,10 @@ def memory_child(scale: str, variant: str) -> None:
         step()
         times.append(time.perf_counter() - t0)
         faults.append(minor_faults() - f0)
-    print(json.dumps({"before_mb": before, "peak_mb": peak_rss_mb(), "alone_ms": 1e3 * min(times), "alone_faults": min(faults)}))
+    peak = {"peak_mb": peak_rss_mb()}
+    if cuda:
+        peak = {"peak_mb": torch.cuda.max_memory_allocated() / 2**20, "reserved_mb": torch.cuda.max_memory_reserved() / 2**20}
+    print(json.dumps({"before_mb": before, **peak, "alone_ms": 1e3 * min(times), "alone_faults": min(faults)}))
 
 
 def peak_rss_mb() -> float:
@@ -215,26 +252,28 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: KiB on most systems
 
 
-def measure_memory(scale: str, variant: str, threads: int, malloc: str) -> dict[str, float]:
+def measure_memory(scale: str, variant: str, threads: int, malloc: str, device: str = "cpu", precision: str = "32") -> dict[str, float]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, __file__, "--threads", str(threads), "--malloc", malloc, "--memory-child", scale, variant]
+    cmd = [sys.executable, __file__, "--threads", str(threads), "--malloc", malloc, "--device", device, "--precision", precision,
+           "--memory-child", scale, variant]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 def run_scale(
-    scale: str, reps: int, warmup: int, threads: int, compile_model: bool, malloc: str, live_memory: bool = True
+    scale: str, reps: int, warmup: int, threads: int, compile_model: bool, malloc: str, live_memory: bool = True,
+    device: str = "cpu", precision: str = "32",
 ) -> dict[str, Any]:
     steps, info = {}, {}
     for v in VARIANTS:
-        step, model, data = make_step(scale, v, compile_model)
+        step, model, data = make_step(scale, v, compile_model, device, precision)
         steps[v] = step
         counts = model.parameter_counts()
         info[v] = {"active": counts["active_per_sample"], "total": counts["total"], "gflops": flops_per_sample(model, data) / 1e9}
     faults: dict[str, list[int]] = {}
     times = interleaved(steps, reps, warmup, faults)
-    mem = {v: measure_memory(scale, v, threads, malloc) for v in VARIANTS}
-    live = {v: measure_memory(scale, v, threads, "mmap") for v in VARIANTS} if live_memory else {}
+    mem = {v: measure_memory(scale, v, threads, malloc, device, precision) for v in VARIANTS}
+    live = {v: measure_memory(scale, v, threads, "mmap") for v in VARIANTS} if live_memory and device == "cpu" else {}
     return {
         "ms": {v: 1e3 * statistics.median(ts) for v, ts in times.items()},
         "faults": {v: statistics.median(f) for v, f in faults.items()},
@@ -246,23 +285,31 @@ def run_scale(
     }
 
 
-def sample_step_ratio(reps: int, warmup: int) -> tuple[float, dict[str, float]]:
+def sample_step_ratio(reps: int, warmup: int, device: str = "cpu", precision: str = "32") -> tuple[float, dict[str, float]]:
     fns = {}
+    sync = synchronizer(device)
     for v in ("moe", "dense"):
         cfg = scale_config("cifar32", v)
         torch.manual_seed(0)
-        model = build_model(cfg).eval()
-        x, t, c, _ = inputs(cfg, 32)
+        model = build_model(cfg).eval().to(device)
+        x, t, c, _ = inputs(cfg, 32, device)
         labels = c.clamp(max=cfg["model"]["num_classes"] - 1)
         null = cfg["model"]["num_classes"]
 
         def f(model=model, x=x, t=t, labels=labels, null=null) -> None:
-            with torch.no_grad():
+            with torch.no_grad(), autocast(device, precision):
                 guided_eps(model, x, t, labels, GUIDANCE, null)
+            sync()
 
         fns[v] = f
     times = interleaved(fns, reps, warmup)
     return paired_ratio(times["moe"], times["dense"]), {v: 1e3 * statistics.median(ts) for v, ts in times.items()}
+
+
+def fail(message: str) -> None:
+    """One ``error: ...`` line and exit status 2, as every moelab command does."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def fmt(values: dict[str, str]) -> str:
@@ -285,25 +332,42 @@ def main() -> None:
         "--no-live-memory", action="store_true",
         help="skip the live-memory processes (every block >= 256 KiB its own mmap: peak RSS follows the live tensors; slow)",
     )
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N] (timed with synchronisation; memory from the CUDA allocator)")
+    ap.add_argument("--precision", choices=("32", "bf16-mixed"), default="32", help="32: float32; bf16-mixed: bfloat16 autocast, as Lightning's")
     ap.add_argument("--memory-child", nargs=2, metavar=("SCALE", "VARIANT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        fail(f"--device {args.device!r} is not a device; use cpu or cuda[:N]")
+    if device.type not in ("cpu", "cuda"):
+        fail(f"--device {args.device}: this benchmark runs on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {args.device}: torch {torch.__version__} sees no CUDA device; run on a GPU machine or use --device cpu")
     retained = retain_freed_memory() if args.malloc == "retain" else False
     if args.memory_child:
         if args.malloc == "mmap" and not map_large_blocks():
-            raise SystemExit("--malloc mmap needs glibc's mallopt")
-        memory_child(*args.memory_child)
+            fail("--malloc mmap needs glibc's mallopt")
+        memory_child(*args.memory_child, device=args.device, precision=args.precision)
         return
     reps, warmup = (3, 1) if args.quick else (max(3, args.reps), 2)
-    print(f"threads={args.threads} reps={reps} warmup={warmup} compile={args.compile} malloc={args.malloc} (retained={retained}) torch={torch.__version__}")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(
+        f"device={args.device} ({where}) precision={args.precision} threads={args.threads} reps={reps} warmup={warmup} "
+        f"compile={args.compile} malloc={args.malloc} (retained={retained}) torch={torch.__version__}"
+    )
     if args.malloc == "mmap":
-        raise SystemExit("--malloc mmap is for the memory processes only (the live-memory figures); time with retain or default")
+        fail("--malloc mmap is for the memory processes only (the live-memory figures); time with retain or default")
     worst: dict[str, list[float]] = {v: [0.0, 0.0, 0.0] for v in ("moe", "moe_full", "moe_plain")}  # time, memory, live-memory ratios
     for scale in args.scales:
-        r = run_scale(scale, reps, warmup, args.threads, args.compile, args.malloc, not args.no_live_memory)
+        r = run_scale(scale, reps, warmup, args.threads, args.compile, args.malloc, not args.no_live_memory, args.device, args.precision)
         ms, ratio, mem, info = r["ms"], r["ratio"], r["mem"], r["info"]
         mem_ratios = {v: mem[v]["peak_mb"] / mem["dense"]["peak_mb"] for v in VARIANTS}
         peak = fmt({v: "%.0f" % mem[v]["peak_mb"] for v in VARIANTS})
+        mem_label = "peak RSS MB"
+        if device.type == "cuda":
+            mem_label = f"peak CUDA allocated MB (reserved {'/'.join('%.0f' % mem[v]['reserved_mb'] for v in VARIANTS)})"
         before = "/".join("%.0f" % mem[v]["before_mb"] for v in VARIANTS)
         alone = fmt({v: "%.0f" % mem[v]["alone_ms"] for v in VARIANTS})
         alone_faults = "/".join("%.0f" % mem[v]["alone_faults"] for v in VARIANTS)
@@ -317,7 +381,7 @@ def main() -> None:
             f"step ms {fmt({v: '%.0f' % ms[v] for v in VARIANTS})} "
             f"(minor faults/step {fmt({v: '%.0f' % r['faults'][v] for v in VARIANTS})}) "
             f"ratio to dense {fmt({v: '%.2f' % ratio[v] for v in VARIANTS if v != 'dense'})} | "
-            f"peak RSS MB {peak} (before step {before}) ratio to dense {fmt({v: '%.2f' % mem_ratios[v] for v in VARIANTS if v != 'dense'})} | "
+            f"{mem_label} {peak} (before step {before}) ratio to dense {fmt({v: '%.2f' % mem_ratios[v] for v in VARIANTS if v != 'dense'})} | "
             f"params+grads MB {weights} | fwd GFLOPs/sample {gflops} | active params {active} | "
             f"one model per process: step ms {alone} (minor faults/step {alone_faults}) moe/dense={alone_ratio:.2f}",
             flush=True,
@@ -344,7 +408,7 @@ def main() -> None:
                 f"moe_plain/dense={worst['moe_plain'][2]:.2f}"
             )
         print(f"train_step: moe/dense time={worst['moe'][0]:.2f} mem={worst['moe'][1]:.2f}")
-    ratio, ms = sample_step_ratio(reps, warmup)
+    ratio, ms = sample_step_ratio(reps, warmup, args.device, args.precision)
     print(f"sample step ms (cifar32, 32 images, w={GUIDANCE}): moe={ms['moe']:.0f} dense={ms['dense']:.0f}")
     print(f"sample_step: moe/dense={ratio:.2f}")
 
