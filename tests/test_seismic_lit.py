@@ -53,19 +53,28 @@ def test_training_loss_is_weighted_bce_plus_moe_term():
     assert lit.model.bi_lstm_stack.members[0].conv.weight.grad is not None  # full training: trunk learns too
 
 
+def _step_keeps_frozen_batchnorm(lit) -> None:
+    """One training step + backward of a module with a frozen trunk: the frozen BatchNorm layers stay
+    in eval mode and their running statistics do not move; the trained FFN / MoE layers train."""
+    bn = lit.model.res_cnn_stack.members[0].norm1
+    before = bn.running_mean.clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # self.log outside a Trainer
+        lit.train()
+        assert not bn.training and lit.model.transformer_d0.ff.training and lit.model.transformer_d.ff.training
+        loss = lit.training_step(_batch(), 0)
+    loss.backward()
+    assert torch.equal(bn.running_mean, before)
+
+
 def test_freeze_non_moe_trains_only_experts_and_routers_and_keeps_batchnorm_stats():
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         lit = SeisMoELit(num_experts=4, num_experts_per_token=2, freeze_non_moe=True, in_samples=N)
-        report = lit.trainable_report()
-        assert (report.total, report.trainable, report.tensors) == (402_511, 34_056, 36)
-        bn = lit.model.res_cnn_stack.members[0].norm1
-        before = bn.running_mean.clone()
-        lit.train()
-        assert not bn.training and lit.model.transformer_d0.ff.training
-        loss = lit.training_step(_batch(), 0)
-    loss.backward()
+    report = lit.trainable_report()
+    assert (report.total, report.trainable, report.tensors) == (402_511, 34_056, 36)
+    _step_keeps_frozen_batchnorm(lit)
     moe_params = {id(p) for m in lit.model.modules() if isinstance(m, MoELayer) for p in m.parameters()}
     for name, p in lit.model.named_parameters():
         if id(p) in moe_params:
@@ -73,7 +82,6 @@ def test_freeze_non_moe_trains_only_experts_and_routers_and_keeps_batchnorm_stat
         else:
             assert p.grad is None and not p.requires_grad, name
     assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in lit.model.transformer_d.ff.parameters())
-    assert torch.equal(bn.running_mean, before)
     opt = lit.configure_optimizers()
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == 34_056
 
@@ -87,17 +95,11 @@ def test_freeze_non_ffn_trains_exactly_the_layers_seismoe_makes_experts_of():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         lit = EQTransformerLit(freeze_non_ffn=True, in_samples=N)
-        bn = lit.model.res_cnn_stack.members[0].norm1
-        before = bn.running_mean.clone()
-        lit.train()
-        assert not bn.training and lit.model.transformer_d.ff.training
-        loss = lit.training_step(_batch(), 0)
-    loss.backward()
+    _step_keeps_frozen_batchnorm(lit)
     trainable = {n for n, p in lit.model.named_parameters() if p.requires_grad}
     assert trainable == {f"{b}.ff.{lin}.{t}" for b in MOE_BLOCKS for lin in ("lin1", "lin2") for t in ("weight", "bias")}
     for name, p in lit.model.named_parameters():
         assert (p.grad is not None and float(p.grad.abs().sum()) > 0) if name in trainable else p.grad is None, name
-    assert torch.equal(bn.running_mean, before)
     ffn = sum(p.numel() for n, p in lit.model.named_parameters() if n in trainable)
     assert ffn == 8_480 and sum(p.numel() for g in lit.configure_optimizers().param_groups for p in g["params"]) == ffn
     moe = SeisMoELit(num_experts=4, num_experts_per_token=2, freeze_non_moe=True, in_samples=N, base_model=None)
