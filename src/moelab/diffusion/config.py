@@ -87,6 +87,7 @@ _TYPES: dict[str, dict[str, Any]] = {
         "precision": ("32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "fp16", "bf16"),
         "gradient_checkpointing": bool,
         "lean_backward": bool,  # experts and upsampling convs keep less for backward (moelab.diffusion.lean_backward)
+        "compile": bool,  # torch.compile the network (nn.Module.compile: same state-dict keys)
         "ema": bool,
         "ema_decay": _NUM,
         "checkpoint_every": int,  # epochs between checkpoints
@@ -250,6 +251,10 @@ class TrainConfig(_Section):
             their input instead of the upsampled map (`moelab.diffusion.lean_backward`; experts:
             CPU, channels-last, grouped dispatch). Same values and gradients; less memory for some
             recompute time (README, `bench/train_step.py`'s ``moe_plain``). False: plain autograd ops.
+        compile (`bool`, False): ``torch.compile`` the network in place (``nn.Module.compile``, so
+            checkpoints keep their keys). MoE blocks then trace their gathered dispatch, whose
+            shapes do not depend on the routing; same outputs as eager up to float rounding. Meant
+            for GPUs; on the 2-core CPU it was not faster (README, Benchmarks).
         ema (`bool`, True), ema_decay (`float`, 0.999): EMA weights (the ones checkpoints export).
         checkpoint_every (`int`, 1) [save_interval], keep_last (`int`, 0 = all), checkpoint_dir
             (`str`, "checkpoints"; ``--checkpoint-dir`` overrides): checkpoints.
@@ -283,6 +288,7 @@ class TrainConfig(_Section):
     precision: str = "32-true"
     gradient_checkpointing: bool = False
     lean_backward: bool = True
+    compile: bool = False
     ema: bool = True
     ema_decay: float = 0.999
     checkpoint_every: int = 1

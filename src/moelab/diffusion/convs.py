@@ -45,11 +45,13 @@ def pointwise_forward(x: Tensor, w2: Tensor, bias: Tensor | None) -> Tensor:
     (``aten.mkldnn_convolution``), which adds the bias in its kernel; elsewhere the two were level.
     The pointwise forwards were 15% of MoEFsDiC's 64x64 training step. Same values up to float
     summation order (bit-identical at 64 and 128 channels here). Falls back to ``F.conv2d`` where
-    oneDNN is not built in or the input is not a channels-last float32 CPU tensor.
+    oneDNN is not built in, the input is not a channels-last float32 CPU tensor, or under
+    ``torch.compile`` (whose fake tensors the oneDNN op refuses; inductor picks its own kernel).
     """
     w4 = w2[:, :, None, None]
     float32 = x.dtype == torch.float32 and w2.dtype == torch.float32
-    if x.device.type == "cpu" and float32 and _ONEDNN and is_channels_last(x):
+    onednn = _ONEDNN and not torch.compiler.is_compiling()
+    if x.device.type == "cpu" and float32 and onednn and is_channels_last(x):
         return torch.ops.aten.mkldnn_convolution(x, w4, bias, [0, 0], [1, 1], [1, 1], 1)
     return F.conv2d(x, w4, bias)
 

@@ -50,6 +50,8 @@ class MoEFsDiCLit(pl.LightningModule):
             self.model.set_gradient_checkpointing(True)
         if hasattr(self.model, "set_lean_backward"):  # the dense baseline has no experts
             self.model.set_lean_backward(cfg.train.lean_backward)
+        if cfg.train.compile:  # in place: the state dict keeps its keys (no "_orig_mod." prefix)
+            self.model.compile()
         self.criterion = MoELoss.from_config(cfg)
         self.noise_scheduler = training_scheduler(cfg)
         self.last_metrics: dict[str, float] = {}
