@@ -12,10 +12,11 @@ Guards against the detection collapse the original SeisMoE showed when fine-tune
 the loss uses logits (BCE-with-logits never saturates, unlike BCE on sigmoid outputs), keeps
 EQTransformer's weights (0.05, 0.40, 0.55), starts from experts upcycled from the pretrained FFN
 (outputs identical to the pretrained model at step 0), keeps frozen BatchNorm statistics fixed
-when ``freeze_non_moe`` (or the dense control's ``freeze_non_ffn``; otherwise the "frozen" trunk drifts to the new data set), warns when
-``moe_loss_coef`` exceeds the detection weight, warns at the start of training when many traces
-have a P but no S pick while ``detection_fixed_window`` is unset (their detection labels would be
-empty, pick-benchmark's reason for a fixed window on GEOFON), and logs the detection loss separately.
+when ``freeze_non_moe`` or the dense control's ``freeze_non_ffn`` (otherwise the "frozen" trunk
+drifts to the new data set), warns when ``moe_loss_coef`` exceeds the detection weight, warns at
+the start of training when many traces have a P but no S pick while ``detection_fixed_window`` is
+unset (their detection labels would be empty, pick-benchmark's reason for a fixed window on
+GEOFON), and logs the detection loss separately.
 """
 
 from __future__ import annotations
@@ -126,7 +127,8 @@ class EQTransformerLit(SeisBenchModuleLit):
                 warnings.warn("freeze_non_ffn=True with base_model=None freezes a randomly initialised trunk", stacklevel=2)
             ffns = [getattr(getattr(self.model, block, None), "ff", None) for block in MOE_BLOCKS]
             if any(not isinstance(ff, nn.Module) or moe_layers(ff) for ff in ffns):
-                raise ConfigError(f"freeze_non_ffn needs a dense EQTransformer (feed-forward networks {', '.join(f'{b}.ff' for b in MOE_BLOCKS)}); for SeisMoE use freeze_non_moe")
+                names = ", ".join(f"{b}.ff" for b in MOE_BLOCKS)
+                raise ConfigError(f"freeze_non_ffn needs a dense EQTransformer (feed-forward networks {names}); for SeisMoE use freeze_non_moe")
             freeze_except(self.model, ffns)
 
     def build_model(self, base_model: str | os.PathLike | None, **kwargs: Any) -> nn.Module:
