@@ -64,6 +64,7 @@ gathered dispatch (the grouped one's routing-dependent shapes stopped inductor, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -78,7 +79,7 @@ import torch
 import torch.nn.functional as F
 
 from moelab.diffusion.config import load_config
-from moelab.diffusion.models import build_model
+from moelab.diffusion.models import build_model, prepare_for_training
 from moelab.diffusion.sample import guided_eps
 from moelab.hostmem import map_large_blocks, retain_freed_memory
 from moelab.moe import model_aux_loss
@@ -136,8 +137,6 @@ def synchronizer(device: str) -> Callable[[], None]:
 
 def autocast(device: str, precision: str) -> Any:
     """The autocast context of a Lightning ``precision`` setting ("32": none)."""
-    import contextlib
-
     if precision == "32":
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
@@ -148,11 +147,7 @@ def make_step(
 ) -> tuple[Callable[[], None], torch.nn.Module, tuple]:
     cfg = scale_config(scale, variant)
     torch.manual_seed(0)
-    model = build_model(cfg).train().to(device)
-    if cfg["train"]["gradient_checkpointing"]:
-        model.set_gradient_checkpointing(True)
-    if hasattr(model, "set_lean_backward"):
-        model.set_lean_backward(cfg["train"]["lean_backward"])
+    model = prepare_for_training(build_model(cfg).train().to(device), cfg.train)  # as the trainer does
     data = inputs(cfg, batch_size(scale, cfg), device)
     x, t, c, noise = data
     lam = cfg["train"]["lambda_load"]

@@ -20,9 +20,9 @@ from tqdm import tqdm
 
 from moelab.diffusion.config import RunConfig, load_config
 from moelab.diffusion.losses import MoELoss
-from moelab.diffusion.models import build_model
+from moelab.diffusion.models import build_model, prepare_for_training
 from moelab.diffusion.noise import training_scheduler
-from moelab.errors import ConfigError, check_finite_loss
+from moelab.errors import check_finite_loss
 from moelab.seeding import step_seed
 
 METRICS = ("loss", "dm_loss", "load_loss")
@@ -43,15 +43,7 @@ class MoEFsDiCLit(pl.LightningModule):
         cfg = load_config(config)
         self.save_hyperparameters({"config": cfg.to_dict()})
         self.config = cfg
-        self.model = build_model(cfg.model)
-        if cfg.train.gradient_checkpointing:
-            if not hasattr(self.model, "set_gradient_checkpointing"):
-                raise ConfigError(f"train.gradient_checkpointing is not supported by model.arch={cfg.model.arch}")
-            self.model.set_gradient_checkpointing(True)
-        if hasattr(self.model, "set_lean_backward"):  # the dense baseline has no experts
-            self.model.set_lean_backward(cfg.train.lean_backward)
-        if cfg.train.compile:  # in place: the state dict keeps its keys (no "_orig_mod." prefix)
-            self.model.compile()
+        self.model = prepare_for_training(build_model(cfg.model), cfg.train)
         self.criterion = MoELoss.from_config(cfg)
         self.noise_scheduler = training_scheduler(cfg)
         self.last_metrics: dict[str, float] = {}

@@ -10,8 +10,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from moelab.diffusion.baseline import DenseUNet2D
-from moelab.diffusion.config import ModelConfig, model_config
+from moelab.diffusion.config import ModelConfig, TrainConfig, model_config
 from moelab.diffusion.unet import MoEFsDiC_UNet
+from moelab.errors import ConfigError
 
 #: ``model.arch`` -> model class (both are diffusers ModelMixin + ConfigMixin models).
 ARCHITECTURES: dict[str, type] = {"moefsdic": MoEFsDiC_UNet, "unet2d": DenseUNet2D}
@@ -21,3 +22,20 @@ def build_model(config: ModelConfig | Mapping[str, Any]) -> MoEFsDiC_UNet | Dens
     """The model ``model.arch`` names, built from the whole model config (validated once if raw)."""
     mc = model_config(config)
     return ARCHITECTURES[mc.arch](mc)
+
+
+def prepare_for_training(model: MoEFsDiC_UNet | DenseUNet2D, train: TrainConfig) -> MoEFsDiC_UNet | DenseUNet2D:
+    """Apply the ``train`` options that change how ``model`` runs, not what it computes:
+    ``gradient_checkpointing``, ``lean_backward`` (MoEFsDiC only; the dense baseline has no experts)
+    and ``compile`` (in place, ``nn.Module.compile``: the state dict keeps its keys). One place, so
+    that the trainer and `bench/train_step.py` measure the same network."""
+    if train.gradient_checkpointing:
+        if not hasattr(model, "set_gradient_checkpointing"):
+            arch = next(name for name, cls in ARCHITECTURES.items() if isinstance(model, cls))
+            raise ConfigError(f"train.gradient_checkpointing is not supported by model.arch={arch}")
+        model.set_gradient_checkpointing(True)
+    if isinstance(model, MoEFsDiC_UNet):
+        model.set_lean_backward(train.lean_backward)
+    if train.compile:
+        model.compile()
+    return model
