@@ -147,7 +147,7 @@ def _grouped(
     grad = torch.is_grad_enabled()
 
     def weighted(e: int, rows: Tensor, w: Tensor) -> Tensor:
-        if grad and weighted_run is not None:
+        if weighted_run is not None:  # only given while autograd records (grouped_dispatch)
             version = xv._version
 
             def regather(idx: Tensor = units[e]) -> Tensor:
@@ -217,10 +217,13 @@ def gathered_dispatch(bank: ExpertBank, x: Tensor, routing: Routing, recompute: 
 
 def dispatch(experts: nn.Module, x: Tensor, routing: Routing, recompute: bool = False) -> Tensor:
     """The exact dispatch that fits the experts: a module list is grouped; a bank follows its
-    ``dispatch_mode``, and in ``"auto"`` its cost model (`ExpertBank.prefers_grouped`)."""
+    ``dispatch_mode``, and in ``"auto"`` its cost model (`ExpertBank.prefers_grouped`) -- except
+    under ``torch.compile``, where ``"auto"`` is gathered: grouped row counts depend on the routing,
+    which inductor cannot lower ("cannot determine truth value of Relational", torch 2.13)."""
     if isinstance(experts, ExpertBank):
         mode = experts.dispatch_mode
-        if mode == "grouped" or (mode == "auto" and experts.prefers_grouped(x, routing)):
+        auto_grouped = mode == "auto" and not torch.compiler.is_compiling() and experts.prefers_grouped(x, routing)
+        if mode == "grouped" or auto_grouped:
             return grouped_dispatch(experts, x, routing, recompute)
         return gathered_dispatch(experts, x, routing, recompute)
     return grouped_dispatch(experts, x, routing, recompute)  # type: ignore[arg-type]
