@@ -72,7 +72,10 @@ _MOE_ARGS: dict[str, tuple[tuple[type, ...], str]] = {
 }
 MODEL_ARGS: dict[str, dict[str, tuple[tuple[type, ...], str]]] = {
     "SeisMoE": {**_COMMON_ARGS, **_MOE_ARGS},
-    "EQTransformer": {**_COMMON_ARGS, "freeze_non_ffn": ((bool,), "train only the two transformer feed-forward networks (the dense control of SeisMoE's freeze_non_moe)")},
+    "EQTransformer": {
+        **_COMMON_ARGS,
+        "freeze_non_ffn": ((bool,), "train only the two transformer feed-forward networks (the dense control of SeisMoE's freeze_non_moe)"),
+    },
 }
 #: Trainer arguments the harness sets itself (a config must not override them).
 HARNESS_TRAINER_ARGS = ("logger", "callbacks", "plugins", "default_root_dir", "enable_checkpointing")
