@@ -5,6 +5,7 @@ bench/seismoe_quality.py over seeds, never here."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import warnings
 
@@ -114,6 +115,8 @@ def test_paired_differences_are_taken_seed_by_seed(tmp_path):
     # the in-domain row of differences: mean ± sample std of (moe - eqt) per seed, signed
     assert "| moe_full | -0.010 ± 0.000 | +0.040 ± 0.014 | -0.075 ± 0.035 | +0.010 ± 0.156 |" in tables
     assert tables.index("paired by seed") < tables.index("Cross-domain")
+    # and its interval row: two seeds, t(0.975, 1) = 12.706; MCC +0.040 ± 0.014 -> [-0.087, +0.167]
+    assert "| moe_full | [-0.010, -0.010] worse (spread, CI) | [-0.087, +0.167] better (spread) |" in tables
     assert "minus eqt_ffn" not in tables
     # the guide's recipe against its dense control (same frozen trunk), paired by seed too
     results["eqt_ffn"] = {d: [r(0.84, 0.16, 0.31, 0.98), r(0.91, 0.35, 0.3, 0.97)] for d in "ABC"}
@@ -123,6 +126,26 @@ def test_paired_differences_are_taken_seed_by_seed(tmp_path):
     tables = quality.format_tables(s, results, base)
     part = tables.split("minus eqt_ffn")[1].split("Cross-domain")[0]
     assert "| moe_frozen | -0.005 ± 0.007 | +0.015 ± 0.007 | -0.030 ± 0.028 | +0.005 ± 0.021 |" in part
+
+
+def test_paired_interval_is_student_t_and_verdicts_follow_the_metric_direction():
+    from scipy import stats
+
+    # nine seeds, |mean| (0.0211) inside the std of the differences (0.0226), interval below 0
+    diffs = [-0.05, 0.0, -0.03, -0.02, -0.05, 0.01, -0.04, -0.01, 0.0]
+    m, lo, hi = quality.paired_interval(diffs)
+    ref = stats.t.interval(0.95, 8, np.mean(diffs), stats.sem(diffs))  # scipy's own interval as the reference
+    assert (m, lo, hi) == pytest.approx((-0.19 / 9, *ref), abs=1e-12)
+    assert quality.paired_verdict(diffs, "S_mae_s") == "better (CI)"
+    assert quality.paired_verdict(diffs, "phase_mcc") == "worse (CI)"  # higher is better there
+    assert quality.paired_verdict(diffs[:3], "S_mae_s") == "better (spread)"  # -0.027 ± 0.025, t(2) too wide
+    assert quality.paired_verdict([-0.05, -0.04, -0.06], "P_mae_s") == "better (spread, CI)"
+    assert quality.paired_verdict([0.05, -0.04, 0.01], "P_mae_s") == "level"
+    # as printed: -0.0221 ± 0.0224 is "-0.022 ± 0.022", not beyond the spread
+    assert quality.paired_verdict([-0.0221 + 0.0224 / math.sqrt(2) * z for z in (-1, 1)], "S_mae_s") == "level"
+    assert quality.paired_verdict([0.02], "det_auc") == "better (spread)"  # one seed: no spread, no interval
+    assert math.isnan(quality.paired_interval([0.02])[1])
+    assert quality.paired_verdict([float("nan")], "phase_mcc") == "n/a"
 
 
 def test_merge_combines_runs_on_disjoint_seeds_in_seed_order(tmp_path):

@@ -19,8 +19,9 @@ benchmark/train.py and eval.py), so nothing here is a second trainer or evaluato
 
 The summary gives mean ± std over seeds per variant, the in-domain differences to ``eqt_ft`` paired
 by seed (and ``moe_frozen`` − ``eqt_ffn``, the guide's recipe against its dense control) (every variant of seed i is trained with seed i from the same base; the spread of the
-per-seed differences holds both models' seed noise and is what a difference has to exceed), and the
-last line compares the headline
+per-seed differences holds both models' seed noise and is what a difference has to exceed; a 95%
+Student-t interval of the mean difference and a verdict per metric follow), and the last line
+compares the headline
 SeisMoE variant with ``eqt_ft`` (differences / ratios of the means over seeds, in-domain test):
 ``seismoe_quality: mcc moe-eqt=<±x.xxx> p_mae moe/eqt=<x.xx> s_mae moe/eqt=<x.xx> det_auc moe-eqt=<±x.xxx>``.
 """
@@ -215,6 +216,56 @@ def paired_differences(
     return [_get(r, metric) - _get(e, metric) for r, e in pairs]
 
 
+#: Metrics where a lower value is better (the rest: higher is better).
+LOWER_IS_BETTER: tuple[str, ...] = ("P_mae_s", "S_mae_s")
+
+
+def paired_interval(diffs: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of the paired differences and its two-sided Student-t confidence interval (n - 1 degrees
+    of freedom): the usual test of a mean difference, next to the seed spread the issue's goal uses.
+
+    The spread (std of the differences) says how far one more seed may land; the interval says
+    where the mean itself lies, and narrows with more seeds. NaN bounds for fewer than two seeds."""
+    vals = [v for v in diffs if v is not None and math.isfinite(v)]
+    if not vals:
+        return float("nan"), float("nan"), float("nan")
+    m = statistics.mean(vals)
+    if len(vals) < 2:
+        return m, float("nan"), float("nan")
+    from scipy.stats import t as student_t
+
+    half = float(student_t.ppf(0.5 + level / 2, len(vals) - 1)) * statistics.stdev(vals) / math.sqrt(len(vals))
+    return m, m - half, m + half
+
+
+def paired_verdict(diffs: list[float], metric: str) -> str:
+    """``better``/``worse`` with the criteria it meets, or ``level``: ``spread`` when the mean exceeds
+    the std of the differences (the issue's goal; compared as printed, to 3 decimals, so that the
+    verdict agrees with the ``mean ± std`` cell), ``CI`` when the 95% Student-t interval excludes 0.
+    With few seeds the spread criterion is the weaker one (three seeds: t = 4.3), with many the
+    interval is (nine seeds: t = 2.3 over sqrt(9))."""
+    m, lo, hi = paired_interval(diffs)
+    if math.isnan(m):
+        return "n/a"
+    _, sd = _mean_std(diffs)
+    criteria = []
+    if round(abs(m), 3) > round(sd, 3):
+        criteria.append("spread")
+    if not math.isnan(lo) and (lo > 0 or hi < 0):
+        criteria.append("CI")
+    if not criteria:
+        return "level"
+    good = (m < 0) if metric in LOWER_IS_BETTER else (m > 0)
+    return f"{'better' if good else 'worse'} ({', '.join(criteria)})"
+
+
+def _interval_cell(diffs: list[float], metric: str) -> str:
+    m, lo, hi = paired_interval(diffs)
+    if math.isnan(lo):
+        return paired_verdict(diffs, metric)
+    return f"[{lo:+.3f}, {hi:+.3f}] {paired_verdict(diffs, metric)}"
+
+
 def format_tables(s: QualitySettings, results: dict[str, dict[str, list[dict[str, float]]]], base: dict[str, dict[str, float]]) -> str:
     """Markdown tables: in-domain (B) per variant, the in-domain differences to ``eqt_ft`` paired by
     seed, then cross-domain (trained on B, tested on A and C)."""
@@ -231,6 +282,14 @@ def format_tables(s: QualitySettings, results: dict[str, dict[str, list[dict[str
         lines.append(head.replace("| model |", "| variant − eqt_ft |"))
         for v in moe:
             lines.append(f"| {v} | " + " | ".join(_cell(paired_differences(results, v, b, m), signed=True) for m in METRICS) + " |\n")
+        lines.append(
+            f"\n95% confidence interval of the mean paired difference (Student t, {len(s.seeds) - 1} degrees of freedom) and the"
+            " verdict: better/worse by 'spread' = |mean| > std of the differences as printed (the issue's goal), 'CI' = the"
+            " interval excludes 0, else level; MAE lower is better\n\n"
+        )
+        lines.append(head.replace("| model |", "| variant − eqt_ft |"))
+        for v in moe:
+            lines.append(f"| {v} | " + " | ".join(_interval_cell(paired_differences(results, v, b, m), m) for m in METRICS) + " |\n")
     if "eqt_ffn" in s.variants and "moe_frozen" in s.variants:
         # The guide's recipe against its dense control: the same trunk frozen, experts vs one FFN.
         lines.append(f"\nIn-domain, paired by seed: moe_frozen minus eqt_ffn (only the FFN / MoE layers trained; mean ± std of the {len(s.seeds)} differences)\n\n")
