@@ -143,7 +143,7 @@ def test_paired_interval_is_student_t_and_verdicts_follow_the_metric_direction()
     assert quality.paired_verdict([0.05, -0.04, 0.01], "P_mae_s") == "level"
     # as printed: -0.0221 ± 0.0224 is "-0.022 ± 0.022", not beyond the spread
     assert quality.paired_verdict([-0.0221 + 0.0224 / math.sqrt(2) * z for z in (-1, 1)], "S_mae_s") == "level"
-    assert quality.paired_verdict([0.02], "det_auc") == "better (spread)"  # one seed: no spread, no interval
+    assert quality.paired_verdict([0.02], "det_auc") == "one seed"  # no spread, no interval: no verdict
     assert math.isnan(quality.paired_interval([0.02])[1])
     assert quality.paired_verdict([float("nan")], "phase_mcc") == "n/a"
 

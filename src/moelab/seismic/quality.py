@@ -247,11 +247,13 @@ def paired_verdict(diffs: list[float], metric: str) -> str:
     m, lo, hi = paired_interval(diffs)
     if math.isnan(m):
         return "n/a"
+    if math.isnan(lo):
+        return "one seed"  # neither a spread nor an interval to compare with
     _, sd = _mean_std(diffs)
     criteria = []
     if round(abs(m), 3) > round(sd, 3):
         criteria.append("spread")
-    if not math.isnan(lo) and (lo > 0 or hi < 0):
+    if lo > 0 or hi < 0:
         criteria.append("CI")
     if not criteria:
         return "level"
