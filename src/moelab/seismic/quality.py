@@ -178,8 +178,13 @@ def _get(stats: dict[str, float], metric: str) -> float:
     return float(stats.get(f"test_{metric}", float("nan")))
 
 
+def _finite(values: list[float]) -> list[float]:
+    """The values a metric has (NaN / None: no windows for that task, e.g. S on a P-only domain)."""
+    return [v for v in values if v is not None and math.isfinite(v)]
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
-    vals = [v for v in values if v is not None and math.isfinite(v)]
+    vals = _finite(values)
     if not vals:
         return float("nan"), float("nan")
     return statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
@@ -226,15 +231,13 @@ def paired_interval(diffs: list[float], level: float = 0.95) -> tuple[float, flo
 
     The spread (std of the differences) says how far one more seed may land; the interval says
     where the mean itself lies, and narrows with more seeds. NaN bounds for fewer than two seeds."""
-    vals = [v for v in diffs if v is not None and math.isfinite(v)]
-    if not vals:
-        return float("nan"), float("nan"), float("nan")
-    m = statistics.mean(vals)
-    if len(vals) < 2:
+    n = len(_finite(diffs))
+    m, sd = _mean_std(diffs)
+    if n < 2:
         return m, float("nan"), float("nan")
     from scipy.stats import t as student_t
 
-    half = float(student_t.ppf(0.5 + level / 2, len(vals) - 1)) * statistics.stdev(vals) / math.sqrt(len(vals))
+    half = float(student_t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
     return m, m - half, m + half
 
 
