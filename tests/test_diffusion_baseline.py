@@ -101,6 +101,15 @@ def test_compare_trains_and_evaluates_both(cfg, tmp_path, capsys):
     assert abs(rows["unet2d"]["params_total"] - rows["moefsdic"]["params_active"]) < 0.5 * rows["moefsdic"]["params_active"]
     for r in rows.values():
         assert r["num_samples"] == 10 and r["train_samples_per_s"] > 0 and r["seconds_per_sample"] > 0
+        assert r["train_seed"] == load_config(cfg_file)["train"]["seed"]  # the config's seed when --train-seed is not given
+    # the multi-seed summary reads the run it wrote: one seed, no spread, no verdict
+    capsys.readouterr()
+    assert main(["diffusion", "compare-seeds", str(tmp_path / "cmp"), "--json", str(tmp_path / "seeds.json")]) == 0
+    out = capsys.readouterr().out
+    delta = rows["moefsdic"]["frechet_distance"] - rows["unet2d"]["frechet_distance"]
+    assert f"frechet moe-dense={delta:+.3f} ± 0.000 [no interval] wins={int(delta <= 0)}/1 (one seed)" in out
+    summary = json.loads((tmp_path / "seeds.json").read_text())
+    assert summary["seeds"][0]["delta_frechet"] == pytest.approx(delta) and summary["delta_frechet"]["ci95"] is None
 
 
 def test_compare_refuses_negative_guidance_before_training(tmp_path):
@@ -110,3 +119,67 @@ def test_compare_refuses_negative_guidance_before_training(tmp_path):
     with pytest.raises(ConfigError, match=r"--guidance 1.0 -1.0: give one or more weights >= 0"):
         compare(TINY, tmp_path / "cmp", guidance=[1.0, -1.0])
     assert not (tmp_path / "cmp").exists()
+
+
+def _compare_json(path, moe_fd, dense_fd, seed, guidance=(1.0, 1.25), params=1000, steps=(90, 120)):
+    """A compare.json as `compare` writes it: two models, one row per guidance weight."""
+    rows = []
+    for arch, fds, n in (("moefsdic", moe_fd, steps[0]), ("unet2d", dense_fd, steps[1])):
+        for w, fd in zip(guidance, fds):
+            rows.append({"arch": arch, "guidance": w, "frechet_distance": fd, "accuracy": 0.9 + fd / 100, "train_steps": n,
+                         "params_total": params if arch == "unet2d" else 2 * params, "params_active": params,
+                         "budget_seconds": 100.0, "train_seed": seed})
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "compare.json").write_text(json.dumps({"results": rows}))
+    return path
+
+
+def test_compare_seeds_pairs_each_models_best_weight_by_seed(tmp_path):
+    from moelab.diffusion.compare import summarize_seeds
+    from moelab.paired import paired_interval
+
+    runs = [
+        _compare_json(tmp_path / "s0", [1.5, 1.2], [1.4, 1.6], 0),  # best: moe 1.2 (w 1.25), dense 1.4 (w 1)
+        _compare_json(tmp_path / "s1", [1.1, 1.3], [1.5, 1.3], 1),  # 1.1 vs 1.3
+        _compare_json(tmp_path / "s2", [1.4, 1.6], [1.2, 1.9], 2),  # 1.4 vs 1.2: the dense model wins
+    ]
+    res = summarize_seeds([runs[0], runs[1] / "compare.json", runs[2]])
+    deltas = [-0.2, -0.2, 0.2]
+    assert [r["delta_frechet"] for r in res["seeds"]] == pytest.approx(deltas)
+    assert [r["seed"] for r in res["seeds"]] == [0, 1, 2] and res["wins"] == 2
+    m, lo, hi = paired_interval(deltas)
+    assert res["delta_frechet"]["mean"] == pytest.approx(m) and res["delta_frechet"]["ci95"] == pytest.approx([lo, hi])
+    assert "| 0 | 90 | 0.912 / 1.20 (1.25) | 120 | 0.914 / 1.40 (1) | -0.20 |" in res["table"]
+    assert f"compare_seeds: frechet moe-dense={m:+.3f} ± 0.231 [{lo:+.3f}, {hi:+.3f}] wins=2/3 (level)" in res["table"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"guidance": (1.0, 2.0)}, r"evaluated moefsdic at guidance \[1.0, 2.0\].*use the same --guidance"),
+        ({"params": 999}, r"differ in params_total of moefsdic \(1998 vs 2000\)"),
+    ],
+)
+def test_compare_seeds_refuses_runs_that_differ_in_more_than_the_seed(tmp_path, kwargs, message):
+    from moelab.diffusion.compare import summarize_seeds
+    from moelab.errors import ConfigError
+
+    a = _compare_json(tmp_path / "a", [1.0, 1.1], [1.2, 1.3], 0)
+    b = _compare_json(tmp_path / "b", [1.0, 1.1], [1.2, 1.3], 1, **kwargs)
+    with pytest.raises(ConfigError, match=message):
+        summarize_seeds([a, b])
+
+
+def test_compare_seeds_names_a_missing_or_foreign_file(tmp_path):
+    from moelab.diffusion.compare import summarize_seeds
+    from moelab.errors import DataError
+
+    with pytest.raises(DataError, match="neither a compare.json nor a folder holding one"):
+        summarize_seeds([tmp_path / "nowhere"])
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "compare.json").write_text(json.dumps({"results": [{"arch": "moefsdic"}]}))
+    with pytest.raises(DataError, match=r"is not a `moelab diffusion compare` result \(KeyError: .*guidance"):
+        summarize_seeds([tmp_path / "x"])
+    (tmp_path / "x" / "compare.json").write_text("{not json")
+    with pytest.raises(DataError, match="is not a `moelab diffusion compare` result"):
+        summarize_seeds([tmp_path / "x"])

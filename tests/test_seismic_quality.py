@@ -128,26 +128,6 @@ def test_paired_differences_are_taken_seed_by_seed(tmp_path):
     assert "| moe_frozen | -0.005 ± 0.007 | +0.015 ± 0.007 | -0.030 ± 0.028 | +0.005 ± 0.021 |" in part
 
 
-def test_paired_interval_is_student_t_and_verdicts_follow_the_metric_direction():
-    from scipy import stats
-
-    # nine seeds, |mean| (0.0211) inside the std of the differences (0.0226), interval below 0
-    diffs = [-0.05, 0.0, -0.03, -0.02, -0.05, 0.01, -0.04, -0.01, 0.0]
-    m, lo, hi = quality.paired_interval(diffs)
-    ref = stats.t.interval(0.95, 8, np.mean(diffs), stats.sem(diffs))  # scipy's own interval as the reference
-    assert (m, lo, hi) == pytest.approx((-0.19 / 9, *ref), abs=1e-12)
-    assert quality.paired_verdict(diffs, "S_mae_s") == "better (CI)"
-    assert quality.paired_verdict(diffs, "phase_mcc") == "worse (CI)"  # higher is better there
-    assert quality.paired_verdict(diffs[:3], "S_mae_s") == "better (spread)"  # -0.027 ± 0.025, t(2) too wide
-    assert quality.paired_verdict([-0.05, -0.04, -0.06], "P_mae_s") == "better (spread, CI)"
-    assert quality.paired_verdict([0.05, -0.04, 0.01], "P_mae_s") == "level"
-    # as printed: -0.0221 ± 0.0224 is "-0.022 ± 0.022", not beyond the spread
-    assert quality.paired_verdict([-0.0221 + 0.0224 / math.sqrt(2) * z for z in (-1, 1)], "S_mae_s") == "level"
-    assert quality.paired_verdict([0.02], "det_auc") == "one seed"  # no spread, no interval: no verdict
-    assert math.isnan(quality.paired_interval([0.02])[1])
-    assert quality.paired_verdict([float("nan")], "phase_mcc") == "n/a"
-
-
 def test_merge_combines_runs_on_disjoint_seeds_in_seed_order(tmp_path):
     """Two processes, one seed set each: the merged tables are those of one run over all seeds."""
     import json

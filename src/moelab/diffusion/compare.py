@@ -18,6 +18,7 @@ model reached.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -83,7 +84,7 @@ def train_and_evaluate(
     trained = dict(
         arch=cfg["model"]["arch"], checkpoint=str(ckpt), train_steps=steps, train_seconds=train_s,
         train_samples_per_s=steps * bs / train_s, params_total=pc["total"], params_active=pc["active_per_sample"],
-        budget_seconds=budget_seconds,
+        budget_seconds=budget_seconds, train_seed=cfg["train"]["seed"] if train_seed is None else int(train_seed),
     )
     return [{**evaluate_model(model, cfg, evaluator, guidance=w, **eval_kw), **trained} for w in guidance_weights(guidance)]
 
@@ -154,3 +155,106 @@ def compare(
     }
     write_json(result, out / "compare.json")
     return result
+
+
+#: Fields `summarize_seeds` reads from every result row of a ``compare.json``.
+_ROW_KEYS = ("arch", "guidance", "frechet_distance", "accuracy", "train_steps")
+#: Fields that must agree between the runs `summarize_seeds` pairs (per model).
+_SAME_KEYS = ("params_total", "params_active", "budget_seconds")
+
+
+def _read_compare(path: str | Path) -> tuple[Path, list[dict[str, Any]]]:
+    """A ``compare.json`` (or the folder holding one) as its result rows, checked."""
+    import json
+
+    from moelab.errors import DataError
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "compare.json"
+    if not p.is_file():
+        raise DataError(f"'{path}' is neither a compare.json nor a folder holding one (written by `moelab diffusion compare --out DIR`)")
+    try:
+        rows = json.loads(p.read_text())["results"]
+        for r in rows:
+            missing = [k for k in _ROW_KEYS if k not in r]
+            if missing:
+                raise KeyError(", ".join(missing))
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"'{p}' is not a `moelab diffusion compare` result ({type(e).__name__}: {e}); re-run compare to rewrite it") from None
+    return p, rows
+
+
+def summarize_seeds(paths: Sequence[str | Path]) -> dict[str, Any]:
+    """MoEFsDiC against the dense baseline over several ``compare`` runs (one per training seed).
+
+    Each run contributes each model at its best guidance weight (`best_row`); the Fréchet distances
+    are paired by run, and their differences (MoEFsDiC minus dense) get the mean ± std, the 95%
+    Student-t interval and the verdict of `moelab.paired` (lower is better), with the count of runs
+    where MoEFsDiC's is lower or equal. The runs must be comparable: the same two models (parameter
+    counts), the same guidance sweep and the same budget; they may differ in seed only.
+    """
+    from moelab.errors import ConfigError
+    from moelab.paired import interval_cell, mean_std, paired_interval, paired_verdict
+
+    if len(paths) < 1:
+        raise ConfigError("give one or more compare outputs (folders or compare.json files)")
+    runs = []
+    for path in paths:
+        p, rows = _read_compare(path)
+        by_arch: dict[str, list[dict[str, Any]]] = {}
+        for r in rows:
+            by_arch.setdefault(r["arch"], []).append(r)
+        if "moefsdic" not in by_arch or len(by_arch) != 2:
+            raise ConfigError(f"'{p}' holds models {sorted(by_arch)}; a compare run holds MoEFsDiC and one dense baseline")
+        runs.append((p, by_arch))
+    first_path, first = runs[0]
+    for p, by_arch in runs[1:]:
+        if sorted(by_arch) != sorted(first):
+            raise ConfigError(f"'{p}' compares {sorted(by_arch)}, '{first_path}' {sorted(first)}: pair runs of the same models")
+        for arch, rows in by_arch.items():
+            weights, ref_weights = sorted(r["guidance"] for r in rows), sorted(r["guidance"] for r in first[arch])
+            if weights != ref_weights:
+                raise ConfigError(f"'{p}' evaluated {arch} at guidance {weights}, '{first_path}' at {ref_weights}: use the same --guidance")
+            for key in _SAME_KEYS:
+                if rows[0].get(key) != first[arch][0].get(key):
+                    raise ConfigError(
+                        f"'{p}' and '{first_path}' differ in {key} of {arch} ({rows[0].get(key)} vs {first[arch][0].get(key)}): "
+                        "pair runs of one config and budget"
+                    )
+    baseline = next(a for a in first if a != "moefsdic")
+    seeds = []
+    for p, by_arch in runs:
+        moe, dense = best_row(by_arch["moefsdic"]), best_row(by_arch[baseline])
+        seed = moe.get("train_seed")
+        seeds.append({"run": str(p), "seed": p.parent.name if seed is None else seed, "moefsdic": moe, baseline: dense,
+                      "delta_frechet": moe["frechet_distance"] - dense["frechet_distance"],
+                      "delta_accuracy": moe["accuracy"] - dense["accuracy"]})
+    fd = [r["delta_frechet"] for r in seeds]
+    acc = [r["delta_accuracy"] for r in seeds]
+    m, sd = mean_std(fd)
+    _, lo, hi = paired_interval(fd)
+    wins = sum(r["moefsdic"]["frechet_distance"] <= r[baseline]["frechet_distance"] for r in seeds)
+    ci = None if math.isnan(lo) else [lo, hi]  # one seed: no interval
+    lines = [
+        f"| seed | MoEFsDiC steps | MoEFsDiC acc / Fréchet (w) | {baseline} steps | {baseline} acc / Fréchet (w) | Δ Fréchet |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in seeds:
+        a, b = r["moefsdic"], r[baseline]
+        lines.append(
+            f"| {r['seed']} | {a['train_steps']:,} | {a['accuracy']:.3f} / {a['frechet_distance']:.2f} ({a['guidance']:g}) | "
+            f"{b['train_steps']:,} | {b['accuracy']:.3f} / {b['frechet_distance']:.2f} ({b['guidance']:g}) | {r['delta_frechet']:+.2f} |"
+        )
+    ma, sda = mean_std(acc)
+    lines += [
+        "",
+        f"Fréchet distance at each model's best w, MoEFsDiC − {baseline} over {len(seeds)} seeds: "
+        f"{m:+.3f} ± {sd:.3f}, 95% CI {interval_cell(fd, lower_is_better=True)}; MoEFsDiC lower or equal on {wins} of {len(seeds)}",
+        f"accuracy at those w, MoEFsDiC − {baseline}: {ma:+.3f} ± {sda:.3f}, 95% CI {interval_cell(acc, lower_is_better=False)}",
+        f"compare_seeds: frechet moe-dense={m:+.3f} ± {sd:.3f} {'[no interval]' if ci is None else f'[{lo:+.3f}, {hi:+.3f}]'} "
+        f"wins={wins}/{len(seeds)} "
+        f"({paired_verdict(fd, lower_is_better=True)})",
+    ]
+    return {"seeds": seeds, "baseline": baseline, "delta_frechet": {"mean": m, "std": sd, "ci95": ci}, "wins": wins,
+            "table": "\n".join(lines)}

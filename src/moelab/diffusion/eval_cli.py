@@ -1,4 +1,5 @@
-"""`moelab diffusion evaluate | analyze | compare`: how good a model is, and how it routes.
+"""`moelab diffusion evaluate | analyze | compare | compare-seeds`: how good a model is, how it routes, and
+whether it beats the dense baseline.
 
 Errors in user input surface as `MoelabError`s, which the top-level CLI prints as one line
 (``error: ...``) with exit status 2.
@@ -69,6 +70,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare_seeds(args: argparse.Namespace) -> int:
+    from moelab.diffusion.compare import summarize_seeds
+    from moelab.diffusion.evaluate import write_json
+
+    res = summarize_seeds(args.runs)
+    print(res["table"])
+    if args.json:
+        print(f"summary: {write_json(res, args.json)}")
+    return 0
+
+
 def register(sub: Any) -> None:
     """Add the evaluation / analysis / comparison subcommands."""
     def eval_args(p: argparse.ArgumentParser, per_class: int, sweep: bool = False) -> None:
@@ -110,3 +122,10 @@ def register(sub: Any) -> None:
     p.add_argument("--no-progress", action="store_true")
     eval_args(p, 100, sweep=True)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser(
+        "compare-seeds", help="MoEFsDiC vs the dense baseline over several compare runs (one per --train-seed): paired Fréchet differences"
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN", help="compare output folders (or their compare.json), one per training seed")
+    p.add_argument("--json", default=None, help="also write the summary to this JSON file")
+    p.set_defaults(func=cmd_compare_seeds)

@@ -31,13 +31,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from moelab.errors import ConfigError
+from moelab.paired import interval_cell, mean_std
 
 log = logging.getLogger(__name__)
 
@@ -178,20 +178,8 @@ def _get(stats: dict[str, float], metric: str) -> float:
     return float(stats.get(f"test_{metric}", float("nan")))
 
 
-def _finite(values: list[float]) -> list[float]:
-    """The values a metric has (NaN / None: no windows for that task, e.g. S on a P-only domain)."""
-    return [v for v in values if v is not None and math.isfinite(v)]
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    vals = _finite(values)
-    if not vals:
-        return float("nan"), float("nan")
-    return statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
-
-
 def _cell(values: list[float], signed: bool = False) -> str:
-    m, sd = _mean_std(values)
+    m, sd = mean_std(values)
     if math.isnan(m):
         return "n/a"
     mean = f"{m:+.3f}" if signed else f"{m:.3f}"
@@ -202,7 +190,7 @@ def summary_line(results: dict[str, dict[str, list[dict[str, float]]]], headline
     """The last line: headline SeisMoE vs fine-tuned EQTransformer, means over seeds, in-domain test."""
 
     def mean(variant: str, metric: str) -> float:
-        return _mean_std([_get(r, metric) for r in results[variant][domain]])[0]
+        return mean_std([_get(r, metric) for r in results[variant][domain]])[0]
 
     mcc = mean(headline, "phase_mcc") - mean("eqt_ft", "phase_mcc")
     p = mean(headline, "P_mae_s") / mean("eqt_ft", "P_mae_s")
@@ -223,52 +211,6 @@ def paired_differences(
 
 #: Metrics where a lower value is better (the rest: higher is better).
 LOWER_IS_BETTER: tuple[str, ...] = ("P_mae_s", "S_mae_s")
-
-
-def paired_interval(diffs: list[float], level: float = 0.95) -> tuple[float, float, float]:
-    """Mean of the paired differences and its two-sided Student-t confidence interval (n - 1 degrees
-    of freedom): the usual test of a mean difference, next to the seed spread the issue's goal uses.
-
-    The spread (std of the differences) says how far one more seed may land; the interval says
-    where the mean itself lies, and narrows with more seeds. NaN bounds for fewer than two seeds."""
-    n = len(_finite(diffs))
-    m, sd = _mean_std(diffs)
-    if n < 2:
-        return m, float("nan"), float("nan")
-    from scipy.stats import t as student_t
-
-    half = float(student_t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
-    return m, m - half, m + half
-
-
-def paired_verdict(diffs: list[float], metric: str) -> str:
-    """``better``/``worse`` with the criteria it meets, or ``level``: ``spread`` when the mean exceeds
-    the std of the differences (the issue's goal; compared as printed, to 3 decimals, so that the
-    verdict agrees with the ``mean ± std`` cell), ``CI`` when the 95% Student-t interval excludes 0.
-    With few seeds the spread criterion is the weaker one (three seeds: t = 4.3), with many the
-    interval is (nine seeds: t = 2.3 over sqrt(9))."""
-    m, lo, hi = paired_interval(diffs)
-    if math.isnan(m):
-        return "n/a"
-    if math.isnan(lo):
-        return "one seed"  # neither a spread nor an interval to compare with
-    _, sd = _mean_std(diffs)
-    criteria = []
-    if round(abs(m), 3) > round(sd, 3):
-        criteria.append("spread")
-    if lo > 0 or hi < 0:
-        criteria.append("CI")
-    if not criteria:
-        return "level"
-    good = (m < 0) if metric in LOWER_IS_BETTER else (m > 0)
-    return f"{'better' if good else 'worse'} ({', '.join(criteria)})"
-
-
-def _interval_cell(diffs: list[float], metric: str) -> str:
-    m, lo, hi = paired_interval(diffs)
-    if math.isnan(lo):
-        return paired_verdict(diffs, metric)
-    return f"[{lo:+.3f}, {hi:+.3f}] {paired_verdict(diffs, metric)}"
 
 
 def format_tables(s: QualitySettings, results: dict[str, dict[str, list[dict[str, float]]]], base: dict[str, dict[str, float]]) -> str:
@@ -294,7 +236,7 @@ def format_tables(s: QualitySettings, results: dict[str, dict[str, list[dict[str
         )
         lines.append(head.replace("| model |", "| variant − eqt_ft |"))
         for v in moe:
-            lines.append(f"| {v} | " + " | ".join(_interval_cell(paired_differences(results, v, b, m), m) for m in METRICS) + " |\n")
+            lines.append(f"| {v} | " + " | ".join(interval_cell(paired_differences(results, v, b, m), m in LOWER_IS_BETTER) for m in METRICS) + " |\n")
     if "eqt_ffn" in s.variants and "moe_frozen" in s.variants:
         # The guide's recipe against its dense control: the same trunk frozen, experts vs one FFN.
         lines.append(f"\nIn-domain, paired by seed: moe_frozen minus eqt_ffn (only the FFN / MoE layers trained; mean ± std of the {len(s.seeds)} differences)\n\n")
