@@ -19,13 +19,13 @@ models' mean gaps). Usage: ``python bench/seismoe_learning.py [--seeds 11 12 13]
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
+from moelab.paired import interval_cell, mean_std
 from moelab.seismic import harness, synth
 from moelab.seismic.config import validate
 from moelab.seismic.data import open_dataset, resolve_data
@@ -42,9 +42,9 @@ def run_config(model: str, data: Path, seed: int, args: argparse.Namespace) -> d
     return {"model": model, "data": str(data), "model_args": margs, "batch_size": args.batch, "max_epochs": args.epochs, "seed": seed}
 
 
-def mean_std(values: list[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+def cell(values: list[float]) -> str:
+    m, sd = mean_std(values)
+    return f"{m:.3f} ± {sd:.3f}"
 
 
 def main() -> None:
@@ -87,19 +87,18 @@ def main() -> None:
 
     print("\nmean ± std over seeds")
     for model, rs in rows.items():
-        print(f"{model:<14} " + "  ".join(f"{m[5:]} {mean_std([r[m] for r in rs])}" for m in METRICS))
-    diff = {m: [a[m] - b[m] for a, b in zip(rows["SeisMoE"], rows["EQTransformer"])] for m in ("test_det_auc", "test_phase_mcc")}
+        print(f"{model:<14} " + "  ".join(f"{m[5:]} {cell([r[m] for r in rs])}" for m in METRICS))
+    diff = {m: [a[m] - b[m] for a, b in zip(rows["SeisMoE"], rows["EQTransformer"])] for m in METRICS}
+    print("paired SeisMoE - EQTransformer by seed, 95% interval and verdict (moelab.paired)")
+    for m in METRICS:
+        print(f"  {m[5:]:<10} {interval_cell(diff[m], lower_is_better=m.endswith('_mae_s'))}")
     gap = {
-        m: min(statistics.mean(r[m] for r in rows[k]) for k in ("SeisMoE", "EQTransformer")) - statistics.mean(r[m] for r in rows["untrained"])
+        m: min(mean_std([r[m] for r in rows[k]])[0] for k in ("SeisMoE", "EQTransformer")) - mean_std([r[m] for r in rows["untrained"]])[0]
         for m in ("test_det_auc", "test_phase_mcc")
     }
-
-    def sd(v: list[float]) -> float:
-        return statistics.stdev(v) if len(v) > 1 else 0.0
-
+    (auc, auc_sd), (mcc, mcc_sd) = mean_std(diff["test_det_auc"]), mean_std(diff["test_phase_mcc"])
     print(
-        f"seismoe_learning: det_auc moe-eqt={statistics.mean(diff['test_det_auc']):+.3f}±{sd(diff['test_det_auc']):.3f} "
-        f"mcc moe-eqt={statistics.mean(diff['test_phase_mcc']):+.3f}±{sd(diff['test_phase_mcc']):.3f} "
+        f"seismoe_learning: det_auc moe-eqt={auc:+.3f}±{auc_sd:.3f} mcc moe-eqt={mcc:+.3f}±{mcc_sd:.3f} "
         f"trained-untrained det_auc={gap['test_det_auc']:.3f} mcc={gap['test_phase_mcc']:.3f}"
     )
 
