@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from moelab.checkpoint import atomic_write_bytes
 from moelab.paired import interval_cell, mean_std
 from moelab.seismic import harness, synth
 from moelab.seismic.config import validate
@@ -96,7 +97,8 @@ def merge(paths: list[str]) -> str:
     if len(set(seeds)) != len(seeds):
         raise SystemExit(f"error: the runs share seeds ({sorted(seeds)}); merge runs on disjoint seeds")
     order = sorted(range(len(seeds)), key=seeds.__getitem__)
-    rows = {m: [[row for r in runs for row in r["rows"][m]][i] for i in order] for m in MODELS}
+    flat = {m: [row for r in runs for row in r["rows"][m]] for m in MODELS}
+    rows = {m: [flat[m][i] for i in order] for m in MODELS}
     return f"seeds {sorted(seeds)} from {len(paths)} runs" + summary(rows)
 
 
@@ -153,7 +155,8 @@ def main() -> None:
         if args.json:  # after every seed: a stopped run keeps what it finished
             settings = {k: getattr(args, k) for k in SETTINGS}
             done = args.seeds[: len(rows["SeisMoE"])]
-            Path(args.json).write_text(json.dumps({"settings": settings, "seeds": done, "rows": rows}, indent=1, default=float))
+            doc = {"settings": settings, "seeds": done, "rows": rows}
+            atomic_write_bytes(json.dumps(doc, indent=1, default=float).encode(), args.json)  # never a half-written file
     print(summary(rows))
 
 
