@@ -53,8 +53,11 @@ steps; there are no RSS or live-memory processes. MoE blocks take the accelerato
 (gathered dispatch, no host read per block); lean backward is a CPU path, so ``moe`` and
 ``moe_plain`` run the same code. Not yet measured: no GPU was lent to this work.
 
+``--preload LIB`` runs the benchmark and its memory processes with another allocator (TCMalloc,
+jemalloc) in ``LD_PRELOAD``, for every model alike; the live-memory processes keep glibc's.
+
 Usage: python bench/train_step.py [--quick] [--threads 1] [--reps 7] [--compile] [--malloc retain|default] [--no-live-memory] [--scales ...]
-       [--device cpu|cuda] [--precision 32|bf16-mixed]
+       [--device cpu|cuda] [--precision 32|bf16-mixed] [--preload LIB]
 ``--compile`` times ``torch.compile``-d models (inductor; C++ backend on CPU) instead of eager ones,
 in the timing process and the memory processes alike. Compiled, MoEFsDiC's blocks trace their
 gathered dispatch (the grouped one's routing-dependent shapes stopped inductor, torch 2.13), so
@@ -81,7 +84,7 @@ import torch.nn.functional as F
 from moelab.diffusion.config import load_config
 from moelab.diffusion.models import build_model, prepare_for_training
 from moelab.diffusion.sample import guided_eps
-from moelab.hostmem import map_large_blocks, retain_freed_memory
+from moelab.hostmem import malloc_provider, map_large_blocks, retain_freed_memory
 from moelab.moe import model_aux_loss
 
 SCALES: dict[str, dict[str, Any]] = {
@@ -253,6 +256,9 @@ def measure_memory(
     scale: str, variant: str, threads: int, malloc: str, device: str = "cpu", precision: str = "32", compile_model: bool = False
 ) -> dict[str, float]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    preloaded = os.environ.get(PRELOAD_MARK)
+    if malloc == "mmap" and preloaded:  # live memory is measured through glibc's mmap threshold: drop --preload's library
+        env["LD_PRELOAD"] = ":".join(p for p in env.get("LD_PRELOAD", "").split(":") if p and p != preloaded)
     cmd = [sys.executable, __file__, "--threads", str(threads), "--malloc", malloc, "--device", device, "--precision", precision,
            *(["--compile"] if compile_model else []), "--memory-child", scale, variant]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
@@ -305,6 +311,32 @@ def sample_step_ratio(reps: int, warmup: int, device: str = "cpu", precision: st
     return paired_ratio(times["moe"], times["dense"]), {v: 1e3 * statistics.median(ts) for v, ts in times.items()}
 
 
+#: Set (to the library) in the process `preload_allocator` re-executes, so that it is done once.
+PRELOAD_MARK = "MOELAB_BENCH_PRELOAD"
+
+
+def preload_allocator(library: str) -> None:
+    """Re-execute this benchmark with ``library`` (a malloc replacement: TCMalloc, jemalloc) in
+    ``LD_PRELOAD`` unless it already provides ``malloc`` here; the memory processes inherit it."""
+    lib = os.path.realpath(library)
+    if not os.path.isfile(lib):
+        fail(
+            f"--preload {library}: no such file; give the path of a malloc library, e.g. "
+            "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 (Debian/Ubuntu: apt-get install libtcmalloc-minimal4) "
+            "or /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 (libjemalloc2)"
+        )
+    provider = malloc_provider()
+    if provider is not None and os.path.realpath(provider) == lib:
+        return
+    if os.environ.get(PRELOAD_MARK) == lib:
+        fail(f"--preload {library}: malloc still comes from {provider} with it preloaded; is it a malloc library (TCMalloc, jemalloc)?")
+    env = dict(os.environ)
+    env["LD_PRELOAD"] = ":".join([lib, *(p for p in env.get("LD_PRELOAD", "").split(":") if p)])
+    env[PRELOAD_MARK] = lib
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
 def fail(message: str) -> None:
     """One ``error: ...`` line and exit status 2, as every moelab command does."""
     print(f"error: {message}", file=sys.stderr)
@@ -333,8 +365,16 @@ def main() -> None:
     )
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N] (timed with synchronisation; memory from the CUDA allocator)")
     ap.add_argument("--precision", choices=("32", "bf16-mixed"), default="32", help="32: float32; bf16-mixed: bfloat16 autocast, as Lightning's")
+    ap.add_argument(
+        "--preload", metavar="LIB",
+        help="run the timing and memory processes with this malloc library preloaded (LD_PRELOAD), e.g. TCMalloc's "
+        "libtcmalloc_minimal.so.4 or libjemalloc.so.2, as PyTorch's CPU performance guide recommends (every model alike; "
+        "--malloc then changes nothing); the live-memory processes keep glibc's malloc",
+    )
     ap.add_argument("--memory-child", nargs=2, metavar=("SCALE", "VARIANT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.preload and not args.memory_child:
+        preload_allocator(args.preload)
     torch.set_num_threads(args.threads)
     try:
         device = torch.device(args.device)
@@ -347,14 +387,14 @@ def main() -> None:
     retained = retain_freed_memory() if args.malloc == "retain" else False
     if args.memory_child:
         if args.malloc == "mmap" and not map_large_blocks():
-            fail("--malloc mmap needs glibc's mallopt")
+            fail(f"--malloc mmap needs glibc's malloc and mallopt (malloc here comes from {malloc_provider()})")
         memory_child(*args.memory_child, device=args.device, precision=args.precision, compile_model=args.compile)
         return
     reps, warmup = (3, 1) if args.quick else (max(3, args.reps), 2)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(
         f"device={args.device} ({where}) precision={args.precision} threads={args.threads} reps={reps} warmup={warmup} "
-        f"compile={args.compile} malloc={args.malloc} (retained={retained}) torch={torch.__version__}"
+        f"compile={args.compile} malloc={args.malloc} (retained={retained}, malloc from {malloc_provider()}) torch={torch.__version__}"
     )
     if args.malloc == "mmap":
         fail("--malloc mmap is for the memory processes only (the live-memory figures); time with retain or default")

@@ -11,9 +11,11 @@ import sys
 
 import pytest
 
-from moelab.hostmem import _glibc
+from moelab.hostmem import _glibc, _libc
 
-pytestmark = pytest.mark.skipif(_glibc() is None, reason="mallopt tuning applies to glibc only")
+#: glibc's malloc governs this process (no other allocator preloaded): its mallopt settings apply
+needs_glibc_malloc = pytest.mark.skipif(_glibc() is None, reason="mallopt tuning applies to glibc's malloc only")
+needs_glibc = pytest.mark.skipif(_libc() is None, reason="the C library is not glibc")
 
 # 16 blocks of 4 MiB (the size of activations) made and freed, as forward and backward do; prints
 # how much the resident set grew and how much of that it still holds after the free.
@@ -41,6 +43,7 @@ def _run(mode: str) -> dict[str, int]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@needs_glibc_malloc
 def test_freed_memory_stays_for_the_next_step():
     size = 16 * 4 * 2**20
     default, retained = _run("default"), _run("retain")
@@ -73,6 +76,7 @@ print(json.dumps({"grew": r1 - r0, "kept": rss() - r0}))
 """
 
 
+@needs_glibc_malloc
 def test_map_large_blocks_makes_rss_follow_live_tensors():
     """With `map_large_blocks`, freeing blocks between live ones gives their memory back (peak RSS
     measures what is alive); from glibc's heap it stays resident."""
@@ -87,3 +91,55 @@ def test_map_large_blocks_makes_rss_follow_live_tensors():
     assert heap["grew"] >= 15 * mib and mapped["grew"] >= 15 * mib  # (a few pages may be resident already)
     assert heap["kept"] >= 15 * mib, heap  # the 8 freed blocks sit between live ones in the heap
     assert 7 * mib <= mapped["kept"] < 10 * mib, mapped  # only the 8 live blocks stay resident
+
+
+@needs_glibc_malloc
+def test_malloc_provider_names_glibc_here():
+    """Without a preloaded allocator malloc is glibc's, and the mallopt settings apply."""
+    from moelab.hostmem import glibc_malloc_in_use, malloc_provider
+
+    assert glibc_malloc_in_use() is True
+    assert "libc.so" in os.path.basename(malloc_provider() or "")
+
+
+# the mallopt settings report themselves not applied where another allocator provides malloc
+PRELOADED = """
+import json
+from moelab.hostmem import glibc_malloc_in_use, malloc_provider, map_large_blocks, retain_freed_memory
+print(json.dumps({"provider": malloc_provider(), "glibc": glibc_malloc_in_use(), "retain": retain_freed_memory(),
+                  "map": map_large_blocks()}))
+"""
+
+
+def _preloadable_allocator() -> str | None:
+    import ctypes.util
+
+    for name in ("tcmalloc_minimal", "tcmalloc", "jemalloc"):
+        found = ctypes.util.find_library(name)
+        if found:
+            for folder in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/lib"):
+                path = os.path.join(folder, found)
+                if os.path.isfile(path):
+                    return path
+    return None
+
+
+@needs_glibc
+def test_preloaded_allocator_is_named_and_mallopt_settings_are_not_claimed():
+    lib = _preloadable_allocator()
+    if lib is None:
+        pytest.skip("no TCMalloc or jemalloc installed (apt-get install libtcmalloc-minimal4 libjemalloc2)")
+    env = {**os.environ, "LD_PRELOAD": lib}
+    out = subprocess.run([sys.executable, "-c", PRELOADED], env=env, capture_output=True, text=True, check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert os.path.realpath(got["provider"]) == os.path.realpath(lib), got
+    assert got == {**got, "glibc": False, "retain": False, "map": False}
+
+
+def test_train_step_benchmark_names_a_missing_preload_library():
+    """`bench/train_step.py --preload` with a path that is not there: one clear error, no traceback."""
+    bench = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "train_step.py")
+    out = subprocess.run([sys.executable, bench, "--preload", "/no/such/libtcmalloc.so"], capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "--preload /no/such/libtcmalloc.so: no such file" in out.stderr + out.stdout
+    assert "Traceback" not in out.stderr
