@@ -202,6 +202,19 @@ def test_levers_reach_the_model_and_optimizer():
     assert sum(len(g["params"]) for g in groups) == sum(1 for p in module.parameters() if p.requires_grad)
     with pytest.raises(ConfigError, match="router_lr must be > 0"):
         validate({**raw, "model_args": {**raw["model_args"], "router_lr": 0}})
+    # expert_lr: the routed experts' parameters form their own group (after the routers')
+    both = harness.build_module(validate({**raw, "model_args": {**raw["model_args"], "expert_lr": 3e-3}}))
+    groups = both.configure_optimizers().param_groups
+    assert [g["lr"] for g in groups] == [1e-3, 1e-2, 3e-3]
+    names = {id(p): n for n, p in both.named_parameters()}
+    assert all(".experts." in names[id(p)] for p in groups[2]["params"])
+    assert len(groups[2]["params"]) == 2 * 6 * 4  # 2 layers x 6 experts x (2 weights + 2 biases)
+    assert not any(".experts." in names[id(p)] for g in groups[:2] for p in g["params"])
+    assert sum(len(g["params"]) for g in groups) == sum(1 for p in both.parameters() if p.requires_grad)
+    alone = harness.build_module(validate({**raw, "model_args": {**raw["model_args"], "router_lr": None, "expert_lr": 3e-3}}))
+    assert [g["lr"] for g in alone.configure_optimizers().param_groups] == [1e-3, 3e-3]
+    with pytest.raises(ConfigError, match="expert_lr must be > 0"):
+        validate({**raw, "model_args": {**raw["model_args"], "expert_lr": -1e-3}})
 
 
 def test_a_tag_keeps_lever_runs_apart_and_shares_eqt_ft(tmp_path):

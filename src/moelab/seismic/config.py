@@ -64,6 +64,7 @@ _MOE_ARGS: dict[str, tuple[tuple[type, ...], str]] = {
     "router_jitter": ((int, float), "router noise in training >= 0"),
     "aux_loss": ((str,), "load-balance loss kind (see moelab.moe.LOSS_KINDS)"),
     "router_lr": ((int, float, type(None)), "learning rate of the routers alone (null: lr)"),
+    "expert_lr": ((int, float, type(None)), "learning rate of the routed experts alone (null: lr)"),
     "detach_router_input": ((bool,), "route on gradient-free features, so the load loss moves only the routers (default true)"),
     "upcycle_noise": ((int, float), "relative std of the noise added to upcycled expert copies, in [0, 1) (default 0: exact copies)"),
     "upcycle_drop": ((int, float), "fraction of each upcycled expert's hidden units re-initialised (Drop-Upcycling), in [0, 1) (default 0: none)"),
@@ -197,8 +198,9 @@ def _check_model_values(a: dict[str, Any], source: str) -> None:
             )
     if a.get("expert_hidden") is not None and a["expert_hidden"] < 1:
         raise ConfigError(f"{where}.expert_hidden must be >= 1 (SeisMoE needs >= 128, the dense FFN's hidden size), got {a['expert_hidden']}")
-    if a.get("router_lr") is not None and a["router_lr"] <= 0:
-        raise ConfigError(f"{where}.router_lr must be > 0 (or null for lr), got {a['router_lr']}")
+    for key in ("router_lr", "expert_lr"):
+        if a.get(key) is not None and a[key] <= 0:
+            raise ConfigError(f"{where}.{key} must be > 0 (or null for lr), got {a[key]}")
     for key in ("lr", "sigma"):
         if key in a and a[key] <= 0:
             raise ConfigError(f"{where}.{key} must be > 0, got {a[key]}")

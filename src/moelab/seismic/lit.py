@@ -330,6 +330,9 @@ class SeisMoELit(EQTransformerLit):
     :param lr: Adam learning rate (guide: 1e-3 full training, 5e-4 fine-tuning).
     :param router_lr: learning rate of the routers alone (None: ``lr``); upcycled experts start as
         copies, so routers that learn faster than the experts can split the work sooner.
+    :param expert_lr: learning rate of the routed experts alone (None: ``lr``); the other half of
+        "separate learning rates for router and experts": upcycled copies that move faster than the
+        trunk may drift apart and specialise sooner.
     :param kwargs: `EQTransformerLit` arguments (sigma, loss_weights, ...) and model arguments
         (gate, router_jitter, aux_loss, in_samples, ...).
     """
@@ -343,13 +346,16 @@ class SeisMoELit(EQTransformerLit):
         freeze_non_moe: bool = False,
         lr: float = 1e-3,
         router_lr: float | None = None,
+        expert_lr: float | None = None,
         **kwargs: Any,
     ) -> None:
         if not isinstance(moe_loss_coef, (int, float)) or moe_loss_coef < 0:
             raise ConfigError(f"moe_loss_coef must be a non-negative number, got {moe_loss_coef!r}")
-        if router_lr is not None and (isinstance(router_lr, bool) or not isinstance(router_lr, (int, float)) or router_lr <= 0):
-            raise ConfigError(f"router_lr must be a positive number or null (same as lr), got {router_lr!r}")
+        for name, value in (("router_lr", router_lr), ("expert_lr", expert_lr)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                raise ConfigError(f"{name} must be a positive number or null (same as lr), got {value!r}")
         self.router_lr = None if router_lr is None else float(router_lr)
+        self.expert_lr = None if expert_lr is None else float(expert_lr)
         self._moe_args = {"num_experts": num_experts, "num_experts_per_token": num_experts_per_token}
         super().__init__(lr=lr, base_model=base_model, **kwargs)
         self.moe_loss_coef = float(moe_loss_coef)
@@ -375,13 +381,18 @@ class SeisMoELit(EQTransformerLit):
         return self.model.get_moe_loss()
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        """Adam; with ``router_lr`` the router parameters form a group of their own."""
-        if self.router_lr is None:
+        """Adam; with ``router_lr`` the router parameters, with ``expert_lr`` the routed experts'
+        parameters form a group of their own (groups in that order, after the rest)."""
+        if self.router_lr is None and self.expert_lr is None:
             return super().configure_optimizers()
-        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        routers = [p for n, p in named if ".router." in n]
-        rest = [p for n, p in named if ".router." not in n]
-        return torch.optim.Adam([{"params": rest, "lr": self.lr}, {"params": routers, "lr": self.router_lr}], lr=self.lr)
+        own = {".router.": self.router_lr, ".experts.": self.expert_lr}
+        own = {key: lr for key, lr in own.items() if lr is not None}
+        groups: dict[str, list[Tensor]] = {"": [], **{key: [] for key in own}}
+        for n, p in self.named_parameters():
+            if p.requires_grad:
+                groups[next((key for key in own if key in n), "")].append(p)
+        lrs = {"": self.lr, **own}
+        return torch.optim.Adam([{"params": ps, "lr": lrs[key]} for key, ps in groups.items() if ps], lr=self.lr)
 
     def moe_loss_coef_value(self) -> float:
         return self.moe_loss_coef
