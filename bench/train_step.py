@@ -81,9 +81,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from moelab.diffusion.config import load_config
+from moelab.diffusion.config import load_config, parse_override
 from moelab.diffusion.models import build_model, prepare_for_training
 from moelab.diffusion.sample import guided_eps
+from moelab.errors import ConfigError
 from moelab.hostmem import malloc_provider, map_large_blocks, retain_freed_memory
 from moelab.moe import model_aux_loss
 
@@ -105,6 +106,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "moe_plain": {"train.lean_backward": False},
 }
 GUIDANCE = 1.25
+#: ``--set SECTION.KEY=VALUE`` overrides, applied to every scale and variant (e.g. moe.k_active=1)
+EXTRA_OVERRIDES: dict[str, Any] = {}
 #: Steps a memory process runs before timing its last two: glibc's heap keeps growing (page faults)
 #: for the first 4-6 steps of a 64x64 MoEFsDiC process, so timing steps 3-4 measured that growth
 #: (42-48k faults per step for one variant, 16-20k for another; ~0 from step 7 on).
@@ -113,7 +116,7 @@ ALONE_WARMUP = 6
 
 def scale_config(scale: str, variant: str) -> Any:
     s = SCALES[scale]
-    return load_config(s["config"], {**s["overrides"], **VARIANTS[variant]})
+    return load_config(s["config"], {**s["overrides"], **EXTRA_OVERRIDES, **VARIANTS[variant]})
 
 
 def batch_size(scale: str, cfg: Any) -> int:
@@ -260,7 +263,8 @@ def measure_memory(
     if malloc == "mmap" and preloaded:  # live memory is measured through glibc's mmap threshold: drop --preload's library
         env["LD_PRELOAD"] = ":".join(p for p in env.get("LD_PRELOAD", "").split(":") if p and p != preloaded)
     cmd = [sys.executable, __file__, "--threads", str(threads), "--malloc", malloc, "--device", device, "--precision", precision,
-           *(["--compile"] if compile_model else []), "--memory-child", scale, variant]
+           *(["--compile"] if compile_model else []), *(a for k, v in EXTRA_OVERRIDES.items() for a in ("--set", f"{k}={json.dumps(v)}")),
+           "--memory-child", scale, variant]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -371,8 +375,19 @@ def main() -> None:
         "libtcmalloc_minimal.so.4 or libjemalloc.so.2, as PyTorch's CPU performance guide recommends (every model alike; "
         "--malloc then changes nothing); the live-memory processes keep glibc's malloc",
     )
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="config override for every scale and model, e.g. --set moe.k_active=1 (the dense model is matched to the "
+        "resulting active parameters)",
+    )
     ap.add_argument("--memory-child", nargs=2, metavar=("SCALE", "VARIANT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    try:
+        EXTRA_OVERRIDES.update(parse_override(item) for item in args.set)
+        for scale in args.scales:
+            scale_config(scale, "moe")
+    except ConfigError as e:
+        fail(str(e))
     if args.preload and not args.memory_child:
         preload_allocator(args.preload)
     torch.set_num_threads(args.threads)
