@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 
 log = logging.getLogger(__name__)
@@ -58,8 +59,10 @@ class _DlInfo(ctypes.Structure):
     _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p), ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
-    """glibc itself, or None where the C library is another one."""
+    """glibc itself, or None where the C library is another one (looked up once: `_glibc`,
+    `malloc_provider` and `glibc_malloc_in_use` all need it, and it cannot change in a process)."""
     name = ctypes.util.find_library("c")
     if not name:
         return None
