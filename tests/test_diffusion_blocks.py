@@ -40,6 +40,27 @@ def test_pointwise_conv_equals_conv2d_in_values_and_gradients(channels_last):
         torch.testing.assert_close(a, r, **TOL)
 
 
+@pytest.mark.parametrize("max_channels", [512, 4])
+def test_pointwise_conv_float32_input_gradient_by_either_kernel(monkeypatch, max_channels):
+    """Float32 channels-last on CPU: the input gradient by oneDNN's 1x1 convolution (channels within
+    the limit) or by a GEMM (above it) is conv2d's, to float32 rounding, and stays channels-last."""
+    import moelab.diffusion.convs as convs
+
+    monkeypatch.setattr(convs, "ONEDNN_INPUT_GRAD_MAX_CHANNELS", max_channels)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 6, 5, 4, generator=g).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(7, 6, generator=g, requires_grad=True)
+    b = torch.randn(7, generator=g, requires_grad=True)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y, ref = pointwise_conv(x1, w, b), F.conv2d(x2, w[:, :, None, None], b)
+    go = torch.randn(ref.shape, generator=g).contiguous(memory_format=torch.channels_last)
+    grads = torch.autograd.grad(y, [x1, w, b], go)
+    for a, r in zip(grads, torch.autograd.grad(ref, [x2, w, b], go)):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+    assert grads[0].is_contiguous(memory_format=torch.channels_last)
+    assert convs._onednn_input_grad(go, w) == (convs._ONEDNN and max_channels >= 7)
+
+
 @pytest.mark.parametrize("x_grad, with_bias", [(False, True), (True, False)])
 def test_pointwise_conv_gradients_of_partial_inputs(x_grad, with_bias):
     """Only what needs a gradient gets one (a frozen input, a bias-free conv), still exactly conv2d's."""
