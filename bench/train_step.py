@@ -1,11 +1,13 @@
 """Training-step cost of MoEFsDiC against the dense UNet2DModel it must beat, at three scales.
 
-For each scale the five models are built from the same config (only the architecture differs):
+For each scale the six models are built from the same config (only the architecture differs):
   moe    : MoEFsDiC as configured
   dense  : diffusers' UNet2DModel (`moelab.diffusion.baseline`), width matched to MoEFsDiC's
            parameters *active per sample*
   no_moe : MoEFsDiC with ``moe.enabled: false`` (Dilated_Fusion_Blocks instead of MoE blocks)
   moe_full: MoEFsDiC with ``train.gradient_checkpointing: true`` (every block body recomputed)
+  moe_part: MoEFsDiC with ``train.gradient_checkpointing: [0, 1]`` (only the two full-resolution
+           levels recomputed: most of the activations, half of the GEMMs' recompute)
   moe_plain: MoEFsDiC with ``train.lean_backward: false`` (experts as plain autograd ops, keeping
            every intermediate for backward: what `moe` cost before `moelab.diffusion.lean_backward`)
 and measured on the same inputs (x, t, c, noise), with the same torch thread count:
@@ -21,7 +23,7 @@ and measured on the same inputs (x, t, c, noise), with the same torch thread cou
            before its first step (interpreter, torch, the model) is printed too, so the step's own
            share can be read off. The same process times its last two steps (the faster one is
            printed, with its minor page faults, as "one model per process"): unlike the timing
-           process, which holds all five models, this is the allocator state of a real training
+           process, which holds all six models, this is the allocator state of a real training
            run, where glibc's defaults page-fault MoEFsDiC's activations in again every step.
 * live memory: the same fresh processes with every block of 256 KiB or more its own ``mmap``
            (`moelab.hostmem.map_large_blocks`; ``--no-live-memory`` skips them): peak RSS then
@@ -103,6 +105,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "dense": {"model.arch": "unet2d"},
     "no_moe": {"moe.enabled": False},
     "moe_full": {"train.gradient_checkpointing": True},
+    "moe_part": {"train.gradient_checkpointing": [0, 1]},
     "moe_plain": {"train.lean_backward": False},
 }
 GUIDANCE = 1.25
@@ -413,7 +416,7 @@ def main() -> None:
     )
     if args.malloc == "mmap":
         fail("--malloc mmap is for the memory processes only (the live-memory figures); time with retain or default")
-    worst: dict[str, list[float]] = {v: [0.0, 0.0, 0.0] for v in ("moe", "moe_full", "moe_plain")}  # time, memory, live-memory ratios
+    worst: dict[str, list[float]] = {v: [0.0, 0.0, 0.0] for v in ("moe", "moe_full", "moe_part", "moe_plain")}  # time, memory, live-memory ratios
     for scale in args.scales:
         r = run_scale(scale, reps, warmup, args.threads, args.compile, args.malloc, not args.no_live_memory, args.device, args.precision)
         ms, ratio, mem, info = r["ms"], r["ratio"], r["mem"], r["info"]
@@ -455,6 +458,7 @@ def main() -> None:
                 w[2] = max(w[2], live_ratios.get(v, 0.0))
     if worst["moe"][0]:
         print(f"moe_full (train.gradient_checkpointing: True): moe_full/dense time={worst['moe_full'][0]:.2f} mem={worst['moe_full'][1]:.2f}")
+        print(f"moe_part (train.gradient_checkpointing: [0, 1]): moe_part/dense time={worst['moe_part'][0]:.2f} mem={worst['moe_part'][1]:.2f}")
         print(f"moe_plain (train.lean_backward: False): moe_plain/dense time={worst['moe_plain'][0]:.2f} mem={worst['moe_plain'][1]:.2f}")
         if worst["moe"][2]:
             print(

@@ -224,3 +224,19 @@ def test_original_layout_yaml_trains_with_train_py(tmp_path, monkeypatch, capfd)
     assert ck["global_step"] == 2 and saved["train"]["seed"] == 3
     assert (saved["model"]["emb_dim"], saved["train"]["lr"], saved["diffusion"]["beta_schedule"]) == (32, 1e-3, "squaredcos_cap_v2")
     assert (saved["model"]["image_size"], saved["diffusion"]["num_train_timesteps"]) == (16, 100)
+
+
+def test_gradient_checkpointing_takes_a_bool_or_resolution_levels():
+    """``train.gradient_checkpointing``: true/false, or distinct levels of ``model.channel_mults``
+    (stored sorted, as a tuple; an empty list is off); anything else is one clear error."""
+    base = CONFIGS / "default.yaml"
+    assert load_config(base, {"train.gradient_checkpointing": [1, 0]}).train.gradient_checkpointing == (0, 1)
+    assert load_config(base, {"train.gradient_checkpointing": []}).train.gradient_checkpointing is False
+    assert load_config(base, {"train.gradient_checkpointing": True}).train.gradient_checkpointing is True
+    c = load_config(base, {"train.gradient_checkpointing": [0]})
+    assert load_config(yaml.safe_load(dump_config(c))) == c and c["train"]["gradient_checkpointing"] == [0]
+    for bad in ([4], [0, 0], [-1], [True], ["0"]):
+        with pytest.raises(ConfigError, match=r"train.gradient_checkpointing=.* must be true, false or a list of distinct resolution levels 0..3"):
+            load_config(base, {"train.gradient_checkpointing": bad})
+    with pytest.raises(ConfigError, match="train.gradient_checkpointing"):
+        load_config(base, {"train.gradient_checkpointing": 1})

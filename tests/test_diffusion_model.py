@@ -375,3 +375,35 @@ def test_compiled_model_matches_eager_and_keeps_its_state_dict():
     assert g0.keys() == g1.keys() and all(v is not None for v in g1.values())
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_gradient_checkpointing_of_chosen_levels_only():
+    """``levels``: exactly those levels' blocks and resampling convs recompute, with the gradients of
+    no recomputation; a level the network lacks is refused."""
+    from moelab.diffusion.blocks import CondBlock, Resample
+
+    cfg = tiny(**{"model.channel_mults": [1, 2, 2], "model.image_size": 16})
+    torch.manual_seed(0)
+    a = MoEFsDiC_UNet(cfg)
+    b = MoEFsDiC_UNet(cfg)
+    b.load_state_dict(a.state_dict())
+    b.set_gradient_checkpointing(True, levels=[0, 2])
+    on = {n for n, m in b.named_modules() if isinstance(m, (CondBlock, Resample)) and m.gradient_checkpointing}
+    assert on == {"enc_blocks.0", "dec_blocks.0", "downs.0", "ups.0", "enc_blocks.2", "dec_blocks.2", "downs.2", "ups.2"}
+    x, t, c = inputs(cfg)
+    for m in (a, b):
+        eps, lg = m(x, t, c)
+        MoELoss()(eps, x, lg)[0].backward()
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5, msg=n)
+    with pytest.raises(ValueError, match=r"levels \[3\] do not exist: this network has levels 0..2"):
+        b.set_gradient_checkpointing(True, levels=[3])
+
+
+def test_checkpointing_levels_are_refused_for_the_dense_baseline():
+    from moelab.diffusion.models import prepare_for_training
+    from moelab.errors import ConfigError
+
+    cfg = tiny(**{"model.arch": "unet2d", "train.gradient_checkpointing": [0]})
+    with pytest.raises(ConfigError, match=r"a list of resolution levels applies to MoEFsDiC only, not to model.arch=unet2d"):
+        prepare_for_training(build_model(cfg), cfg.train)

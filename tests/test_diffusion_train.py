@@ -101,6 +101,7 @@ def test_checkpoint_contents_ema_and_load_model(tmp_path):
     [
         ({"train.precision": "bf16-mixed"}, lambda ck: True),
         ({"train.gradient_checkpointing": True}, lambda ck: True),
+        ({"train.gradient_checkpointing": [0]}, lambda ck: True),
         ({"train.lr_schedule": "plateau", "train.plateau_patience": 0}, lambda ck: "patience" in ck["lr_schedulers"][0]),
         ({"train.lr_schedule": "constant_with_warmup", "train.warmup_steps": 10}, lambda ck: abs(ck["lr_schedulers"][0]["_last_lr"][0] - 2e-3 * 0.4) < 1e-9),
         ({"moe.enabled": False, "train.ema": False}, lambda ck: "current_model_state" not in ck),

@@ -29,11 +29,17 @@ def prepare_for_training(model: MoEFsDiC_UNet | DenseUNet2D, train: TrainConfig)
     ``gradient_checkpointing``, ``lean_backward`` (MoEFsDiC only; the dense baseline has no experts)
     and ``compile`` (in place, ``nn.Module.compile``: the state dict keeps its keys). One place, so
     that the trainer and `bench/train_step.py` measure the same network."""
-    if train.gradient_checkpointing:
+    levels = train.gradient_checkpointing
+    if levels:
+        arch = next(name for name, cls in ARCHITECTURES.items() if isinstance(model, cls))
+        if levels is not True and not isinstance(model, MoEFsDiC_UNet):
+            raise ConfigError(
+                f"train.gradient_checkpointing={list(levels)}: a list of resolution levels applies to "
+                f"MoEFsDiC only, not to model.arch={arch}"
+            )
         if not hasattr(model, "set_gradient_checkpointing"):
-            arch = next(name for name, cls in ARCHITECTURES.items() if isinstance(model, cls))
             raise ConfigError(f"train.gradient_checkpointing is not supported by model.arch={arch}")
-        model.set_gradient_checkpointing(True)
+        model.set_gradient_checkpointing(True, **({} if levels is True else {"levels": levels}))
     if isinstance(model, MoEFsDiC_UNet):
         model.set_lean_backward(train.lean_backward)
     if train.compile:

@@ -14,7 +14,7 @@ The image is halved L + 1 times, so image_size must be divisible by 2^(L+1).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -185,12 +185,30 @@ class MoEFsDiC_UNet(ModelMixin, ConfigMixin):  # noqa: N801 - the name the quick
         return [m for b in blocks for m in moe_layers(b)]
 
     # --- utilities -----------------------------------------------------------------------------
-    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+    def set_gradient_checkpointing(self, enabled: bool = True, levels: Sequence[int] | None = None) -> None:
         """Recompute in backward: block bodies (MoE experts one expert call at a time via the core's
-        flag, fusion/freq bodies) and the up/down-sampling convs."""
-        for mod in self.modules():
-            if isinstance(mod, (CondBlock, Resample)):
-                mod.gradient_checkpointing = enabled
+        flag, fusion/freq bodies) and the up/down-sampling convs.
+
+        Args:
+            enabled: turn recomputation on (True) or off (False) for the chosen modules.
+            levels: only these resolution levels (indices into ``channel_mults``, 0 = full
+                resolution): their encoder and decoder blocks, the downsampling conv that leaves
+                the level and the upsampling conv that enters it. None: the whole network,
+                bottleneck included. The modules outside ``levels`` are left as they are.
+        """
+        if levels is None:
+            chosen = [m for m in self.modules() if isinstance(m, (CondBlock, Resample))]
+        else:
+            bad = [i for i in levels if not 0 <= i < len(self.downs)]
+            if bad:
+                raise ValueError(f"levels {bad} do not exist: this network has levels 0..{len(self.downs) - 1}")
+            chosen = []
+            for i in levels:
+                chosen += [*self._level(self.enc_blocks, i), *self._level(self.dec_blocks, i), self.downs[i], self.ups[i]]
+        for top in chosen:
+            for mod in top.modules():
+                if isinstance(mod, (CondBlock, Resample)):
+                    mod.gradient_checkpointing = enabled
 
     def set_lean_backward(self, enabled: bool = True) -> None:
         """Whether the MoE experts and the upsampling convs keep only what is costly to recompute
