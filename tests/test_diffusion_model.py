@@ -169,19 +169,28 @@ def test_dilated_fusion_branches_and_residual():
     torch.testing.assert_close(blk.body(h), ref)
 
 
-def test_gradient_checkpointing_same_gradients():
-    cfg = tiny(**{"freq.enabled": True})
+def _checkpointed_twin(cfg, **levels):
+    """Two equal MoEFsDiC models; the second recomputes in backward (``set_gradient_checkpointing``)."""
     torch.manual_seed(0)
     a = MoEFsDiC_UNet(cfg)
     b = MoEFsDiC_UNet(cfg)
     b.load_state_dict(a.state_dict())
-    b.set_gradient_checkpointing(True)
+    b.set_gradient_checkpointing(True, **levels)
+    return a, b
+
+
+def _assert_same_gradients(a, b, cfg):
     x, t, c = inputs(cfg)
     for m in (a, b):
         eps, lg = m(x, t, c)
         MoELoss()(eps, x, lg)[0].backward()
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_gradient_checkpointing_same_gradients():
+    cfg = tiny(**{"freq.enabled": True})
+    _assert_same_gradients(*_checkpointed_twin(cfg), cfg)
 
 
 def test_moe_loss_is_mse_plus_core_aux_loss():
@@ -383,19 +392,10 @@ def test_gradient_checkpointing_of_chosen_levels_only():
     from moelab.diffusion.blocks import CondBlock, Resample
 
     cfg = tiny(**{"model.channel_mults": [1, 2, 2], "model.image_size": 16})
-    torch.manual_seed(0)
-    a = MoEFsDiC_UNet(cfg)
-    b = MoEFsDiC_UNet(cfg)
-    b.load_state_dict(a.state_dict())
-    b.set_gradient_checkpointing(True, levels=[0, 2])
+    a, b = _checkpointed_twin(cfg, levels=[0, 2])
     on = {n for n, m in b.named_modules() if isinstance(m, (CondBlock, Resample)) and m.gradient_checkpointing}
     assert on == {"enc_blocks.0", "dec_blocks.0", "downs.0", "ups.0", "enc_blocks.2", "dec_blocks.2", "downs.2", "ups.2"}
-    x, t, c = inputs(cfg)
-    for m in (a, b):
-        eps, lg = m(x, t, c)
-        MoELoss()(eps, x, lg)[0].backward()
-    for (n, p), q in zip(a.named_parameters(), b.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5, msg=n)
+    _assert_same_gradients(a, b, cfg)
     with pytest.raises(ValueError, match=r"levels \[3\] do not exist: this network has levels 0..2"):
         b.set_gradient_checkpointing(True, levels=[3])
 
