@@ -251,8 +251,8 @@ class TrainConfig(_Section):
             full resolution): only those levels' blocks and up/down-sampling convs. Activations
             shrink with resolution while the pointwise GEMMs cost the same at every level, so the
             full-resolution levels give the most memory for the least recompute (README,
-            Benchmarks: at 64x64, ``[0, 1]`` kept 1.27x the dense model's memory at 1.45x its
-            step time, against 1.22x at 1.63x for True).
+            Benchmarks: at 64x64 under TCMalloc, ``[0, 1]`` kept 1.29x the dense model's peak
+            memory at 1.36x its step time, against 1.25x at 1.49x for True).
         lean_backward (`bool`, True): MoEFsDiC's depthwise-separable experts keep only their
             pointwise outputs for backward and recompute the rest, and its upsampling convs keep
             their input instead of the upsampled map (`moelab.diffusion.lean_backward`; experts:
