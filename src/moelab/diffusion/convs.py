@@ -57,14 +57,16 @@ def pointwise_forward(x: Tensor, w2: Tensor, bias: Tensor | None) -> Tensor:
 
 
 class _PointwiseRows(torch.autograd.Function):
-    """Channels-last 1x1 conv on CPU: oneDNN's convolution forward, GEMMs over the pixel rows backward.
+    """Channels-last 1x1 conv on CPU: oneDNN's convolution forward, `pointwise_rows_backward` backward.
 
     Why both: forward, oneDNN adds the bias inside its kernel, where ``addmm`` (``F.linear``) first
     copies the broadcast bias into the whole output and then accumulates the GEMM on it -- one more
     pass over every output (with the in-place expert weighting of grouped dispatch, a MoEFsDiC
     guided sampling step at 32x32, 64 rows, 1 thread: 455-462 -> 424-435 ms). Backward, PyTorch's
-    1x1-conv kernels were the slowest op of the training step, so the gradients are the two GEMMs
-    ``F.linear``'s backward would run (same saved tensors: the input and the weight).
+    1x1-conv kernels were the slowest op of the training step, so the gradients are computed as
+    ``F.linear``'s backward would, from the same saved tensors (the input and the weight): the
+    weight gradient as a GEMM, the input gradient as a 1x1 convolution with the transposed weight
+    (`pointwise_rows_backward`).
     """
 
     @staticmethod
