@@ -416,7 +416,8 @@ def main() -> None:
     )
     if args.malloc == "mmap":
         fail("--malloc mmap is for the memory processes only (the live-memory figures); time with retain or default")
-    worst: dict[str, list[float]] = {v: [0.0, 0.0, 0.0] for v in ("moe", "moe_full", "moe_part", "moe_plain")}  # time, memory, live-memory ratios
+    settings = ("moe_full", "moe_part", "moe_plain")  # MoEFsDiC with one train.* setting changed (VARIANTS)
+    worst: dict[str, list[float]] = {v: [0.0, 0.0, 0.0] for v in ("moe", *settings)}  # time, memory, live-memory ratios
     for scale in args.scales:
         r = run_scale(scale, reps, warmup, args.threads, args.compile, args.malloc, not args.no_live_memory, args.device, args.precision)
         ms, ratio, mem, info = r["ms"], r["ratio"], r["mem"], r["info"]
@@ -457,9 +458,9 @@ def main() -> None:
                 w[0], w[1] = max(w[0], ratio[v]), max(w[1], mem_ratios[v])
                 w[2] = max(w[2], live_ratios.get(v, 0.0))
     if worst["moe"][0]:
-        print(f"moe_full (train.gradient_checkpointing: True): moe_full/dense time={worst['moe_full'][0]:.2f} mem={worst['moe_full'][1]:.2f}")
-        print(f"moe_part (train.gradient_checkpointing: [0, 1]): moe_part/dense time={worst['moe_part'][0]:.2f} mem={worst['moe_part'][1]:.2f}")
-        print(f"moe_plain (train.lean_backward: False): moe_plain/dense time={worst['moe_plain'][0]:.2f} mem={worst['moe_plain'][1]:.2f}")
+        for v in settings:
+            (key, value), = VARIANTS[v].items()
+            print(f"{v} ({key}: {value}): {v}/dense time={worst[v][0]:.2f} mem={worst[v][1]:.2f}")
         if worst["moe"][2]:
             print(
                 f"live memory (no heap fragmentation): moe/dense={worst['moe'][2]:.2f} moe_full/dense={worst['moe_full'][2]:.2f} "

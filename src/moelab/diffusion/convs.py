@@ -35,6 +35,14 @@ def is_channels_last(x: Tensor) -> bool:
 _ONEDNN = torch.backends.mkldnn.is_available()
 
 
+def _onednn_applies(x: Tensor, w2: Tensor) -> bool:
+    """Whether oneDNN's convolution op can take this 1x1 conv: a channels-last float32 CPU input,
+    oneDNN built in, and not under ``torch.compile`` (whose fake tensors the op refuses)."""
+    float32 = x.dtype == torch.float32 and w2.dtype == torch.float32
+    onednn = _ONEDNN and not torch.compiler.is_compiling()
+    return x.device.type == "cpu" and float32 and onednn and is_channels_last(x)
+
+
 def pointwise_forward(x: Tensor, w2: Tensor, bias: Tensor | None) -> Tensor:
     """``F.conv2d(x, w2[:, :, None, None], bias)`` without autograd, on CPU always by oneDNN.
 
@@ -49,9 +57,7 @@ def pointwise_forward(x: Tensor, w2: Tensor, bias: Tensor | None) -> Tensor:
     ``torch.compile`` (whose fake tensors the oneDNN op refuses; inductor picks its own kernel).
     """
     w4 = w2[:, :, None, None]
-    float32 = x.dtype == torch.float32 and w2.dtype == torch.float32
-    onednn = _ONEDNN and not torch.compiler.is_compiling()
-    if x.device.type == "cpu" and float32 and onednn and is_channels_last(x):
+    if _onednn_applies(x, w2):
         return torch.ops.aten.mkldnn_convolution(x, w4, bias, [0, 0], [1, 1], [1, 1], 1)
     return F.conv2d(x, w4, bias)
 
@@ -92,10 +98,7 @@ ONEDNN_INPUT_GRAD_MAX_CHANNELS = 512
 
 
 def _onednn_input_grad(grad: Tensor, w2: Tensor) -> bool:
-    float32 = grad.dtype == torch.float32 and w2.dtype == torch.float32
-    small = max(w2.shape) <= ONEDNN_INPUT_GRAD_MAX_CHANNELS
-    onednn = _ONEDNN and not torch.compiler.is_compiling()
-    return grad.device.type == "cpu" and float32 and small and onednn and is_channels_last(grad)
+    return max(w2.shape) <= ONEDNN_INPUT_GRAD_MAX_CHANNELS and _onednn_applies(grad, w2)
 
 
 def pointwise_rows_backward(
@@ -112,7 +115,7 @@ def pointwise_rows_backward(
     gx = gw = gb = None
     if input_grad and _onednn_input_grad(grad, w2):
         # the input gradient is itself a 1x1 conv, of ``grad`` with the transposed weight
-        gx = torch.ops.aten.mkldnn_convolution(grad, w2.t().contiguous()[:, :, None, None], None, [0, 0], [1, 1], [1, 1], 1)
+        gx = pointwise_forward(grad, w2.t().contiguous(), None)
     elif input_grad:
         gx = torch.mm(rows, w2).view(n, h, w, c_in).permute(0, 3, 1, 2)
     if weight_grad:

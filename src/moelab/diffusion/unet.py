@@ -196,9 +196,8 @@ class MoEFsDiC_UNet(ModelMixin, ConfigMixin):  # noqa: N801 - the name the quick
                 the level and the upsampling conv that enters it. None: the whole network,
                 bottleneck included. The modules outside ``levels`` are left as they are.
         """
-        if levels is None:
-            chosen = [m for m in self.modules() if isinstance(m, (CondBlock, Resample))]
-        else:
+        chosen: list[nn.Module] = [self]
+        if levels is not None:
             bad = [i for i in levels if not 0 <= i < len(self.downs)]
             if bad:
                 raise ValueError(f"levels {bad} do not exist: this network has levels 0..{len(self.downs) - 1}")
