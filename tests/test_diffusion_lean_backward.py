@@ -1,5 +1,6 @@
-"""`moelab.diffusion.lean_backward`: the lean expert and the lean upsampling conv are bit-identical
-to the composed ops in outputs and every gradient, keeping far fewer activations for backward."""
+"""`moelab.diffusion.lean_backward`: the lean expert, upsampling conv and output head are
+bit-identical to the composed ops in outputs and every gradient, keeping far fewer activations for
+backward; the router's pooling hands back a broadcast gradient."""
 
 from __future__ import annotations
 
@@ -138,8 +139,102 @@ def test_lean_upsample_is_bit_identical_and_keeps_only_its_input(channels_last):
     (*plain, saved_plain), (*lean, saved_lean) = results
     for a, b in zip(plain, lean):
         assert torch.equal(a, b)
-    # plain keeps the upsampled map (4x) and the depthwise output (4x); lean keeps x and the depthwise output
-    assert saved_plain - saved_lean == 3 * x.numel()
+    # plain keeps the upsampled map (4x) and the depthwise output (4x); lean keeps x (plus the
+    # depthwise bias, to recompute the depthwise output) on channels-last CPU input, where the
+    # pointwise conv is the GEMM form it reproduces, and x and the depthwise output elsewhere
+    if channels_last:
+        assert saved_plain - saved_lean == 7 * x.numel() - up.conv.depthwise.bias.numel()
+    else:
+        assert saved_plain - saved_lean == 3 * x.numel()
+
+
+def _saved_numel(fn, *args):
+    saved = [0]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[0] += t.numel()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*args)
+    return out, saved[0]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_lean_output_head_is_bit_identical_and_keeps_only_its_input(channels_last):
+    """`norm_act_conv` = conv(gelu(group_norm(h))) to the bit, values and every gradient; it keeps
+    h and the norm statistics, not the norm's and the GELU's outputs."""
+    from moelab.diffusion.lean_backward import norm_act_conv
+
+    torch.manual_seed(2)
+    norm, conv = torch.nn.GroupNorm(4, 16), torch.nn.Conv2d(16, 3, 3, padding=1)
+    for p in norm.parameters():
+        p.data.add_(0.1 * torch.randn_like(p))
+    h = torch.randn(3, 16, 10, 10)
+    if channels_last:
+        h = h.contiguous(memory_format=torch.channels_last)
+    results = []
+    for fn in (lambda z: conv(torch.nn.functional.gelu(norm(z))), lambda z: norm_act_conv(z, norm, conv)):
+        norm.zero_grad(set_to_none=True)
+        conv.zero_grad(set_to_none=True)
+        hi = h.clone().requires_grad_(True)
+        y, saved = _saved_numel(fn, hi)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        results.append((y.detach(), hi.grad, *(p.grad.clone() for p in (*norm.parameters(), *conv.parameters())), saved))
+    (*plain, saved_plain), (*lean, saved_lean) = results
+    for a, b in zip(plain, lean):
+        assert torch.equal(a, b)
+    assert saved_plain - saved_lean == 2 * h.numel() - norm.bias.numel()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_spatial_mean_matches_autograd_mean_and_returns_a_broadcast_gradient(dtype, channels_last):
+    """The router's pooling: the same values and gradient as ``x.float().mean((2, 3))``, the gradient
+    an expanded view (stride 0 over H and W) instead of a materialised full-size tensor."""
+    from moelab.diffusion.lean_backward import spatial_mean
+
+    torch.manual_seed(3)
+    x = torch.randn(4, 8, 6, 5).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    g = torch.randn(4, 8)
+    x0, x1 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y0, y1 = x0.float().mean(dim=(2, 3)), spatial_mean(x1)
+    assert torch.equal(y0, y1) and y1.dtype == torch.float32
+    (g0,) = torch.autograd.grad(y0, x0, g)
+    (g1,) = torch.autograd.grad(y1, x1, g)
+    assert torch.equal(g0, g1) and g1.dtype == dtype
+    assert g1.stride()[2:] == (0, 0)
+
+
+def test_model_with_lean_backward_is_bit_identical_to_composed_ops(monkeypatch):
+    """The whole MoEFsDiC (lean experts, upsampling convs and output head) against
+    ``set_lean_backward(False)``: same prediction, router logits and every parameter gradient."""
+    from moelab.diffusion.config import load_config
+    from moelab.diffusion.models import build_model, prepare_for_training
+
+    cfg = load_config("default", {"model.model_channels": 16, "model.channel_mults": [1, 2], "model.image_size": 16})
+    torch.manual_seed(0)
+    model = prepare_for_training(build_model(cfg).train(), cfg.train)
+    for p in model.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(1)
+    x, noise = torch.randn(6, 3, 16, 16, generator=g), torch.randn(6, 3, 16, 16, generator=g)
+    t, c = torch.randint(0, 1000, (6,), generator=g), torch.randint(0, 11, (6,), generator=g)
+    results = []
+    for lean in (False, True):
+        model.set_lean_backward(lean)
+        model.zero_grad(set_to_none=True)
+        pred, logits = model(x, t, c)
+        loss = ((pred - noise) * torch.linspace(-1, 1, pred.numel()).view_as(pred)).square().sum()
+        (loss + sum(lg.square().mean() for lg in logits)).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((pred.detach(), [lg.detach() for lg in logits], grads))
+    (p0, l0, g0), (p1, l1, g1) = results
+    assert torch.equal(p0, p1) and all(torch.equal(a, b) for a, b in zip(l0, l1))
+    assert g0.keys() == g1.keys() and "out_norm.weight" in g1 and "ups.0.conv.depthwise.weight" in g1
+    assert [n for n in g0 if not torch.equal(g0[n], g1[n])] == []
 
 
 def test_train_config_switches_lean_backward_off_and_on():
@@ -152,6 +247,7 @@ def test_train_config_switches_lean_backward_off_and_on():
         module = MoEFsDiCLit(load_config("digits", {"train.lean_backward": value}))
         banks = [m for m in module.model.modules() if isinstance(m, (ResidualConvExperts, Upsample))]
         assert len({type(b) for b in banks}) == 2 and all(b.lean_backward is value for b in banks)
+        assert module.model.lean_backward is value  # the output head
     MoEFsDiCLit(load_config("digits", {"model.arch": "unet2d", "train.lean_backward": False}))
 
 

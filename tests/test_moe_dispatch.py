@@ -225,3 +225,35 @@ def test_gradient_checkpointing_gives_same_gradients(mode):
     for a, b in zip(g0, g1):
         torch.testing.assert_close(a, b)
 
+
+
+def test_grouped_gather_backward_adds_parts_without_concatenating():
+    """`_GatherRows` (grouped dispatch's gather under autograd) equals ``index_select`` + ``split``
+    in values and, to the bit, in the input gradient, and its backward concatenates nothing."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from moelab.moe.dispatch import _GatherRows
+
+    torch.manual_seed(7)
+    x = torch.randn(5, 3, 4)
+    index = torch.tensor([0, 3, 3, 1, 4, 0, 2, 4, 1, 2])
+    counts = [3, 0, 4, 3]  # an expert with no rows
+    grads = [torch.randn(n, 3, 4) for n in counts]
+    x0 = x.clone().requires_grad_(True)
+    parts0 = x0.index_select(0, index).split(counts)
+    x1 = x.clone().requires_grad_(True)
+    parts1 = _GatherRows.apply(x1, *index.split(counts))
+    assert all(torch.equal(a, b) for a, b in zip(parts0, parts1))
+    (g0,) = torch.autograd.grad(parts0, x0, grads)
+
+    class Ops(TorchDispatchMode):
+        seen: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Ops() as ops:
+        (g1,) = torch.autograd.grad(parts1, x1, grads)
+    assert torch.equal(g0, g1)
+    assert torch.ops.aten.cat.default not in ops.seen and torch.ops.aten.index_add_.default in ops.seen

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from moelab.diffusion.convs import DepthwiseSeparableConv2d, PointwiseConv2d, norm_groups
 from moelab.diffusion.experts import ResidualConvExperts
-from moelab.diffusion.lean_backward import upsample_depthwise
+from moelab.diffusion.lean_backward import spatial_mean, upsample_ds_conv
 from moelab.moe import MoELayer, TopKRouter
 from moelab.recompute import recomputed
 
@@ -106,7 +106,7 @@ class MoEConvBlock(CondBlock):
 
     def forward(self, x: Tensor, cond: Conditioning) -> Tensor:
         h = self.inject(x, cond)
-        feats = torch.cat([h.float().mean(dim=(2, 3)), cond.t_emb.float(), cond.c_emb.float()], dim=1)
+        feats = torch.cat([spatial_mean(h), cond.t_emb.float(), cond.c_emb.float()], dim=1)  # GAP(h), float32
         self.moe.gradient_checkpointing = self.gradient_checkpointing
         return self.moe(h, router_features=feats.to(h.dtype))
 
@@ -229,10 +229,11 @@ class Upsample(Resample):
     def __init__(self, cin: int, cout: int, use_dsconv: bool) -> None:
         super().__init__()
         self.conv = conv3x3(cin, cout, use_dsconv)
-        #: keep ``x`` rather than the upsampled map for backward (`upsample_depthwise`); same values
+        #: keep ``x`` rather than the upsampled map and the depthwise output for backward
+        #: (`upsample_ds_conv`); same values
         self.lean_backward = True
 
     def body(self, x: Tensor) -> Tensor:
         if self.lean_backward and isinstance(self.conv, DepthwiseSeparableConv2d):
-            return self.conv.pointwise(upsample_depthwise(x, self.conv.depthwise))
+            return upsample_ds_conv(x, self.conv.depthwise, self.conv.pointwise)
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))

@@ -86,7 +86,7 @@ _TYPES: dict[str, dict[str, Any]] = {
         "accumulate_grad_batches": int,
         "precision": ("32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "fp16", "bf16"),
         "gradient_checkpointing": (bool, list),  # true/false, or the resolution levels to recompute ([0] = full resolution)
-        "lean_backward": bool,  # experts and upsampling convs keep less for backward (moelab.diffusion.lean_backward)
+        "lean_backward": bool,  # experts, upsampling convs and output head keep less for backward (moelab.diffusion.lean_backward)
         "compile": bool,  # torch.compile the network (nn.Module.compile: same state-dict keys)
         "ema": bool,
         "ema_decay": _NUM,
@@ -254,9 +254,10 @@ class TrainConfig(_Section):
             Benchmarks: at 64x64 under TCMalloc, ``[0, 1]`` kept 1.29x the dense model's peak
             memory at 1.36x its step time, against 1.25x at 1.49x for True).
         lean_backward (`bool`, True): MoEFsDiC's depthwise-separable experts keep only their
-            pointwise outputs for backward and recompute the rest, and its upsampling convs keep
-            their input instead of the upsampled map (`moelab.diffusion.lean_backward`; experts:
-            CPU, channels-last, grouped dispatch). Same values and gradients; less memory for some
+            pointwise outputs for backward and recompute the rest, its upsampling convs keep their
+            input instead of the upsampled map and the depthwise output, and its output head keeps
+            its input instead of the norm's and GELU's outputs (`moelab.diffusion.lean_backward`;
+            experts: CPU, channels-last, grouped dispatch). Same values and gradients; less memory for some
             recompute time (README, `bench/train_step.py`'s ``moe_plain``). False: plain autograd ops.
         compile (`bool`, False): ``torch.compile`` the network in place (``nn.Module.compile``, so
             checkpoints keep their keys). MoE blocks then trace their gathered dispatch, whose

@@ -110,19 +110,24 @@ def pointwise_rows_backward(
     ``grad`` with the transposed weight on channels-last float32 CPU input of at most
     `ONEDNN_INPUT_GRAD_MAX_CHANNELS` channels (faster there), else a GEMM. Equal up to float
     summation order either way."""
-    n, c_in, h, w = x.shape
+    c_in = w2.shape[1]
     rows = grad.permute(0, 2, 3, 1).reshape(-1, w2.shape[0])  # a view when grad is channels-last
-    gx = gw = gb = None
-    if input_grad and _onednn_input_grad(grad, w2):
-        # the input gradient is itself a 1x1 conv, of ``grad`` with the transposed weight
-        gx = pointwise_forward(grad, w2.t().contiguous(), None)
-    elif input_grad:
-        gx = torch.mm(rows, w2).view(n, h, w, c_in).permute(0, 3, 1, 2)
-    if weight_grad:
-        gw = torch.mm(rows.t(), x.permute(0, 2, 3, 1).reshape(-1, c_in))
-    if bias_grad:
-        gb = rows.sum(0)
+    gx = pointwise_input_grad(grad, w2) if input_grad else None
+    gw = torch.mm(rows.t(), x.permute(0, 2, 3, 1).reshape(-1, c_in)) if weight_grad else None
+    gb = rows.sum(0) if bias_grad else None
     return gx, gw, gb
+
+
+def pointwise_input_grad(grad: Tensor, w2: Tensor) -> Tensor:
+    """The input gradient of a 1x1 conv with weight ``w2`` ``[C_out, C_in]`` (`pointwise_rows_backward`'s
+    first output), which needs no input: a caller that has taken the weight gradient can free the
+    input first."""
+    if _onednn_input_grad(grad, w2):
+        # the input gradient is itself a 1x1 conv, of ``grad`` with the transposed weight
+        return pointwise_forward(grad, w2.t().contiguous(), None)
+    n, _, h, w = grad.shape
+    rows = grad.permute(0, 2, 3, 1).reshape(-1, w2.shape[0])  # a view when grad is channels-last
+    return torch.mm(rows, w2).view(n, h, w, w2.shape[1]).permute(0, 3, 1, 2)
 
 
 def pointwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

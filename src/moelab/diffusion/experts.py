@@ -44,10 +44,13 @@ GROUPED_WEIGHT_RATIO = 0.0
 
 
 #: `ResidualConvExperts.weighted_runner` uses the lean expert for expert calls of at least this many
-#: input elements (1 MiB of float32). Below it the memory it spares is negligible and its fixed cost
-#: per call (a Python backward) shows: on configs/digits.yaml (8x8, 32 channels) lean experts made
-#: the step ~10% slower (67 vs 60 ms) for 18 MB less peak memory.
-LEAN_MIN_NUMEL = 1 << 18
+#: input elements (512 KiB of float32). Below it the memory it spares is negligible and its fixed
+#: cost per call (a Python backward) shows: on configs/digits.yaml (8x8, 32 channels, <= 64K
+#: elements per call) lean experts made the step ~10% slower (67 vs 60 ms) for 18 MB less peak
+#: memory. At 1 MiB the default config's 8x8 level (1024 channels, 64K elements per sample) stayed
+#: composed, keeping nine activation-sized tensors per routed sample for backward; at 512 KiB its
+#: calls of two or more samples are lean: the step's live peak fell 1,279 -> 1,265 MB at 64x64.
+LEAN_MIN_NUMEL = 1 << 17
 
 
 class ResidualConvExperts(ExpertBank):

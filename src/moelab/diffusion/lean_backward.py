@@ -12,8 +12,17 @@ block, not per expert) and the depthwise convs, norms and GELUs -- memory-bound 
 recomputed in backward. The pointwise GEMMs, the step's largest cost, are never recomputed (full
 checkpointing, ``train.gradient_checkpointing``, recomputes them too). 1,571 -> 731 MB at 64x64.
 
-The upsampling conv's depthwise half (`upsample_depthwise`): it keeps its input, not the 4x
-larger nearest-upsampled map, and redoes the upsampling (a copy) in backward.
+The upsampling conv (`upsample_ds_conv`): nearest x2, depthwise, pointwise, keeping only its
+input -- not the 4x larger upsampled map nor the depthwise output (at 64x64 the latter alone was 32 MB
+of the decoder's first level) -- and redoing the upsampling (a copy) and the depthwise conv in
+backward; on layouts where the pointwise conv is not `moelab.diffusion.convs`' GEMM form, only the
+depthwise half (`upsample_depthwise`). The output head (`norm_act_conv`), ``conv(gelu(gn(h)))``: it
+keeps ``h`` and the norm statistics, not the norm's and the GELU's outputs (32 MB at 64x64).
+
+The router's global average pool (`spatial_mean`) keeps nothing and hands back its gradient as an
+expanded view: autograd's mean materialises the full-size gradient (NCHW, whatever the input's
+layout) and adding it to the channels-last gradient the experts return is a mixed-layout add,
+~13 ms per MoE block at 64x64 (against ~1 ms for a broadcast add).
 
 Values and gradients are those of the composed ops, to the bit: every backward is the aten kernel
 autograd would call (``convolution_backward``, ``native_group_norm_backward``, ``gelu_backward``,
@@ -21,7 +30,8 @@ autograd would call (``convolution_backward``, ``native_group_norm_backward``, `
 bit-identical recomputed inputs (``tests/test_diffusion_lean_backward.py`` checks with
 ``torch.equal``). Their backwards are not themselves differentiable (``once_differentiable``:
 double backward raises instead of silently dropping terms). ``train.lean_backward: false``
-switches both off.
+switches the expert, the upsampling conv and the head back to composed ops (the pooling, a pure
+gain, stays).
 """
 
 from __future__ import annotations
@@ -33,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from moelab.diffusion.convs import pointwise_forward, pointwise_rows_backward
+from moelab.diffusion.convs import is_channels_last, pointwise_forward, pointwise_input_grad, pointwise_rows_backward
 from moelab.moe.dispatch import broadcast_rows
 
 _aten = torch.ops.aten
@@ -64,15 +74,18 @@ class _LeanDSExpert(torch.autograd.Function):
         dw1w: Tensor, dw1b: Tensor, pw1w: Tensor, pw1b: Tensor, n1w: Tensor, n1b: Tensor,
         dw2w: Tensor, dw2b: Tensor, pw2w: Tensor, pw2b: Tensor, n2w: Tensor, n2b: Tensor,
     ) -> Tensor:
+        # elementwise steps in place: their inputs are not kept, and every temporary activation
+        # of the last full-resolution block's forward adds to the training step's memory peak
         c = x.shape[1]
         b1 = pointwise_forward(F.conv2d(x, dw1w, dw1b, padding=pad, groups=c), pw1w, pw1b)
-        h1, m1, r1 = _gn(b1, n1w, n1b, groups)
-        d1 = F.gelu(h1)
-        del h1
-        b2 = pointwise_forward(F.conv2d(d1, dw2w, dw2b, padding=pad, groups=c), pw2w, pw2b)
+        d1, m1, r1 = _gn(b1, n1w, n1b, groups)
+        _aten.gelu_(d1)
+        a2 = F.conv2d(d1, dw2w, dw2b, padding=pad, groups=c)
         del d1
-        h2, m2, r2 = _gn(b2, n2w, n2b, groups)
-        out = F.gelu(h2 + x)
+        b2 = pointwise_forward(a2, pw2w, pw2b)
+        del a2
+        out, m2, r2 = _gn(b2, n2w, n2b, groups)
+        _aten.gelu_(out.add_(x))
         out.mul_(broadcast_rows(w, out))
         ctx.save_for_backward(w, b1, m1, r1, b2, m2, r2, dw1w, dw1b, pw1w, n1w, n1b, dw2w, dw2b, pw2w, n2w, n2b)
         ctx.regather, ctx.groups, ctx.pad = regather, groups, pad
@@ -81,25 +94,31 @@ class _LeanDSExpert(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        # Ordered for the fewest activation-sized tensors alive at once (the backward of the first
+        # full-resolution MoE block is the training step's memory peak): the rows are gathered
+        # again for the first conv rather than kept from the residual, each GEMM's input is freed
+        # after its weight gradient and before its input gradient is made (it needs none).
         w, b1, m1, r1, b2, m2, r2, dw1w, dw1b, pw1w, n1w, n1b, dw2w, dw2b, pw2w, n2w, n2b = ctx.saved_tensors
         groups, pad = ctx.groups, ctx.pad
         need = ctx.needs_input_grad
-        x = ctx.regather()
-        c = x.shape[1]
         # out = o * w, o = gelu(h2 + x): the composed graph's MulBackward, GeluBackward, AddBackward
-        s = _gn(b2, n2w, n2b, groups)[0].add_(x)
+        s = _gn(b2, n2w, n2b, groups)[0].add_(ctx.regather())
+        c = s.shape[1]
         g_w = None
         if need[1]:
-            g_w = (grad * F.gelu(s)).sum_to_size(broadcast_rows(w, grad).shape).view(w.shape).to(w.dtype)
-        g_s = _aten.gelu_backward(grad * broadcast_rows(w, grad), s)
+            g_w = _aten.gelu_(s.clone()).mul_(grad).sum_to_size(broadcast_rows(w, grad).shape).view(w.shape).to(w.dtype)
+        g_s = grad * broadcast_rows(w, grad)
+        _aten.gelu_backward.grad_input(g_s, s, grad_input=g_s)
         del s
         g_b2, g_n2w, g_n2b = _gn_backward(g_s, b2, m2, r2, n2w, groups, [True, need[15], need[16]])
         # pw2(dw2(d1)): recompute d1 and the depthwise output
         h1 = _gn(b1, n1w, n1b, groups)[0]
         d1 = F.gelu(h1)
         a2 = F.conv2d(d1, dw2w, dw2b, padding=pad, groups=c)
-        g_a2, g_pw2w, g_pw2b = pointwise_rows_backward(g_b2, a2, pw2w, True, need[13], need[14])
-        del a2, g_b2
+        _, g_pw2w, g_pw2b = pointwise_rows_backward(g_b2, a2, pw2w, False, need[13], need[14])
+        del a2
+        g_a2 = pointwise_input_grad(g_b2, pw2w)
+        del g_b2
         g_d1, g_dw2w, g_dw2b = _aten.convolution_backward(
             g_a2, d1, dw2w, [c], [1, 1], [pad, pad], [1, 1], False, [0, 0], c, [True, need[11], need[12]]
         )
@@ -108,14 +127,18 @@ class _LeanDSExpert(torch.autograd.Function):
         del h1, g_d1
         g_b1, g_n1w, g_n1b = _gn_backward(g_h1, b1, m1, r1, n1w, groups, [True, need[9], need[10]])
         del g_h1
+        x = ctx.regather()
         a1 = F.conv2d(x, dw1w, dw1b, padding=pad, groups=c)
-        g_a1, g_pw1w, g_pw1b = pointwise_rows_backward(g_b1, a1, pw1w, True, need[7], need[8])
-        del a1, g_b1
+        _, g_pw1w, g_pw1b = pointwise_rows_backward(g_b1, a1, pw1w, False, need[7], need[8])
+        del a1
+        g_a1 = pointwise_input_grad(g_b1, pw1w)
+        del g_b1
         g_x, g_dw1w, g_dw1b = _aten.convolution_backward(
             g_a1, x, dw1w, [c], [1, 1], [pad, pad], [1, 1], False, [0, 0], c, [need[0], need[5], need[6]]
         )
+        del x, g_a1
         if g_x is not None:
-            g_x = g_x + g_s
+            g_x.add_(g_s)  # a fresh tensor: the residual's gradient is added in place
         return (g_x, g_w, None, None, None, g_dw1w, g_dw1b, g_pw1w, g_pw1b, g_n1w, g_n1b, g_dw2w, g_dw2b, g_pw2w, g_pw2b, g_n2w, g_n2b)
 
 
@@ -168,3 +191,140 @@ def upsample_depthwise(x: Tensor, depthwise: torch.nn.Conv2d) -> Tensor:
     if torch.is_grad_enabled() and x.dtype == torch.float32 and not autocast:
         return _UpsampleDepthwise.apply(x, depthwise.weight, depthwise.bias, pad)
     return depthwise(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def _lean_applies(x: Tensor) -> bool:
+    """Whether the lean Functions for the resampling conv and the head apply: autograd records,
+    float32, no autocast (under autocast the composed ops' casts decide what is kept)."""
+    dev = x.device.type
+    autocast = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
+    return torch.is_grad_enabled() and x.dtype == torch.float32 and not autocast
+
+
+class _UpsampleDSConv(torch.autograd.Function):
+    """``pointwise(depthwise(nearest_upsample_x2(x)))`` on a channels-last CPU input, keeping only
+    ``x`` for backward; the pointwise conv is `moelab.diffusion.convs`' channels-last GEMM form
+    (oneDNN forward, `pointwise_rows_backward`), as `PointwiseConv2d` computes it there."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, x: Tensor, dw_weight: Tensor, dw_bias: Tensor | None, pw_weight: Tensor, pw_bias: Tensor | None, pad: int
+    ) -> Tensor:
+        ctx.save_for_backward(x, dw_weight, dw_bias, pw_weight)
+        ctx.pad, ctx.has_pw_bias = pad, pw_bias is not None
+        u = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        a = F.conv2d(u, dw_weight, dw_bias, padding=pad, groups=x.shape[1])
+        del u
+        return pointwise_forward(a, pw_weight, pw_bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, dw_weight, dw_bias, pw_weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        n, c, h, w = x.shape
+        pad = ctx.pad
+        u = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        a = F.conv2d(u, dw_weight, dw_bias, padding=pad, groups=c)
+        _, g_pww, g_pwb = pointwise_rows_backward(grad, a, pw_weight, False, need[3], ctx.has_pw_bias and need[4])
+        del a
+        g_x = g_dww = g_dwb = None
+        if any(need[:3]):
+            g_a = pointwise_input_grad(grad, pw_weight)
+            g_u, g_dww, g_dwb = _aten.convolution_backward(
+                g_a, u, dw_weight, [c] if dw_bias is not None else None, [1, 1], [pad, pad], [1, 1], False, [0, 0], c,
+                [need[0], need[1], dw_bias is not None and need[2]],
+            )
+            del u, g_a
+            if need[0]:
+                g_x = _aten.upsample_nearest2d_backward(g_u, [2 * h, 2 * w], [n, c, h, w], 2.0, 2.0)
+        return g_x, g_dww, g_dwb, g_pww, g_pwb, None
+
+
+def upsample_ds_conv(x: Tensor, depthwise: torch.nn.Conv2d, pointwise: torch.nn.Conv2d) -> Tensor:
+    """``pointwise(depthwise(F.interpolate(x, scale_factor=2, mode="nearest")))`` for the
+    depthwise-separable upsampling conv (``pointwise`` a `moelab.diffusion.convs.PointwiseConv2d`):
+    same values and gradients; under autograd (float32, no autocast) it keeps only ``x`` for
+    backward on channels-last CPU input, elsewhere ``x`` and the depthwise output."""
+    if not _lean_applies(x):
+        return pointwise(depthwise(F.interpolate(x, scale_factor=2.0, mode="nearest")))
+    pad = depthwise.padding[0] if isinstance(depthwise.padding, tuple) else depthwise.padding
+    if x.device.type == "cpu" and is_channels_last(x) and x.shape[1] > 1:
+        w2 = pointwise.weight.reshape(pointwise.weight.shape[0], -1)
+        return _UpsampleDSConv.apply(x, depthwise.weight, depthwise.bias, w2, pointwise.bias, pad)
+    return pointwise(_UpsampleDepthwise.apply(x, depthwise.weight, depthwise.bias, pad))
+
+
+class _NormActConv(torch.autograd.Function):
+    """``conv(gelu(group_norm(h)))`` keeping ``h`` and the norm's statistics for backward."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, h: Tensor, norm_weight: Tensor | None, norm_bias: Tensor | None, groups: int, eps: float,
+        conv_weight: Tensor, conv_bias: Tensor | None, pad: int,
+    ) -> Tensor:
+        n, c = h.shape[:2]
+        z, mean, rstd = _aten.native_group_norm(h, norm_weight, norm_bias, n, c, h.numel() // max(n * c, 1), groups, eps)
+        d = F.gelu(z)
+        del z
+        ctx.save_for_backward(h, mean, rstd, norm_weight, norm_bias, conv_weight)
+        ctx.groups, ctx.eps, ctx.pad, ctx.has_conv_bias = groups, eps, pad, conv_bias is not None
+        return F.conv2d(d, conv_weight, conv_bias, padding=pad)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        h, mean, rstd, norm_weight, norm_bias, conv_weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        n, c = h.shape[:2]
+        hw = h.numel() // max(n * c, 1)
+        z = _aten.native_group_norm(h, norm_weight, norm_bias, n, c, hw, ctx.groups, ctx.eps)[0]
+        d = F.gelu(z)
+        pad, cout = ctx.pad, conv_weight.shape[0]
+        g_d, g_cw, g_cb = _aten.convolution_backward(
+            grad, d, conv_weight, [cout] if ctx.has_conv_bias else None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1,
+            [any(need[:3]), need[5], ctx.has_conv_bias and need[6]],
+        )
+        del d
+        g_h = g_nw = g_nb = None
+        if g_d is not None:
+            g_z = _aten.gelu_backward(g_d, z)
+            del z, g_d
+            g_h, g_nw, g_nb = _aten.native_group_norm_backward(
+                g_z, h, mean, rstd, norm_weight, n, c, hw, ctx.groups,
+                [need[0], norm_weight is not None and need[1], norm_bias is not None and need[2]],
+            )
+        return g_h, g_nw, g_nb, None, None, g_cw, g_cb, None
+
+
+def norm_act_conv(h: Tensor, norm: torch.nn.GroupNorm, conv: torch.nn.Conv2d) -> Tensor:
+    """``conv(F.gelu(norm(h)))`` (the output head: GroupNorm, exact GELU, a stride-1 conv with
+    ``padding = kernel // 2``): same values and gradients; under autograd (float32, no autocast) it
+    keeps ``h`` and the norm statistics for backward instead of the norm's and the GELU's outputs."""
+    pad = conv.padding[0] if isinstance(conv.padding, tuple) else conv.padding
+    plain = conv.stride != (1, 1) or conv.dilation != (1, 1) or conv.groups != 1 or isinstance(pad, str)
+    if plain or not _lean_applies(h):
+        return conv(F.gelu(norm(h)))
+    return _NormActConv.apply(h, norm.weight, norm.bias, norm.num_groups, norm.eps, conv.weight, conv.bias, pad)
+
+
+class _SpatialMean(torch.autograd.Function):
+    """``x.float().mean(dim=(2, 3))`` whose gradient is an expanded view of ``grad / (H*W)``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.shape, ctx.dtype = x.shape, x.dtype
+        return x.float().mean(dim=(2, 3))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        h, w = ctx.shape[2:]
+        # what autograd's mean does (expand, then divide by the count), dividing before expanding
+        return (grad / (h * w)).to(ctx.dtype)[:, :, None, None].expand(ctx.shape)
+
+
+def spatial_mean(x: Tensor) -> Tensor:
+    """``x.float().mean(dim=(2, 3))`` of an ``[N, C, H, W]`` map, ``[N, C]`` float32: the same values
+    and gradient, the gradient handed back as a broadcast view (no full-size tensor, no
+    mixed-layout add where it meets the channels-last gradient of the same input)."""
+    return _SpatialMean.apply(x)

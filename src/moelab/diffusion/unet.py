@@ -36,6 +36,7 @@ from moelab.diffusion.blocks import (
 from moelab.diffusion.config import ModelConfig, model_config
 from moelab.diffusion.convs import PointwiseConv2d, norm_groups
 from moelab.diffusion.experts import ResidualConvExperts
+from moelab.diffusion.lean_backward import norm_act_conv
 from moelab.moe import MoELayer, moe_layers
 
 _D = ModelConfig()  # the defaults of every architecture field, stated once (in ModelConfig)
@@ -147,6 +148,8 @@ class MoEFsDiC_UNet(ModelMixin, ConfigMixin):  # noqa: N801 - the name the quick
         self.dec_blocks = nn.ModuleList(block(c) for c in per_level)
         self.out_norm = nn.GroupNorm(norm_groups(chans[0]), chans[0])
         self.out_conv = nn.Conv2d(chans[0], mc.in_channels, 3, padding=1)
+        #: the output head keeps only its input for backward (`norm_act_conv`; `set_lean_backward`)
+        self.lean_backward = True
 
     # --- forward -------------------------------------------------------------------------------
     def forward(self, x: Tensor, t: Tensor | int | float, c: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
@@ -167,7 +170,11 @@ class MoEFsDiC_UNet(ModelMixin, ConfigMixin):  # noqa: N801 - the name the quick
             h = self.merges[i](h, skips[i])  # = 1x1 conv of cat([h, skip]), without the copy
             for blk in self._level(self.dec_blocks, i):
                 h = blk(h, cond)
-        out = self.out_conv(F.gelu(self.out_norm(h))).contiguous()  # blocks run channels-last; callers get NCHW
+        if self.lean_backward:  # same values; keeps h for backward, not the norm's and GELU's outputs
+            out = norm_act_conv(h, self.out_norm, self.out_conv)
+        else:
+            out = self.out_conv(F.gelu(self.out_norm(h)))
+        out = out.contiguous()  # blocks run channels-last; callers get NCHW
         return out, self.moe_logits()
 
     def moe_logits(self) -> list[Tensor]:
@@ -210,9 +217,10 @@ class MoEFsDiC_UNet(ModelMixin, ConfigMixin):  # noqa: N801 - the name the quick
                     mod.gradient_checkpointing = enabled
 
     def set_lean_backward(self, enabled: bool = True) -> None:
-        """Whether the MoE experts and the upsampling convs keep only what is costly to recompute
-        for backward (`moelab.diffusion.lean_backward`, the default) or run as plain autograd ops.
-        Same values and gradients either way."""
+        """Whether the MoE experts, the upsampling convs and the output head keep only what is
+        costly to recompute for backward (`moelab.diffusion.lean_backward`, the default) or run as
+        plain autograd ops. Same values and gradients either way."""
+        self.lean_backward = enabled
         for mod in self.modules():
             if isinstance(mod, (ResidualConvExperts, Upsample)):
                 mod.lean_backward = enabled
