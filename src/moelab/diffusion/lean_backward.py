@@ -94,16 +94,17 @@ class _LeanDSExpert(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        # Ordered for the fewest activation-sized tensors alive at once (the backward of the first
-        # full-resolution MoE block is the training step's memory peak): the rows are gathered
-        # again for the first conv rather than kept from the residual, each GEMM's input is freed
-        # after its weight gradient and before its input gradient is made (it needs none).
+        # Ordered for the fewest activation-sized tensors alive at once (the backward of the
+        # first full-resolution MoE block is near the training step's memory peak): each GEMM's
+        # input is freed after its weight gradient and before its input gradient is made (it
+        # needs none), elementwise steps run in place.
         w, b1, m1, r1, b2, m2, r2, dw1w, dw1b, pw1w, n1w, n1b, dw2w, dw2b, pw2w, n2w, n2b = ctx.saved_tensors
         groups, pad = ctx.groups, ctx.pad
         need = ctx.needs_input_grad
         # out = o * w, o = gelu(h2 + x): the composed graph's MulBackward, GeluBackward, AddBackward
-        s = _gn(b2, n2w, n2b, groups)[0].add_(ctx.regather())
-        c = s.shape[1]
+        x = ctx.regather()
+        c = x.shape[1]
+        s = _gn(b2, n2w, n2b, groups)[0].add_(x)
         g_w = None
         if need[1]:
             g_w = _aten.gelu_(s.clone()).mul_(grad).sum_to_size(broadcast_rows(w, grad).shape).view(w.shape).to(w.dtype)
@@ -127,7 +128,6 @@ class _LeanDSExpert(torch.autograd.Function):
         del h1, g_d1
         g_b1, g_n1w, g_n1b = _gn_backward(g_h1, b1, m1, r1, n1w, groups, [True, need[9], need[10]])
         del g_h1
-        x = ctx.regather()
         a1 = F.conv2d(x, dw1w, dw1b, padding=pad, groups=c)
         _, g_pw1w, g_pw1b = pointwise_rows_backward(g_b1, a1, pw1w, False, need[7], need[8])
         del a1
