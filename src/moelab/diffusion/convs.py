@@ -31,6 +31,11 @@ def is_channels_last(x: Tensor) -> bool:
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (False where autocast does not exist, e.g. meta)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 #: oneDNN built into this torch (`pointwise_forward` calls its convolution op directly).
 _ONEDNN = torch.backends.mkldnn.is_available()
 
@@ -169,8 +174,7 @@ def pointwise_conv_concat(xs: list[Tensor], weight: Tensor, bias: Tensor | None)
     # of the output per part
     out = pointwise_conv(xs[0], w2[:, :c0], bias).permute(0, 2, 3, 1).reshape(-1, w2.shape[0])  # a view
     start = c0
-    device = xs[0].device.type  # autocast casts addmm's inputs, never addmm_'s
-    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    autocast = autocast_enabled(xs[0].device.type)  # autocast casts addmm's inputs, never addmm_'s
     for x in xs[1:]:
         c = x.shape[1]
         rows = x.permute(0, 2, 3, 1).reshape(-1, c)  # a view: channels-last memory is [N*H*W, C]

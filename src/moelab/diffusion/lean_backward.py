@@ -16,7 +16,7 @@ The upsampling conv (`upsample_ds_conv`): nearest x2, depthwise, pointwise, keep
 input -- not the 4x larger upsampled map nor the depthwise output (at 64x64 the latter alone was 32 MB
 of the decoder's first level) -- and redoing the upsampling (a copy) and the depthwise conv in
 backward; on layouts where the pointwise conv is not `moelab.diffusion.convs`' GEMM form, only the
-depthwise half (`upsample_depthwise`). The output head (`norm_act_conv`), ``conv(gelu(gn(h)))``: it
+depthwise half (`_UpsampleDepthwise`). The output head (`norm_act_conv`), ``conv(gelu(gn(h)))``: it
 keeps ``h`` and the norm statistics, not the norm's and the GELU's outputs (32 MB at 64x64).
 
 The router's global average pool (`spatial_mean`) keeps nothing and hands back its gradient as an
@@ -43,19 +43,21 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from moelab.diffusion.convs import is_channels_last, pointwise_forward, pointwise_input_grad, pointwise_rows_backward
+from moelab.diffusion.convs import autocast_enabled, is_channels_last, pointwise_forward, pointwise_input_grad, pointwise_rows_backward
 from moelab.moe.dispatch import broadcast_rows
 
 _aten = torch.ops.aten
 GN_EPS = 1e-5  # F.group_norm's default, what the composed expert uses
 
 
-def _gn(x: Tensor, weight: Tensor, bias: Tensor, groups: int) -> tuple[Tensor, Tensor, Tensor]:
+def _gn(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float = GN_EPS) -> tuple[Tensor, Tensor, Tensor]:
     n, c = x.shape[:2]
-    return _aten.native_group_norm(x, weight, bias, n, c, x.numel() // max(n * c, 1), groups, GN_EPS)
+    return _aten.native_group_norm(x, weight, bias, n, c, x.numel() // max(n * c, 1), groups, eps)
 
 
-def _gn_backward(grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor, groups: int, mask: list[bool]) -> tuple[Tensor | None, ...]:
+def _gn_backward(
+    grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None, groups: int, mask: list[bool]
+) -> tuple[Tensor | None, ...]:
     n, c = x.shape[:2]
     return _aten.native_group_norm_backward(grad, x, mean, rstd, weight, n, c, x.numel() // max(n * c, 1), groups, mask)
 
@@ -154,6 +156,20 @@ def lean_ds_expert(x: Tensor, w: Tensor, regather: Callable[[], Tensor], groups:
     )
 
 
+def _upsampled_depthwise_backward(
+    grad: Tensor, x: Tensor, u: Tensor, weight: Tensor, has_bias: bool, pad: int, mask: list[bool]
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients ``(x, weight, bias)`` of ``depthwise(u)``, ``u = nearest_upsample_x2(x)`` (recomputed
+    by the caller), each None where ``mask`` does not ask for it: autograd's kernels for the two."""
+    n, c, h, w = x.shape
+    g_u, g_w, g_b = _aten.convolution_backward(
+        grad, u, weight, [c] if has_bias else None, [1, 1], [pad, pad], [1, 1], False, [0, 0], c,
+        [mask[0], mask[1], has_bias and mask[2]],
+    )
+    g_x = _aten.upsample_nearest2d_backward(g_u, [2 * h, 2 * w], [n, c, h, w], 2.0, 2.0) if mask[0] else None
+    return g_x, g_w, g_b
+
+
 class _UpsampleDepthwise(torch.autograd.Function):
     """``depthwise(nearest_upsample_x2(x))`` keeping only ``x`` (4x smaller than the upsampled map the
     depthwise conv would keep) for backward, where the upsampling -- a copy -- is redone."""
@@ -168,37 +184,15 @@ class _UpsampleDepthwise(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x, weight = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        n, c, h, w = x.shape
         u = F.interpolate(x, scale_factor=2.0, mode="nearest")
-        g_u, g_w, g_b = _aten.convolution_backward(
-            grad, u, weight, [c] if ctx.has_bias else None, [1, 1], [ctx.pad, ctx.pad], [1, 1], False, [0, 0], c,
-            [need[0], need[1], ctx.has_bias and need[2]],
-        )
-        del u
-        g_x = None
-        if need[0]:
-            g_x = _aten.upsample_nearest2d_backward(g_u, [2 * h, 2 * w], [n, c, h, w], 2.0, 2.0)
+        g_x, g_w, g_b = _upsampled_depthwise_backward(grad, x, u, weight, ctx.has_bias, ctx.pad, list(ctx.needs_input_grad[:3]))
         return g_x, g_w, g_b, None
-
-
-def upsample_depthwise(x: Tensor, depthwise: torch.nn.Conv2d) -> Tensor:
-    """``depthwise(F.interpolate(x, scale_factor=2, mode="nearest"))``: same values and gradients;
-    under autograd (float32, no autocast) only ``x`` is kept for backward, not the upsampled map."""
-    pad = depthwise.padding[0] if isinstance(depthwise.padding, tuple) else depthwise.padding
-    dev = x.device.type
-    autocast = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
-    if torch.is_grad_enabled() and x.dtype == torch.float32 and not autocast:
-        return _UpsampleDepthwise.apply(x, depthwise.weight, depthwise.bias, pad)
-    return depthwise(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 def _lean_applies(x: Tensor) -> bool:
     """Whether the lean Functions for the resampling conv and the head apply: autograd records,
     float32, no autocast (under autocast the composed ops' casts decide what is kept)."""
-    dev = x.device.type
-    autocast = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
-    return torch.is_grad_enabled() and x.dtype == torch.float32 and not autocast
+    return torch.is_grad_enabled() and x.dtype == torch.float32 and not autocast_enabled(x.device.type)
 
 
 class _UpsampleDSConv(torch.autograd.Function):
@@ -222,22 +216,14 @@ class _UpsampleDSConv(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x, dw_weight, dw_bias, pw_weight = ctx.saved_tensors
         need = ctx.needs_input_grad
-        n, c, h, w = x.shape
-        pad = ctx.pad
         u = F.interpolate(x, scale_factor=2.0, mode="nearest")
-        a = F.conv2d(u, dw_weight, dw_bias, padding=pad, groups=c)
+        a = F.conv2d(u, dw_weight, dw_bias, padding=ctx.pad, groups=x.shape[1])
         _, g_pww, g_pwb = pointwise_rows_backward(grad, a, pw_weight, False, need[3], ctx.has_pw_bias and need[4])
         del a
         g_x = g_dww = g_dwb = None
         if any(need[:3]):
             g_a = pointwise_input_grad(grad, pw_weight)
-            g_u, g_dww, g_dwb = _aten.convolution_backward(
-                g_a, u, dw_weight, [c] if dw_bias is not None else None, [1, 1], [pad, pad], [1, 1], False, [0, 0], c,
-                [need[0], need[1], dw_bias is not None and need[2]],
-            )
-            del u, g_a
-            if need[0]:
-                g_x = _aten.upsample_nearest2d_backward(g_u, [2 * h, 2 * w], [n, c, h, w], 2.0, 2.0)
+            g_x, g_dww, g_dwb = _upsampled_depthwise_backward(g_a, x, u, dw_weight, dw_bias is not None, ctx.pad, list(need[:3]))
         return g_x, g_dww, g_dwb, g_pww, g_pwb, None
 
 
@@ -263,8 +249,7 @@ class _NormActConv(torch.autograd.Function):
         ctx, h: Tensor, norm_weight: Tensor | None, norm_bias: Tensor | None, groups: int, eps: float,
         conv_weight: Tensor, conv_bias: Tensor | None, pad: int,
     ) -> Tensor:
-        n, c = h.shape[:2]
-        z, mean, rstd = _aten.native_group_norm(h, norm_weight, norm_bias, n, c, h.numel() // max(n * c, 1), groups, eps)
+        z, mean, rstd = _gn(h, norm_weight, norm_bias, groups, eps)
         d = F.gelu(z)
         del z
         ctx.save_for_backward(h, mean, rstd, norm_weight, norm_bias, conv_weight)
@@ -276,9 +261,7 @@ class _NormActConv(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         h, mean, rstd, norm_weight, norm_bias, conv_weight = ctx.saved_tensors
         need = ctx.needs_input_grad
-        n, c = h.shape[:2]
-        hw = h.numel() // max(n * c, 1)
-        z = _aten.native_group_norm(h, norm_weight, norm_bias, n, c, hw, ctx.groups, ctx.eps)[0]
+        z = _gn(h, norm_weight, norm_bias, ctx.groups, ctx.eps)[0]
         d = F.gelu(z)
         pad, cout = ctx.pad, conv_weight.shape[0]
         g_d, g_cw, g_cb = _aten.convolution_backward(
@@ -290,8 +273,8 @@ class _NormActConv(torch.autograd.Function):
         if g_d is not None:
             g_z = _aten.gelu_backward(g_d, z)
             del z, g_d
-            g_h, g_nw, g_nb = _aten.native_group_norm_backward(
-                g_z, h, mean, rstd, norm_weight, n, c, hw, ctx.groups,
+            g_h, g_nw, g_nb = _gn_backward(
+                g_z, h, mean, rstd, norm_weight, ctx.groups,
                 [need[0], norm_weight is not None and need[1], norm_bias is not None and need[2]],
             )
         return g_h, g_nw, g_nb, None, None, g_cw, g_cb, None
