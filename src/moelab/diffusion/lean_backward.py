@@ -109,7 +109,7 @@ class _LeanDSExpert(torch.autograd.Function):
         s = _gn(b2, n2w, n2b, groups)[0].add_(x)
         g_w = None
         if need[1]:
-            g_w = _aten.gelu_(s.clone()).mul_(grad).sum_to_size(broadcast_rows(w, grad).shape).view(w.shape).to(w.dtype)
+            g_w = F.gelu(s).mul_(grad).sum_to_size(broadcast_rows(w, grad).shape).view(w.shape).to(w.dtype)
         g_s = grad * broadcast_rows(w, grad)
         _aten.gelu_backward.grad_input(g_s, s, grad_input=g_s)
         del s
