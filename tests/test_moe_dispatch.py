@@ -257,3 +257,20 @@ def test_grouped_gather_backward_adds_parts_without_concatenating():
         (g1,) = torch.autograd.grad(parts1, x1, grads)
     assert torch.equal(g0, g1)
     assert torch.ops.aten.cat.default not in ops.seen and torch.ops.aten.index_add_.default in ops.seen
+
+
+def test_regather_returns_the_rows_and_refuses_a_changed_input():
+    """`Regather` re-selects an expert's rows from the layer input (channels-last rows stay
+    channels-last) and refuses to do so once that input was modified in place."""
+    from moelab.moe.dispatch import Regather, _units_last
+
+    x = torch.randn(5, 4, 3, 3).contiguous(memory_format=torch.channels_last)
+    xv, back = _units_last(x)
+    idx = torch.tensor([3, 0, 4])
+    rows = Regather(xv, idx, back)()
+    assert torch.equal(rows, x.index_select(0, idx))
+    assert rows.is_contiguous(memory_format=torch.channels_last)
+    regather = Regather(xv, idx, back)
+    x.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        regather()

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from moelab.diffusion.convs import is_channels_last, norm_groups, pointwise_conv
 from moelab.diffusion.lean_backward import lean_ds_expert
 from moelab.moe import ExpertBank, Routing
-from moelab.moe.dispatch import DISPATCH_MODES, broadcast_rows
+from moelab.moe.dispatch import DISPATCH_MODES, Regather, broadcast_rows
 from moelab.moe.gathered import gathered_conv2d, gathered_group_norm, gathered_pointwise
 
 
@@ -140,6 +140,7 @@ class ResidualConvExperts(ExpertBank):
 
         def run(e: int, rows: Tensor, w: Tensor, regather: Callable[[], Tensor]) -> Tensor:
             lean = self.lean_backward and self.use_dsconv and rows.numel() >= LEAN_MIN_NUMEL
+            lean = lean and isinstance(regather, Regather)  # its tensors are saved, not the callable
             if lean and rows.device.type == "cpu" and is_channels_last(rows) and not torch.is_autocast_enabled("cpu"):
                 return lean_ds_expert(rows, w, regather, self.groups, pad, per_expert[e])
             out = self._expert(rows, per_expert[e])

@@ -36,15 +36,13 @@ gain, stays).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from moelab.diffusion.convs import autocast_enabled, is_channels_last, pointwise_forward, pointwise_input_grad, pointwise_rows_backward
-from moelab.moe.dispatch import broadcast_rows
+from moelab.moe.dispatch import Regather, broadcast_rows
 
 _aten = torch.ops.aten
 GN_EPS = 1e-5  # F.group_norm's default, what the composed expert uses
@@ -65,14 +63,15 @@ def _gn_backward(
 class _LeanDSExpert(torch.autograd.Function):
     """``gelu(gn2(pw2(dw2(gelu(gn1(pw1(dw1(x))))))) + x) * w`` with the recompute-in-backward above.
 
-    ``x`` is the expert's input rows (channels-last ``[n, C, H, W]``); ``regather()`` returns an
-    equal tensor again in backward (the rows re-selected from the block input), so ``x`` itself
-    is not kept. ``w``: ``[n]`` routing weights. Parameters: one expert's slices.
+    ``x`` is the expert's input rows (channels-last ``[n, C, H, W]``); ``regather``
+    (`moelab.moe.dispatch.Regather`) re-selects an equal tensor from the block input in backward,
+    so ``x`` itself is not kept; the block input and the row indices are saved tensors, released
+    once backward has used them. ``w``: ``[n]`` routing weights. Parameters: one expert's slices.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, x: Tensor, w: Tensor, regather: Callable[[], Tensor], groups: int, pad: int,
+        ctx, x: Tensor, w: Tensor, regather: Regather, groups: int, pad: int,
         dw1w: Tensor, dw1b: Tensor, pw1w: Tensor, pw1b: Tensor, n1w: Tensor, n1b: Tensor,
         dw2w: Tensor, dw2b: Tensor, pw2w: Tensor, pw2b: Tensor, n2w: Tensor, n2b: Tensor,
     ) -> Tensor:
@@ -89,8 +88,10 @@ class _LeanDSExpert(torch.autograd.Function):
         out, m2, r2 = _gn(b2, n2w, n2b, groups)
         _aten.gelu_(out.add_(x))
         out.mul_(broadcast_rows(w, out))
-        ctx.save_for_backward(w, b1, m1, r1, b2, m2, r2, dw1w, dw1b, pw1w, n1w, n1b, dw2w, dw2b, pw2w, n2w, n2b)
-        ctx.regather, ctx.groups, ctx.pad = regather, groups, pad
+        ctx.save_for_backward(
+            w, b1, m1, r1, b2, m2, r2, dw1w, dw1b, pw1w, n1w, n1b, dw2w, dw2b, pw2w, n2w, n2b, regather.src, regather.idx
+        )
+        ctx.back, ctx.groups, ctx.pad = regather.back, groups, pad
         return out
 
     @staticmethod
@@ -100,11 +101,12 @@ class _LeanDSExpert(torch.autograd.Function):
         # first full-resolution MoE block is near the training step's memory peak): each GEMM's
         # input is freed after its weight gradient and before its input gradient is made (it
         # needs none), elementwise steps run in place.
-        w, b1, m1, r1, b2, m2, r2, dw1w, dw1b, pw1w, n1w, n1b, dw2w, dw2b, pw2w, n2w, n2b = ctx.saved_tensors
+        w, b1, m1, r1, b2, m2, r2, dw1w, dw1b, pw1w, n1w, n1b, dw2w, dw2b, pw2w, n2w, n2b, src, idx = ctx.saved_tensors
         groups, pad = ctx.groups, ctx.pad
         need = ctx.needs_input_grad
         # out = o * w, o = gelu(h2 + x): the composed graph's MulBackward, GeluBackward, AddBackward
-        x = ctx.regather()
+        x = Regather.gather(src, idx, ctx.back)
+        del src, idx
         c = x.shape[1]
         s = _gn(b2, n2w, n2b, groups)[0].add_(x)
         g_w = None
@@ -144,11 +146,12 @@ class _LeanDSExpert(torch.autograd.Function):
         return (g_x, g_w, None, None, None, g_dw1w, g_dw1b, g_pw1w, g_pw1b, g_n1w, g_n1b, g_dw2w, g_dw2b, g_pw2w, g_pw2b, g_n2w, g_n2b)
 
 
-def lean_ds_expert(x: Tensor, w: Tensor, regather: Callable[[], Tensor], groups: int, pad: int, p: dict[str, Tensor]) -> Tensor:
+def lean_ds_expert(x: Tensor, w: Tensor, regather: Regather, groups: int, pad: int, p: dict[str, Tensor]) -> Tensor:
     """``gelu(gn2(ds2(gelu(gn1(ds1(x))))) + x) * w[:, None, None, None]`` for one expert with
     parameters ``p`` (``dw{i}_weight``/``_bias`` ``[C, 1, k, k]``/``[C]``, ``pw{i}_weight`` ``[C, C]``,
     ``pw{i}_bias``, ``norm{i}_weight``/``_bias``), keeping for backward only the pointwise outputs
-    and norm statistics; ``regather()`` must return ``x`` again in backward."""
+    and norm statistics; ``regather`` (`moelab.moe.dispatch.Regather`) re-selects ``x`` from its
+    block input, which is saved for backward (once per block) and released after it."""
     return _LeanDSExpert.apply(
         x, w, regather, groups, pad,
         p["dw1_weight"], p["dw1_bias"], p["pw1_weight"], p["pw1_bias"], p["norm1_weight"], p["norm1_bias"],
