@@ -28,10 +28,7 @@ def _layer(e: int = 4, c: int = 16, k: int = 2, seed: int = 0) -> MoELayer:
     return layer
 
 
-def _step(layer: MoELayer, x: torch.Tensor, lean: bool):
-    layer.experts.lean_backward = lean
-    layer.zero_grad(set_to_none=True)
-    xi = x.clone().requires_grad_(True)
+def _saved_numel(fn, *args):
     saved = [0]
     storages: set[int] = set()
 
@@ -42,10 +39,18 @@ def _step(layer: MoELayer, x: torch.Tensor, lean: bool):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = layer(xi, router_features=xi.mean((2, 3)))
+        out = fn(*args)
+    return out, saved[0]
+
+
+def _step(layer: MoELayer, x: torch.Tensor, lean: bool):
+    layer.experts.lean_backward = lean
+    layer.zero_grad(set_to_none=True)
+    xi = x.clone().requires_grad_(True)
+    y, saved = _saved_numel(lambda: layer(xi, router_features=xi.mean((2, 3))))
     (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
     grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
-    return y.detach(), xi.grad.clone(), grads, saved[0]
+    return y.detach(), xi.grad.clone(), grads, saved
 
 
 @pytest.mark.parametrize("k", [1, 2])
@@ -150,21 +155,6 @@ def test_lean_upsample_is_bit_identical_and_keeps_only_its_input(channels_last):
         assert saved_plain - saved_lean == 7 * x.numel() - up.conv.depthwise.bias.numel()
     else:
         assert saved_plain - saved_lean == 3 * x.numel()
-
-
-def _saved_numel(fn, *args):
-    saved = [0]
-    storages: set[int] = set()
-
-    def pack(t: torch.Tensor) -> torch.Tensor:  # elements of every distinct storage saved for backward
-        if t.untyped_storage().data_ptr() not in storages:
-            storages.add(t.untyped_storage().data_ptr())
-            saved[0] += t.untyped_storage().nbytes() // t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn(*args)
-    return out, saved[0]
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

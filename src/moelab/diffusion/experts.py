@@ -139,8 +139,8 @@ class ResidualConvExperts(ExpertBank):
         pad = self.kernel_size // 2
 
         def run(e: int, rows: Tensor, w: Tensor, regather: Callable[[], Tensor]) -> Tensor:
-            lean = self.lean_backward and self.use_dsconv and rows.numel() >= LEAN_MIN_NUMEL
-            lean = lean and isinstance(regather, Regather)  # its tensors are saved, not the callable
+            # a `Regather`: the lean expert saves its tensors for backward, not the callable
+            lean = self.lean_backward and self.use_dsconv and rows.numel() >= LEAN_MIN_NUMEL and isinstance(regather, Regather)
             if lean and rows.device.type == "cpu" and is_channels_last(rows) and not torch.is_autocast_enabled("cpu"):
                 return lean_ds_expert(rows, w, regather, self.groups, pad, per_expert[e])
             out = self._expert(rows, per_expert[e])

@@ -192,6 +192,11 @@ class _UpsampleDepthwise(torch.autograd.Function):
         return g_x, g_w, g_b, None
 
 
+def _padding(conv: torch.nn.Conv2d) -> int | str:
+    """The conv's padding as one number (its height padding; ``"same"``/``"valid"`` as given)."""
+    return conv.padding[0] if isinstance(conv.padding, tuple) else conv.padding
+
+
 def _lean_applies(x: Tensor) -> bool:
     """Whether the lean Functions for the resampling conv and the head apply: autograd records,
     float32, no autocast (under autocast the composed ops' casts decide what is kept)."""
@@ -237,7 +242,7 @@ def upsample_ds_conv(x: Tensor, depthwise: torch.nn.Conv2d, pointwise: torch.nn.
     backward on channels-last CPU input, elsewhere ``x`` and the depthwise output."""
     if not _lean_applies(x):
         return pointwise(depthwise(F.interpolate(x, scale_factor=2.0, mode="nearest")))
-    pad = depthwise.padding[0] if isinstance(depthwise.padding, tuple) else depthwise.padding
+    pad = _padding(depthwise)
     if x.device.type == "cpu" and is_channels_last(x) and x.shape[1] > 1:
         w2 = pointwise.weight.reshape(pointwise.weight.shape[0], -1)
         return _UpsampleDSConv.apply(x, depthwise.weight, depthwise.bias, w2, pointwise.bias, pad)
@@ -287,7 +292,7 @@ def norm_act_conv(h: Tensor, norm: torch.nn.GroupNorm, conv: torch.nn.Conv2d) ->
     """``conv(F.gelu(norm(h)))`` (the output head: GroupNorm, exact GELU, a stride-1 conv with
     ``padding = kernel // 2``): same values and gradients; under autograd (float32, no autocast) it
     keeps ``h`` and the norm statistics for backward instead of the norm's and the GELU's outputs."""
-    pad = conv.padding[0] if isinstance(conv.padding, tuple) else conv.padding
+    pad = _padding(conv)
     plain = conv.stride != (1, 1) or conv.dilation != (1, 1) or conv.groups != 1 or isinstance(pad, str)
     if plain or not _lean_applies(h):
         return conv(F.gelu(norm(h)))
