@@ -146,7 +146,7 @@ def pointwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """
     w2 = weight.reshape(weight.shape[0], -1)
     if is_channels_last(x):
-        if x.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
+        if x.device.type == "cpu" and not autocast_enabled("cpu"):
             return _PointwiseRows.apply(x, w2, bias)
         return F.linear(x.permute(0, 2, 3, 1), w2, bias).permute(0, 3, 1, 2)
     return F.conv2d(x, w2[:, :, None, None], bias)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moelab.diffusion.convs import is_channels_last, norm_groups, pointwise_conv
+from moelab.diffusion.convs import autocast_enabled, is_channels_last, norm_groups, pointwise_conv
 from moelab.diffusion.lean_backward import lean_ds_expert
 from moelab.moe import ExpertBank, Routing
 from moelab.moe.dispatch import DISPATCH_MODES, Regather, broadcast_rows
@@ -141,7 +141,7 @@ class ResidualConvExperts(ExpertBank):
         def run(e: int, rows: Tensor, w: Tensor, regather: Callable[[], Tensor]) -> Tensor:
             # a `Regather`: the lean expert saves its tensors for backward, not the callable
             lean = self.lean_backward and self.use_dsconv and rows.numel() >= LEAN_MIN_NUMEL and isinstance(regather, Regather)
-            if lean and rows.device.type == "cpu" and is_channels_last(rows) and not torch.is_autocast_enabled("cpu"):
+            if lean and rows.device.type == "cpu" and is_channels_last(rows) and not autocast_enabled("cpu"):
                 return lean_ds_expert(rows, w, regather, self.groups, pad, per_expert[e])
             out = self._expert(rows, per_expert[e])
             return out * broadcast_rows(w, out)
