@@ -200,13 +200,20 @@ def interleaved(
     fns: dict[str, Callable[[], None]], reps: int, warmup: int, faults: dict[str, list[int]] | None = None
 ) -> dict[str, list[float]]:
     """Seconds per call of every function, rounds alternating the functions (after ``warmup``);
-    ``faults`` (when given) collects the minor page faults of every timed call."""
+    ``faults`` (when given) collects the minor page faults of every timed call.
+
+    Every other round runs the functions in reverse order. Why: on the 2-core VMs a step's time
+    depends on what ran just before it (caches, the allocator's state): MoEFsDiC against the dense
+    model at 64x64 measured 1.28 with MoEFsDiC first in each pair and 1.30 with the dense model first
+    (8 rounds each), and toggling a flag between steps of one model made whichever ran second ~3%
+    slower. With a fixed order that bias would sit in every per-round ratio; reversed, it cancels."""
     for _ in range(warmup):
         for f in fns.values():
             f()
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for name, f in fns.items():
+    for r in range(reps):
+        order = list(fns.items())
+        for name, f in order if r % 2 == 0 else order[::-1]:
             f0 = minor_faults()
             t0 = time.perf_counter()
             f()
