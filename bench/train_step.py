@@ -206,7 +206,9 @@ def interleaved(
     depends on what ran just before it (caches, the allocator's state): MoEFsDiC against the dense
     model at 64x64 measured 1.28 with MoEFsDiC first in each pair and 1.30 with the dense model first
     (8 rounds each), and toggling a flag between steps of one model made whichever ran second ~3%
-    slower. With a fixed order that bias would sit in every per-round ratio; reversed, it cancels."""
+    slower. With a fixed order such a bias would sit in every per-round ratio; reversed, it cancels.
+    (Two 64x64 runs back to back gave 1.23 with the fixed order and 1.24 with this one: the bias is
+    smaller than the run-to-run noise there, but nothing makes it zero on another machine.)"""
     for _ in range(warmup):
         for f in fns.values():
             f()
