@@ -124,9 +124,7 @@ class _LeanDSExpert(torch.autograd.Function):
         del a2
         g_a2 = pointwise_input_grad(g_b2, pw2w)
         del g_b2
-        g_d1, g_dw2w, g_dw2b = _aten.convolution_backward(
-            g_a2, d1, dw2w, [c], [1, 1], [pad, pad], [1, 1], False, [0, 0], c, [True, need[11], need[12]]
-        )
+        g_d1, g_dw2w, g_dw2b = _depthwise_backward(g_a2, d1, dw2w, True, pad, [True, need[11], need[12]])
         del d1, g_a2
         g_h1 = _aten.gelu_backward(g_d1, h1)
         del h1, g_d1
@@ -137,9 +135,7 @@ class _LeanDSExpert(torch.autograd.Function):
         del a1
         g_a1 = pointwise_input_grad(g_b1, pw1w)
         del g_b1
-        g_x, g_dw1w, g_dw1b = _aten.convolution_backward(
-            g_a1, x, dw1w, [c], [1, 1], [pad, pad], [1, 1], False, [0, 0], c, [need[0], need[5], need[6]]
-        )
+        g_x, g_dw1w, g_dw1b = _depthwise_backward(g_a1, x, dw1w, True, pad, [need[0], need[5], need[6]])
         del x, g_a1
         if g_x is not None:
             g_x.add_(g_s)  # a fresh tensor: the residual's gradient is added in place
@@ -159,18 +155,22 @@ def lean_ds_expert(x: Tensor, w: Tensor, regather: Regather, groups: int, pad: i
     )
 
 
-def _upsampled_depthwise_backward(
-    grad: Tensor, x: Tensor, u: Tensor, weight: Tensor, has_bias: bool, pad: int, mask: list[bool]
+def _depthwise_backward(
+    grad: Tensor, x: Tensor, weight: Tensor, has_bias: bool, pad: int, mask: list[bool]
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients ``(x, weight, bias)`` of ``depthwise(u)``, ``u = nearest_upsample_x2(x)`` (recomputed
-    by the caller), each None where ``mask`` does not ask for it: autograd's kernels for the two."""
-    n, c, h, w = x.shape
-    g_u, g_w, g_b = _aten.convolution_backward(
-        grad, u, weight, [c] if has_bias else None, [1, 1], [pad, pad], [1, 1], False, [0, 0], c,
+    """Gradients ``(x, weight, bias)`` of the stride-1 depthwise conv ``F.conv2d(x, weight, bias,
+    padding=pad, groups=C)``, each None where ``mask`` does not ask for it: autograd's kernel."""
+    c = x.shape[1]
+    return _aten.convolution_backward(
+        grad, x, weight, [c] if has_bias else None, [1, 1], [pad, pad], [1, 1], False, [0, 0], c,
         [mask[0], mask[1], has_bias and mask[2]],
     )
-    g_x = _aten.upsample_nearest2d_backward(g_u, [2 * h, 2 * w], [n, c, h, w], 2.0, 2.0) if mask[0] else None
-    return g_x, g_w, g_b
+
+
+def _nearest_x2_backward(grad: Tensor, x: Tensor) -> Tensor:
+    """Gradient of ``x`` through ``F.interpolate(x, scale_factor=2, mode="nearest")``: autograd's kernel."""
+    n, c, h, w = x.shape
+    return _aten.upsample_nearest2d_backward(grad, [2 * h, 2 * w], [n, c, h, w], 2.0, 2.0)
 
 
 class _UpsampleDepthwise(torch.autograd.Function):
@@ -187,9 +187,11 @@ class _UpsampleDepthwise(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x, weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
         u = F.interpolate(x, scale_factor=2.0, mode="nearest")
-        g_x, g_w, g_b = _upsampled_depthwise_backward(grad, x, u, weight, ctx.has_bias, ctx.pad, list(ctx.needs_input_grad[:3]))
-        return g_x, g_w, g_b, None
+        g_u, g_w, g_b = _depthwise_backward(grad, u, weight, ctx.has_bias, ctx.pad, list(need[:3]))
+        del u  # the 4x larger map is not alive while the upsampling's backward runs
+        return (_nearest_x2_backward(g_u, x) if need[0] else None), g_w, g_b, None
 
 
 def _padding(conv: torch.nn.Conv2d) -> int | str:
@@ -231,7 +233,10 @@ class _UpsampleDSConv(torch.autograd.Function):
         g_x = g_dww = g_dwb = None
         if any(need[:3]):
             g_a = pointwise_input_grad(grad, pw_weight)
-            g_x, g_dww, g_dwb = _upsampled_depthwise_backward(g_a, x, u, dw_weight, dw_bias is not None, ctx.pad, list(need[:3]))
+            g_u, g_dww, g_dwb = _depthwise_backward(g_a, u, dw_weight, dw_bias is not None, ctx.pad, list(need[:3]))
+            del u, g_a  # neither is alive while the upsampling's backward runs
+            if need[0]:
+                g_x = _nearest_x2_backward(g_u, x)
         return g_x, g_dww, g_dwb, g_pww, g_pwb, None
 
 
