@@ -213,8 +213,8 @@ def interleaved(
         for f in fns.values():
             f()
     times: dict[str, list[float]] = {k: [] for k in fns}
+    order = list(fns.items())
     for r in range(reps):
-        order = list(fns.items())
         for name, f in order if r % 2 == 0 else order[::-1]:
             f0 = minor_faults()
             t0 = time.perf_counter()
