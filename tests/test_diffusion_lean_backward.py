@@ -161,6 +161,7 @@ def test_lean_upsample_is_bit_identical_and_keeps_only_its_input(channels_last):
 def test_lean_output_head_is_bit_identical_and_keeps_only_its_input(channels_last):
     """`norm_act_conv` = conv(gelu(group_norm(h))) to the bit, values and every gradient; it keeps
     h and the norm statistics, not the norm's and the GELU's outputs."""
+    from moelab.diffusion.activations import gelu
     from moelab.diffusion.lean_backward import norm_act_conv
 
     torch.manual_seed(2)
@@ -171,7 +172,7 @@ def test_lean_output_head_is_bit_identical_and_keeps_only_its_input(channels_las
     if channels_last:
         h = h.contiguous(memory_format=torch.channels_last)
     results = []
-    for fn in (lambda z: conv(torch.nn.functional.gelu(norm(z))), lambda z: norm_act_conv(z, norm, conv)):
+    for fn in (lambda z: conv(gelu(norm(z))), lambda z: norm_act_conv(z, norm, conv)):
         norm.zero_grad(set_to_none=True)
         conv.zero_grad(set_to_none=True)
         hi = h.clone().requires_grad_(True)

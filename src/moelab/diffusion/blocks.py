@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moelab.diffusion.activations import GELU
 from moelab.diffusion.convs import DepthwiseSeparableConv2d, PointwiseConv2d, norm_groups
 from moelab.diffusion.experts import ResidualConvExperts
 from moelab.diffusion.lean_backward import spatial_mean, upsample_ds_conv
@@ -121,7 +122,7 @@ class DilatedFusionBlock(CondBlock):
         super().__init__(channels, emb_dim)
         g = norm_groups(channels)
         self.branches = nn.ModuleList(
-            nn.Sequential(conv3x3(channels, channels, use_dsconv, dilation=d), nn.GroupNorm(g, channels), nn.GELU())
+            nn.Sequential(conv3x3(channels, channels, use_dsconv, dilation=d), nn.GroupNorm(g, channels), GELU())
             for d in self.DILATIONS
         )
         self.fuse = PointwiseConv2d(len(self.DILATIONS) * channels, channels)

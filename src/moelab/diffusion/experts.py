@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moelab.diffusion.activations import gelu
 from moelab.diffusion.convs import autocast_enabled, is_channels_last, norm_groups, pointwise_conv
 from moelab.diffusion.lean_backward import lean_ds_expert
 from moelab.moe import ExpertBank, Routing
@@ -100,9 +101,9 @@ class ResidualConvExperts(ExpertBank):
         return gathered_group_norm(x, self.groups, getattr(self, f"norm{i}_weight"), getattr(self, f"norm{i}_bias"), idx)
 
     def forward_gathered(self, x: Tensor, expert_idx: Tensor) -> Tensor:
-        h = F.gelu(self._norm(1, self._conv(1, x, expert_idx), expert_idx))
+        h = gelu(self._norm(1, self._conv(1, x, expert_idx), expert_idx))
         h = self._norm(2, self._conv(2, h, expert_idx), expert_idx)
-        return F.gelu(h + x)
+        return gelu(h + x)
 
     def weights_per_expert(self) -> int:
         """Parameters of one expert: what gathered dispatch copies (and back-propagates) per sample."""
@@ -162,5 +163,5 @@ class ResidualConvExperts(ExpertBank):
         def norm(i: int, h: Tensor) -> Tensor:
             return F.group_norm(h, self.groups, p[f"norm{i}_weight"], p[f"norm{i}_bias"])
 
-        h = F.gelu(norm(1, conv(1, x)))
-        return F.gelu(norm(2, conv(2, h)) + x)
+        h = gelu(norm(1, conv(1, x)))
+        return gelu(norm(2, conv(2, h)) + x)

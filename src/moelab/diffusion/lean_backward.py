@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from moelab.diffusion.activations import gelu, gelu_, gelu_backward
 from moelab.diffusion.convs import autocast_enabled, is_channels_last, pointwise_forward, pointwise_input_grad, pointwise_rows_backward
 from moelab.moe.dispatch import Regather, broadcast_rows
 
@@ -80,13 +81,13 @@ class _LeanDSExpert(torch.autograd.Function):
         c = x.shape[1]
         b1 = pointwise_forward(F.conv2d(x, dw1w, dw1b, padding=pad, groups=c), pw1w, pw1b)
         d1, m1, r1 = _gn(b1, n1w, n1b, groups)
-        _aten.gelu_(d1)
+        gelu_(d1)
         a2 = F.conv2d(d1, dw2w, dw2b, padding=pad, groups=c)
         del d1
         b2 = pointwise_forward(a2, pw2w, pw2b)
         del a2
         out, m2, r2 = _gn(b2, n2w, n2b, groups)
-        _aten.gelu_(out.add_(x))
+        gelu_(out.add_(x))
         out.mul_(broadcast_rows(w, out))
         ctx.save_for_backward(
             w, b1, m1, r1, b2, m2, r2, dw1w, dw1b, pw1w, n1w, n1b, dw2w, dw2b, pw2w, n2w, n2b, regather.src, regather.idx
@@ -111,14 +112,14 @@ class _LeanDSExpert(torch.autograd.Function):
         s = _gn(b2, n2w, n2b, groups)[0].add_(x)
         g_w = None
         if need[1]:
-            g_w = F.gelu(s).mul_(grad).sum_to_size(broadcast_rows(w, grad).shape).view(w.shape).to(w.dtype)
+            g_w = gelu(s).mul_(grad).sum_to_size(broadcast_rows(w, grad).shape).view(w.shape).to(w.dtype)
         g_s = grad * broadcast_rows(w, grad)
-        _aten.gelu_backward.grad_input(g_s, s, grad_input=g_s)
+        gelu_backward(g_s, s, out=g_s)
         del s
         g_b2, g_n2w, g_n2b = _gn_backward(g_s, b2, m2, r2, n2w, groups, [True, need[15], need[16]])
         # pw2(dw2(d1)): recompute d1 and the depthwise output
         h1 = _gn(b1, n1w, n1b, groups)[0]
-        d1 = F.gelu(h1)
+        d1 = gelu(h1)
         a2 = F.conv2d(d1, dw2w, dw2b, padding=pad, groups=c)
         _, g_pw2w, g_pw2b = pointwise_rows_backward(g_b2, a2, pw2w, False, need[13], need[14])
         del a2
@@ -126,7 +127,7 @@ class _LeanDSExpert(torch.autograd.Function):
         del g_b2
         g_d1, g_dw2w, g_dw2b = _depthwise_backward(g_a2, d1, dw2w, True, pad, [True, need[11], need[12]])
         del d1, g_a2
-        g_h1 = _aten.gelu_backward(g_d1, h1)
+        g_h1 = gelu_backward(g_d1, h1)
         del h1, g_d1
         g_b1, g_n1w, g_n1b = _gn_backward(g_h1, b1, m1, r1, n1w, groups, [True, need[9], need[10]])
         del g_h1
@@ -263,7 +264,7 @@ class _NormActConv(torch.autograd.Function):
         conv_weight: Tensor, conv_bias: Tensor | None, pad: int,
     ) -> Tensor:
         z, mean, rstd = _gn(h, norm_weight, norm_bias, groups, eps)
-        d = F.gelu(z)
+        d = gelu(z)
         del z
         ctx.save_for_backward(h, mean, rstd, norm_weight, norm_bias, conv_weight)
         ctx.groups, ctx.eps, ctx.pad, ctx.has_conv_bias = groups, eps, pad, conv_bias is not None
@@ -275,7 +276,7 @@ class _NormActConv(torch.autograd.Function):
         h, mean, rstd, norm_weight, norm_bias, conv_weight = ctx.saved_tensors
         need = ctx.needs_input_grad
         z = _gn(h, norm_weight, norm_bias, ctx.groups, ctx.eps)[0]
-        d = F.gelu(z)
+        d = gelu(z)
         pad, cout = ctx.pad, conv_weight.shape[0]
         g_d, g_cw, g_cb = _aten.convolution_backward(
             grad, d, conv_weight, [cout] if ctx.has_conv_bias else None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1,
@@ -284,7 +285,7 @@ class _NormActConv(torch.autograd.Function):
         del d
         g_h = g_nw = g_nb = None
         if g_d is not None:
-            g_z = _aten.gelu_backward(g_d, z)
+            g_z = gelu_backward(g_d, z)
             del z, g_d
             g_h, g_nw, g_nb = _gn_backward(
                 g_z, h, mean, rstd, norm_weight, ctx.groups,
@@ -300,7 +301,7 @@ def norm_act_conv(h: Tensor, norm: torch.nn.GroupNorm, conv: torch.nn.Conv2d) ->
     pad = _padding(conv)
     plain = conv.stride != (1, 1) or conv.dilation != (1, 1) or conv.groups != 1 or isinstance(pad, str)
     if plain or not _lean_applies(h):
-        return conv(F.gelu(norm(h)))
+        return conv(gelu(norm(h)))
     return _NormActConv.apply(h, norm.weight, norm.bias, norm.num_groups, norm.eps, conv.weight, conv.bias, pad)
 
 

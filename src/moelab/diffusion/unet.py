@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin
 from torch import Tensor, nn
 
+from moelab.diffusion.activations import gelu
 from moelab.diffusion.blocks import (
     CondBlock,
     Conditioning,
@@ -173,7 +174,7 @@ class MoEFsDiC_UNet(ModelMixin, ConfigMixin):  # noqa: N801 - the name the quick
         if self.lean_backward:  # same values; keeps h for backward, not the norm's and GELU's outputs
             out = norm_act_conv(h, self.out_norm, self.out_conv)
         else:
-            out = self.out_conv(F.gelu(self.out_norm(h)))
+            out = self.out_conv(gelu(self.out_norm(h)))
         out = out.contiguous()  # blocks run channels-last; callers get NCHW
         return out, self.moe_logits()
 
