@@ -2,9 +2,11 @@
 
 Why: PyTorch's CPU ``gelu`` and ``gelu_backward`` hand a float tensor to oneDNN's vectorised
 kernel only when it is contiguous in the default format; a channels-last tensor -- what every
-MoEFsDiC block computes on -- falls through to ATen's own kernel, 1.4-2.4x slower on the
-AVX-512 and AVX2 CPUs measured here (one thread, 2x128x64x64: 1.08 vs 0.54 ms out of place, 1.30 vs
-0.53 ms in place; 2x256x32x32 backward 0.56 vs 0.42 ms). Channels-last memory *is* a contiguous
+MoEFsDiC block computes on -- falls through to ATen's own kernel: on the AVX-512 CPU measured
+here (one thread) 2.0x slower forward at 2x128x64x64 (1.08 vs 0.54 ms) and 1.3x backward (1.18 vs
+0.90 ms), with ATen's AVX2 kernels 3.3x and 2.4x (2x256x32x32). In a whole training step, where
+the activations come from memory rather than cache, the gain is smaller: GELU's share of the 64x64
+step fell from ~190 to ~150 ms. Channels-last memory *is* a contiguous
 ``[N, H, W, C]`` tensor, so these functions permute to that view (no copy), run the op there and
 permute back. Same function (the exact, erf-based GELU), the values PyTorch gives the same
 activations stored NCHW; oneDNN's and ATen's kernels round differently in the last bits, so the
