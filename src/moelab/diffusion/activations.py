@@ -11,7 +11,7 @@ step fell from ~190 to ~150 ms. Channels-last memory *is* a contiguous
 permute back. Same function (the exact, erf-based GELU), the values PyTorch gives the same
 activations stored NCHW; oneDNN's and ATen's kernels round differently in the last bits, so the
 model's values move by float rounding against the earlier ATen path, and every path of the model
-(lean backward, the composed experts, the gathered dispatch, the head) uses these functions so
+(lean backward, the composed experts, the gathered dispatch, the head, dilated fusion) uses these functions so
 that they stay equal to one another to the bit.
 
 Other layouts, and tensors that are both NCHW- and channels-last-contiguous, go to PyTorch as
@@ -65,7 +65,8 @@ def gelu_backward(grad: Tensor, x: Tensor, out: Tensor | None = None) -> Tensor:
 
 
 class GELU(nn.GELU):
-    """``nn.GELU()`` (exact) by `gelu`: the same module, no parameters, no state-dict keys."""
+    """``nn.GELU()`` (exact) by `gelu`: the same module, no parameters, no state-dict keys. It takes
+    no ``approximate`` argument: `gelu` is the exact form only."""
 
     def __init__(self) -> None:
         super().__init__()
