@@ -15,7 +15,8 @@ and measured on the same inputs (x, t, c, noise), with the same torch thread cou
 * time   : forward + loss (MSE, plus the load-balance loss for MoE) + backward, gradients reset
            to None before each step; after warm-up steps, rounds alternate the models so that load
            drift on a shared machine hits all alike; the reported ratio is the median over rounds
-           of the per-round ratio, next to each model's median time.
+           of the per-round ratio, next to each model's median time, and MoEFsDiC's lowest and
+           highest per-round ratio are printed with it (how far one round swings here).
 * memory : peak resident set size (``VmHWM`` of /proc/self/status) of a fresh
            Python process per model that imports torch, builds the model and the inputs and runs
            eight training steps -- what a training process of that model needs, parameters,
@@ -36,6 +37,7 @@ Scales: ``digits`` (configs/digits.yaml, 8x8, its batch 64), ``cifar32`` (defaul
 model_channels 64, channel_mults [1, 2, 4], 32x32, batch 32) and ``default64``
 (configs/default.yaml, 64x64, batch 8). One line per scale, then
 
+  train_step per-round moe/dense time (<scale>, <n> rounds): <lo>-<hi>   (that worst scale's rounds)
   train_step: moe/dense time=<x.xx> mem=<y.yy>     (worst ratios over cifar32 and default64)
   sample_step: moe/dense=<x.xx>                    (one guided noise prediction, w = 1.25, cifar32,
                                                     32 images: 64 rows, eval mode, no grad)
@@ -230,6 +232,13 @@ def paired_ratio(a: list[float], b: list[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b))
 
 
+def ratio_range(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Smallest and largest per-round a/b: how far one round's ratio swings on this machine, so
+    that a median at a goal's line can be read as "at the line", not as a margin."""
+    per_round = [x / y for x, y in zip(a, b)]
+    return min(per_round), max(per_round)
+
+
 def rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -299,6 +308,7 @@ def run_scale(
         "ms": {v: 1e3 * statistics.median(ts) for v, ts in times.items()},
         "faults": {v: statistics.median(f) for v, f in faults.items()},
         "ratio": {v: paired_ratio(times[v], times["dense"]) for v in VARIANTS},
+        "ratio_range": {v: ratio_range(times[v], times["dense"]) for v in VARIANTS},
         "mem": mem,
         "live": live,
         "info": info,
@@ -306,7 +316,9 @@ def run_scale(
     }
 
 
-def sample_step_ratio(reps: int, warmup: int, device: str = "cpu", precision: str = "32") -> tuple[float, dict[str, float]]:
+def sample_step_ratio(
+    reps: int, warmup: int, device: str = "cpu", precision: str = "32"
+) -> tuple[float, dict[str, float], tuple[float, float]]:
     fns = {}
     sync = synchronizer(device)
     for v in ("moe", "dense"):
@@ -324,7 +336,8 @@ def sample_step_ratio(reps: int, warmup: int, device: str = "cpu", precision: st
 
         fns[v] = f
     times = interleaved(fns, reps, warmup)
-    return paired_ratio(times["moe"], times["dense"]), {v: 1e3 * statistics.median(ts) for v, ts in times.items()}
+    ms = {v: 1e3 * statistics.median(ts) for v, ts in times.items()}
+    return paired_ratio(times["moe"], times["dense"]), ms, ratio_range(times["moe"], times["dense"])
 
 
 #: Set (to the library) in the process `preload_allocator` re-executes, so that it is done once.
@@ -427,6 +440,7 @@ def main() -> None:
         fail("--malloc mmap is for the memory processes only (the live-memory figures); time with retain or default")
     settings = ("moe_full", "moe_part", "moe_plain")  # MoEFsDiC with one train.* setting changed (VARIANTS)
     worst: dict[str, list[float]] = {v: [0.0, 0.0, 0.0] for v in ("moe", *settings)}  # time, memory, live-memory ratios
+    worst_range: tuple[str, float, float] = ("", 0.0, 0.0)  # the headline scale's per-round moe/dense time, lowest and highest
     for scale in args.scales:
         r = run_scale(scale, reps, warmup, args.threads, args.compile, args.malloc, not args.no_live_memory, args.device, args.precision)
         ms, ratio, mem, info = r["ms"], r["ratio"], r["mem"], r["info"]
@@ -447,7 +461,8 @@ def main() -> None:
             f"{scale} ({SCALES[scale]['label']}, batch {r['batch']}): "
             f"step ms {fmt({v: '%.0f' % ms[v] for v in VARIANTS})} "
             f"(minor faults/step {fmt({v: '%.0f' % r['faults'][v] for v in VARIANTS})}) "
-            f"ratio to dense {fmt({v: '%.2f' % ratio[v] for v in VARIANTS if v != 'dense'})} | "
+            f"ratio to dense {fmt({v: '%.2f' % ratio[v] for v in VARIANTS if v != 'dense'})} "
+            f"(moe per round {r['ratio_range']['moe'][0]:.2f}-{r['ratio_range']['moe'][1]:.2f}) | "
             f"{mem_label} {peak} (before step {before}) ratio to dense {fmt({v: '%.2f' % mem_ratios[v] for v in VARIANTS if v != 'dense'})} | "
             f"params+grads MB {weights} | fwd GFLOPs/sample {gflops} | active params {active} | "
             f"one model per process: step ms {alone} (minor faults/step {alone_faults}) moe/dense={alone_ratio:.2f}",
@@ -463,6 +478,8 @@ def main() -> None:
                 flush=True,
             )
         if scale != "digits":
+            if ratio["moe"] >= worst["moe"][0]:
+                worst_range = (scale, *r["ratio_range"]["moe"])
             for v, w in worst.items():
                 w[0], w[1] = max(w[0], ratio[v]), max(w[1], mem_ratios[v])
                 w[2] = max(w[2], live_ratios.get(v, 0.0))
@@ -475,9 +492,10 @@ def main() -> None:
                 f"live memory (no heap fragmentation): moe/dense={worst['moe'][2]:.2f} moe_full/dense={worst['moe_full'][2]:.2f} "
                 f"moe_plain/dense={worst['moe_plain'][2]:.2f}"
             )
+        print(f"train_step per-round moe/dense time ({worst_range[0]}, {reps} rounds): {worst_range[1]:.2f}-{worst_range[2]:.2f}")
         print(f"train_step: moe/dense time={worst['moe'][0]:.2f} mem={worst['moe'][1]:.2f}")
-    ratio, ms = sample_step_ratio(reps, warmup, args.device, args.precision)
-    print(f"sample step ms (cifar32, 32 images, w={GUIDANCE}): moe={ms['moe']:.0f} dense={ms['dense']:.0f}")
+    ratio, ms, (lo, hi) = sample_step_ratio(reps, warmup, args.device, args.precision)
+    print(f"sample step ms (cifar32, 32 images, w={GUIDANCE}): moe={ms['moe']:.0f} dense={ms['dense']:.0f} (per round {lo:.2f}-{hi:.2f})")
     print(f"sample_step: moe/dense={ratio:.2f}")
 
 
