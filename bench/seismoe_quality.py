@@ -16,6 +16,9 @@ Usage: ``python bench/seismoe_quality.py [--seeds 0 1 2] [--traces 1200] [--base
 Levers: ``--moe-args '{"num_experts": 4, "num_experts_per_token": 2, "moe_loss_coef": 0.02, "shared_expert": true}'
 --tag _shared --variants eqt_ft moe_frozen moe_full`` runs them beside the default in the same folder
 (``quality_shared.md``), reusing its data, base and dense (``eqt_ft``, ``eqt_ffn``) models.
+Domains: ``--domains stead_like_weak_p ethz_like geofon_like`` pretrains the base on traces whose P
+wave trains are 1/8-1x their recorded amplitude (`moelab.seismic.synth.Domain.p_gain`), the
+setting under which the fine-tuned models pick the S of ObsPy's real event (README).
 """
 
 from __future__ import annotations

@@ -256,3 +256,35 @@ def test_stead_like_draws_spread_p_and_near_source_events():
     early = [synth.sample_source(table, rng_a, synth.DOMAINS["stead_like_early_p"]) for _ in range(50)]
     original = [synth._sample_source(table, rng_b) for _ in range(50)]
     assert early == original
+
+
+def test_weak_p_presets_scale_only_the_p_wave_train():
+    """`Domain.p_gain` multiplies the P wave train (P onset to S onset) and nothing else: two traces
+    drawn from the same generator state with gains 1 and g differ by (1 - g) times the same P train,
+    so their differences for two gains are in the fixed ratio; noise and S are the same."""
+    from dataclasses import replace
+
+    table, _ = synth.load_source_table()
+    base = replace(synth.DOMAINS["stead_like"], near_fraction=0.0)
+    src = synth.sample_source(table, np.random.default_rng(3), base)
+    traces = {}
+    for g in (1.0, 0.5, 0.25):
+        x, meta = synth.make_event_trace(6000, src, np.random.default_rng(7), replace(base, p_gain=(g, g)))
+        traces[g] = x
+        assert meta["trace_p_gain"] == g
+    p, s = meta["trace_p_arrival_sample"], meta["trace_s_arrival_sample"]
+    d1, d2 = traces[1.0] - traces[0.5], traces[1.0] - traces[0.25]
+    outside = np.ones(6000, bool)
+    outside[p:s] = False
+    assert np.abs(d1[:, outside]).max() == 0.0 and np.abs(d2[:, outside]).max() == 0.0
+    assert np.abs(d1[:, p:s]).max() > 0.0
+    np.testing.assert_allclose(d2[:, p:s], 1.5 * d1[:, p:s], rtol=1e-9, atol=1e-12)
+    # the presets: S-labelled domains get a weak-P version; nothing else differs, and the plain
+    # presets draw no gain (their data sets reproduce)
+    assert set(n for n in synth.DOMAINS if n.endswith("_weak_p")) == {"stead_like_weak_p", "ethz_like_weak_p"}
+    for name in ("stead_like", "ethz_like"):
+        weak, plain = synth.DOMAINS[f"{name}_weak_p"], synth.DOMAINS[name]
+        assert weak.p_gain == synth.WEAK_P_GAIN and plain.p_gain is None
+        assert replace(weak, name=name, description=plain.description, p_gain=None) == plain
+    _, plain_meta = synth.make_event_trace(6000, src, np.random.default_rng(7), base)
+    assert "trace_p_gain" not in plain_meta

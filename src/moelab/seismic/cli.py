@@ -153,7 +153,7 @@ def add_make_dataset_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser
     p.add_argument("--out", required=True, help="folder to write metadata.csv + waveforms.hdf5 to")
     p.add_argument("--n-traces", "--n_traces", dest="n_traces", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--domain", default=None, help="preset: stead_like (default), ethz_like or geofon_like (distances, noise, sampling rate, P-only picks; P 20-70%% into the trace), or stead_like_early_p / ethz_like_early_p / geofon_like_early_p (the earlier presets: P early in the trace)")
+    p.add_argument("--domain", default=None, help="preset: stead_like (default), ethz_like or geofon_like (distances, noise, sampling rate, P-only picks; P 20-70%% into the trace), or stead_like_early_p / ethz_like_early_p / geofon_like_early_p (the earlier presets: P early in the trace), or stead_like_weak_p / ethz_like_weak_p (P wave trains at 1/8-1x their amplitude: S up to ~10x the P, as in real local records)")
     p.add_argument("--n-samples", "--n_samples", dest="n_samples", type=int, default=None, help="samples per trace at the domain's sampling rate (default: 60 s, e.g. 6000 at 100 Hz, like STEAD)")
     p.add_argument("--noise-fraction", "--noise_fraction", dest="noise_fraction", type=float, default=0.3)
     p.add_argument("--source-metadata", "--source_metadata", dest="source_metadata", help="STEAD-format metadata CSV to draw distances, depths, magnitudes, SNRs and P positions from (default: the 100 real STEAD traces shipped with moelab)")

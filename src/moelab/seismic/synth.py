@@ -95,6 +95,11 @@ class Domain:
             real STEAD holds many such events, and so does ObsPy's real test event (S-P 0.53 s).
             0: no draw at all (the earlier presets reproduce exactly).
         near_distance_km / near_depth_km: ranges of the near-source events.
+        p_gain: range of a log-uniform factor on the P wave train's amplitude (the S wave, and so
+            the SNR, unchanged). The six source events have S peaks 0.6-1.3x their P peaks; real
+            local S waves are often several times stronger (ObsPy's real test event: 7.8x), and
+            models trained without such traces took that event's S for its P. ``None``: no
+            draw (the other presets reproduce exactly).
     """
 
     name: str
@@ -114,6 +119,7 @@ class Domain:
     near_fraction: float = 0.0
     near_distance_km: tuple[float, float] = (1.0, 20.0)
     near_depth_km: tuple[float, float] = (0.0, 10.0)
+    p_gain: tuple[float, float] | None = None
 
 
 #: P position range (fraction of the trace) of every preset: P 12-42 s into a 60 s trace, so that
@@ -185,6 +191,20 @@ DOMAINS.update(
             near_fraction=0.0,
         )
         for d in _PRESETS
+    }
+)
+
+
+#: `Domain.p_gain` of the ``*_weak_p`` presets: P wave trains at 1/8 to 1x their recorded amplitude,
+#: so that S peaks span about 0.6-10x the P peaks, as in real local records.
+WEAK_P_GAIN: tuple[float, float] = (0.125, 1.0)
+DOMAINS.update(
+    {
+        f"{d.name}_weak_p": replace(
+            d, name=f"{d.name}_weak_p", description=f"{d.description}; P wave trains scaled by 1/8-1x (S up to ~10x the P)", p_gain=WEAK_P_GAIN
+        )
+        for d in _PRESETS
+        if d.s_picks
     }
 )
 
@@ -483,6 +503,10 @@ def make_event_trace(
     a = rng.uniform(0, 2 * np.pi)
     rot = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]]) * rng.choice([-1.0, 1.0])
     p_train = rot @ p_train
+    p_gain = None
+    if domain.p_gain is not None and s_train is not None:
+        p_gain = float(np.exp(rng.uniform(np.log(domain.p_gain[0]), np.log(domain.p_gain[1]))))
+        p_train = p_train * p_gain
     # SNR as STEAD defines it: 10 log10 of signal over noise power (unit-variance noise here); the
     # signal is the S wave when there is one, else the P wave (teleseismic P-only traces)
     ref = rot @ s_train if s_train is not None else p_train
@@ -509,6 +533,8 @@ def make_event_trace(
         "trace_event_signal": ev.name,
         "trace_stretch_factor": round(factor, 4),
     }
+    if p_gain is not None:
+        meta["trace_p_gain"] = round(p_gain, 4)
     return x, meta
 
 
