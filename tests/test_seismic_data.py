@@ -288,3 +288,5 @@ def test_weak_p_presets_scale_only_the_p_wave_train():
         assert replace(weak, name=name, description=plain.description, p_gain=None) == plain
     _, plain_meta = synth.make_event_trace(6000, src, np.random.default_rng(7), base)
     assert "trace_p_gain" not in plain_meta
+    with pytest.raises(ConfigError, match="p_gain must be"):
+        replace(base, p_gain=(0.0, 1.0))

@@ -121,6 +121,12 @@ class Domain:
     near_depth_km: tuple[float, float] = (0.0, 10.0)
     p_gain: tuple[float, float] | None = None
 
+    def __post_init__(self) -> None:
+        if self.p_gain is not None:
+            lo, hi = self.p_gain
+            if not 0 < lo <= hi:
+                raise ConfigError(f"Domain '{self.name}': p_gain must be (low, high) with 0 < low <= high (a log-uniform factor on the P wave train), got {self.p_gain}")
+
 
 #: P position range (fraction of the trace) of every preset: P 12-42 s into a 60 s trace, so that
 #: training windows cut around a pick put P (and S, which follows at the TauP S-P time) anywhere in
