@@ -227,16 +227,21 @@ def interleaved(
     return times
 
 
+def per_round(a: list[float], b: list[float]) -> list[float]:
+    """a/b of every round, the two timed back to back."""
+    return [x / y for x, y in zip(a, b)]
+
+
 def paired_ratio(a: list[float], b: list[float]) -> float:
     """Median over rounds of a/b, each round timed back to back: robust to load drift."""
-    return statistics.median(x / y for x, y in zip(a, b))
+    return statistics.median(per_round(a, b))
 
 
 def ratio_range(a: list[float], b: list[float]) -> tuple[float, float]:
     """Smallest and largest per-round a/b: how far one round's ratio swings on this machine, so
     that a median at a goal's line can be read as "at the line", not as a margin."""
-    per_round = [x / y for x, y in zip(a, b)]
-    return min(per_round), max(per_round)
+    ratios = per_round(a, b)
+    return min(ratios), max(ratios)
 
 
 def rss_mb() -> float:

@@ -389,6 +389,12 @@ def _sample_source(table: dict[str, np.ndarray], rng: np.random.Generator) -> di
     }
 
 
+def _log_uniform(rng: np.random.Generator, bounds: tuple[float, float]) -> float:
+    """One draw, log-uniform on ``bounds`` (one ``rng.uniform`` call: the generated data sets do not change)."""
+    lo, hi = bounds
+    return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+
+
 def sample_source(table: dict[str, np.ndarray], rng: np.random.Generator, domain: Domain) -> dict[str, float]:
     """Source parameters of one event: the STEAD-metadata draw, then the domain's own ranges.
 
@@ -397,8 +403,7 @@ def sample_source(table: dict[str, np.ndarray], rng: np.random.Generator, domain
     """
     src = _sample_source(table, rng)
     if domain.distance_km is not None:
-        lo, hi = domain.distance_km
-        src["distance_km"] = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+        src["distance_km"] = _log_uniform(rng, domain.distance_km)
     if domain.depth_km is not None:
         src["depth_km"] = float(rng.uniform(*domain.depth_km))
     if domain.snr_db is not None:
@@ -406,8 +411,7 @@ def sample_source(table: dict[str, np.ndarray], rng: np.random.Generator, domain
     if domain.p_fraction is not None:
         src["p_fraction"] = float(rng.uniform(*domain.p_fraction))
     if domain.near_fraction > 0 and rng.random() < domain.near_fraction:
-        lo, hi = domain.near_distance_km
-        src["distance_km"] = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+        src["distance_km"] = _log_uniform(rng, domain.near_distance_km)
         src["depth_km"] = float(rng.uniform(*domain.near_depth_km))
     return src
 
@@ -501,7 +505,7 @@ def make_event_trace(
     s = p + sp
 
     ev = event_trains()[rng.integers(len(event_trains()))]
-    factor = float(np.exp(rng.uniform(np.log(domain.stretch[0]), np.log(domain.stretch[1]))))
+    factor = _log_uniform(rng, domain.stretch)
     p_len = sp if has_s else n - p
     p_train = _taper_end(_p_coda(_stretch(ev.p_train, factor), p_len), int(0.2 * SAMPLING_RATE))
     s_train = _taper_end(_stretch(ev.s_train, factor)[:, : n - s], int(1.0 * SAMPLING_RATE)) if has_s else None
@@ -511,7 +515,7 @@ def make_event_trace(
     p_train = rot @ p_train
     p_gain = None
     if domain.p_gain is not None and s_train is not None:
-        p_gain = float(np.exp(rng.uniform(np.log(domain.p_gain[0]), np.log(domain.p_gain[1]))))
+        p_gain = _log_uniform(rng, domain.p_gain)
         p_train = p_train * p_gain
     # SNR as STEAD defines it: 10 log10 of signal over noise power (unit-variance noise here); the
     # signal is the S wave when there is one, else the P wave (teleseismic P-only traces)
