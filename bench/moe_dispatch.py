@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from moelab.diffusion.experts import ResidualConvExperts
+from moelab.validation import at_least_one
 from moelab.moe import MoELayer, TokenMoE, TopKRouter, grouped_dispatch
 from train_step import interleaved  # bench/ is on sys.path when a bench script runs
 
@@ -115,6 +116,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=7, help="timed rounds (median is reported), >= 5")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    at_least_one(("--threads", args.threads))
     torch.set_num_threads(args.threads)
     conv = conv_case(max(5, args.reps))
     for name, s in conv.items():
@@ -129,4 +131,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from moelab.guard import run_guarded
+
+    raise SystemExit(run_guarded(main))  # a bad flag: one "error: ..." line, exit status 2

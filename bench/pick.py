@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from seisbench.models import EQTransformer
 
+from moelab.errors import ConfigError
+from moelab.validation import at_least_one
 from moelab.seismic import synth
 from moelab.seismic.model import SeisMoE
 from moelab.seismic.picking import pick_stream
@@ -77,6 +79,11 @@ def main() -> None:
     parser.add_argument("--event-fraction", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    at_least_one(("--threads", args.threads), ("--reps", args.reps), ("--batch-size", args.batch_size))
+    if not args.hours > 0:
+        raise ConfigError(f"--hours {args.hours} must be > 0")
+    if not 0 <= args.event_fraction <= 1:
+        raise ConfigError(f"--event-fraction {args.event_fraction} must be in [0, 1]")
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     st, n_events = day_record(args.hours, args.seed, args.event_fraction)
@@ -109,4 +116,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from moelab.guard import run_guarded
+
+    raise SystemExit(run_guarded(main))  # a bad flag: one "error: ..." line, exit status 2

@@ -39,9 +39,12 @@ def run(args: argparse.Namespace) -> int:
     from moelab.diffusion.demo import DEMO_GUIDANCE
     from moelab.diffusion.evaluate import Evaluator, evaluate_model, format_table, write_json
     from moelab.diffusion.checkpoints import load_model
+    from moelab.diffusion.sample_cli import set_threads
+    from moelab.validation import check_output
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
+    if args.json:
+        check_output("--json", args.json)
     ckpt = Path(args.checkpoint) if args.checkpoint else newest_checkpoint(Path("outputs/demo/checkpoints"))
     guidance = DEMO_GUIDANCE if args.guidance is None else args.guidance
     model, cfg = load_model(ckpt, ema=True)

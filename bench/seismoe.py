@@ -16,6 +16,7 @@ import time
 import torch
 from seisbench.models import EQTransformer
 
+from moelab.validation import at_least_one
 from moelab.seismic.model import SeisMoE
 
 
@@ -32,6 +33,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    at_least_one(("--threads", args.threads), ("--batch", args.batch))
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     eqt = EQTransformer().eval()
@@ -65,4 +67,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from moelab.guard import run_guarded
+
+    raise SystemExit(run_guarded(main))  # a bad flag: one "error: ..." line, exit status 2

@@ -37,6 +37,8 @@ from typing import Any
 
 import torch
 
+from moelab.errors import ConfigError
+from moelab.validation import at_least_one, read_json_record
 from moelab.checkpoint import atomic_write_bytes
 from moelab.paired import interval_cell, mean_std
 from moelab.seismic import harness, synth
@@ -87,7 +89,7 @@ def summary(rows: dict[str, list[dict[str, float]]]) -> str:
 
 def merge(paths: list[str]) -> str:
     """The summary of several ``--json`` files made on disjoint seeds with the same settings."""
-    runs = [json.loads(Path(p).read_text()) for p in paths]
+    runs = [read_json_record(p, ("settings", "seeds", "rows"), "give --merge the --json files written by this script") for p in paths]
     first = runs[0]["settings"]
     for p, r in zip(paths[1:], runs[1:]):
         differ = [k for k in SETTINGS if r["settings"].get(k) != first.get(k)]
@@ -124,6 +126,7 @@ def main() -> None:
     if args.merge:
         print(merge(args.merge))
         return
+    at_least_one(("--threads", args.threads))
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
 
@@ -161,4 +164,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from moelab.guard import run_guarded
+
+    raise SystemExit(run_guarded(main))  # a bad flag: one "error: ..." line, exit status 2

@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import argparse
 
+from moelab.guard import run_guarded
 from moelab.seismic.quality import add_args, main_from_args
 
 
 def main() -> int:
     parser = add_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
-    return main_from_args(parser.parse_args())
+    args = parser.parse_args()
+    return run_guarded(lambda: main_from_args(args))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from moelab.validation import at_least_one
 from moelab.seismic.lit import EQTransformerLit, SeisMoELit
 
 
@@ -51,6 +52,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--moe-args", type=json.loads, default=dict(DEFAULT_MOE_ARGS), help="SeisMoE model_args as JSON")
     args = parser.parse_args()
+    at_least_one(("--threads", args.threads))
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     modules = {
@@ -87,4 +89,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from moelab.guard import run_guarded
+
+    raise SystemExit(run_guarded(main))  # a bad flag: one "error: ..." line, exit status 2

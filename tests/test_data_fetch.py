@@ -206,3 +206,17 @@ def test_offline_is_one_error_naming_file_url_and_destination(tmp_path, capfd, m
     assert err.count("\n") == 1 and err.startswith(f"error: cannot reach '{url}train-images-idx3-ubyte.gz'")
     assert f"put it at '{tmp_path}/m/train-images-idx3-ubyte.gz'" in err and "t10k-labels-idx1-ubyte.gz" in err
     assert not list((tmp_path / "m").iterdir())
+
+
+def test_bad_base_url_timeout_and_root_are_one_error(tmp_path, capfd):
+    from moelab.cli import main
+    from moelab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--base-url / \\$MOELAB_DATA_BASE_URL 'notaurl' is not a URL"):
+        fetch("mnist", tmp_path, base_url="notaurl")
+    with pytest.raises(ConfigError, match="--timeout 0 must be a positive number of seconds"):
+        fetch("mnist", tmp_path, base_url="file:///nowhere/", timeout=0)
+    (tmp_path / "f").write_text("x")
+    assert main(["data", "fetch", "mnist", "--root", str(tmp_path / "f" / "m"), "--no-progress"]) == 2
+    err = capfd.readouterr().err
+    assert err.startswith("error: --root ") and "which is a file" in err and "Traceback" not in err

@@ -72,6 +72,34 @@ def resume_case(ck_config, run_config, full=True):
     return go
 
 
+def seismic_checkpoint(tmp):
+    torch.save({"state_dict": {"model.encoder.convs.0.weight": torch.zeros(1)}, "epoch": 0,
+                "hyper_parameters": {"model_args": {"in_samples": 3001}, "num_experts_per_token": 2}}, tmp / "model.ckpt")
+    return load_model(tmp / "model.ckpt")
+
+
+def binary_config(tmp):
+    (tmp / "c.yaml").write_bytes(b"\x9c\x00\xff garbage")
+    return load_config(tmp / "c.yaml")
+
+
+def guided(guidance):
+    def go(tmp):
+        from moelab.diffusion.sample import sample
+
+        cfg = small()
+        return sample(MoEFsDiCLit(cfg).model, cfg, [0], steps=1, guidance=guidance)
+    return go
+
+
+def compare_case(**kw):
+    def go(tmp):
+        from moelab.diffusion.compare import compare
+
+        return compare(SMALL, tmp / "cmp", max_steps=1, progress=False, **kw)
+    return go
+
+
 class _Evil:
     def __reduce__(self):
         return (os.system, ("echo pwned",))
@@ -110,6 +138,8 @@ CASES = [
     ("betas order", cfg_case({"diffusion": {"beta_start": 0.1, "beta_end": 0.01}}), ConfigError, r"0 < beta_start < beta_end < 1"),
     ("missing extends", lambda tmp: (tmp / "c.yaml").write_text("extends: nothere.yaml\n") and load_config(tmp / "c.yaml"),
      ConfigError, r"config '.*nothere.yaml' does not exist"),
+    ("config is a folder", lambda tmp: load_config(tmp), ConfigError, r"config '.*' is a folder; pass a .yaml/.yml file"),
+    ("binary config", binary_config, ConfigError, r"config file '.*c.yaml' is not a text \(UTF-8\) file"),
     ("yaml syntax", lambda tmp: (tmp / "c.yaml").write_text("model: [1, 2\n") and load_config(tmp / "c.yaml"), ConfigError, r"is not valid YAML"),
     ("num_classes <= label", data_case({"model.num_classes": 5}), DataError, r"label ids up to 9 but model.num_classes=5: set model.num_classes to at least 10"),
     ("channels", data_case({"model.in_channels": 3}), DataError, r"digits images have 1 channel\(s\) but model.in_channels=3: set model.in_channels: 1"),
@@ -126,6 +156,8 @@ CASES = [
      r"CIFAR-10 files \['data_batch_1'.*not found"),
     ("missing checkpoint", lambda tmp: load_model(tmp / "none.pth"), CheckpointError, r"checkpoint '.*none.pth' does not exist"),
     ("truncated checkpoint", truncated_checkpoint, CheckpointError, r"checkpoint '.*cut.pth' is corrupt or not a PyTorch file"),
+    ("seismic checkpoint", seismic_checkpoint, CheckpointError,
+     r"'.*model.ckpt' is a SeisMoE/EQTransformer \(seismic\) checkpoint, not a MoEFsDiC one: use it with `moelab seismic"),
     ("pickled code", evil_checkpoint, CheckpointError, r"was refused: it contains Python objects"),
     ("resume nothing", lambda tmp: fit(small(), checkpoint_dir=tmp, resume=tmp / "checkpoint_epoch_9.pth", progress=False), CheckpointError,
      r"--resume '.*checkpoint_epoch_9.pth' does not exist"),
@@ -136,6 +168,14 @@ CASES = [
     ("resume other experts", resume_case(small(), small(**{"moe.enabled": False})), CheckpointError,
      r"key\(s\) missing from the checkpoint: .*branches.*unexpected key\(s\): .*moe.router"),
     ("resume weights only", resume_case(small(), small(), full=False), CheckpointError, r"is a weights-only checkpoint \(no optimizer_states\)"),
+    ("checkpoint dir is a file", lambda tmp: (tmp / "f").write_text("x") and fit(small(), checkpoint_dir=tmp / "f"), ConfigError,
+     r"--checkpoint-dir '.*f' is a file: give a folder"),
+    ("guidance nan", guided(float("nan")), ConfigError, r"guidance=nan must be a finite number >= 0"),
+    ("guidance inf", guided(float("inf")), ConfigError, r"guidance=inf must be a finite number >= 0"),
+    ("compare per-class 0 before training", compare_case(per_class=0), ConfigError, r"--per-class 0 must be >= 1"),
+    ("compare steps before training", compare_case(steps=5000), ConfigError, r"steps=5000 must be between 1 and"),
+    ("compare out is a file", lambda tmp: (tmp / "f").write_text("x") and compare_case()(tmp / "f"), ConfigError,
+     r"--out '.*cmp' lies under '.*f', which is a file"),
     ("cuda without gpu", lambda tmp: fit(small(), checkpoint_dir=tmp, accelerator="cuda"), ConfigError,
      r"--device cuda was requested but no CUDA GPU is available"),
     ("fp16 on cpu", lambda tmp: fit(small(**{"train.precision": "16-mixed"}), checkpoint_dir=tmp), ConfigError, r"16-mixed needs a GPU; on CPU use bf16-mixed"),
@@ -158,3 +198,11 @@ def test_train_py_prints_one_error_line_and_exits_2(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip() == "error: unknown key 'moe.num_expert'; did you mean 'num_experts'?"
     assert "Traceback" not in r.stderr + r.stdout
+
+
+def test_compare_checks_sampling_settings_before_training(tmp_path):
+    from moelab.diffusion.compare import compare
+
+    with pytest.raises(ConfigError, match="unknown sampler 'euler'"):
+        compare(SMALL, tmp_path / "cmp", max_steps=1, progress=False, sampler="euler")
+    assert not (tmp_path / "cmp").exists()  # nothing trained, nothing written

@@ -183,3 +183,15 @@ def test_compare_seeds_names_a_missing_or_foreign_file(tmp_path):
     (tmp_path / "x" / "compare.json").write_text("{not json")
     with pytest.raises(DataError, match="is not a `moelab diffusion compare` result"):
         summarize_seeds([tmp_path / "x"])
+
+
+def test_compare_seeds_refuses_a_run_counted_twice(tmp_path):
+    from moelab.diffusion.compare import summarize_seeds
+    from moelab.errors import ConfigError
+
+    a = _compare_json(tmp_path / "a", [1.0, 1.1], [1.2, 1.3], 0)
+    with pytest.raises(ConfigError, match="is given twice: pass one compare run per training seed"):
+        summarize_seeds([a, a / "compare.json"])
+    b = _compare_json(tmp_path / "b", [1.0, 1.1], [1.2, 1.3], 0)  # another folder, the same --train-seed
+    with pytest.raises(ConfigError, match="were both trained with --train-seed 0"):
+        summarize_seeds([a, b])

@@ -151,5 +151,23 @@ def test_bad_sources(tmp_path):
     with pytest.raises(CheckpointError, match="pipeline folder '.*empty' has no model_index.json"):
         load_pipeline(tmp_path / "empty")
     (tmp_path / "f").write_text("x")
-    with pytest.raises(CheckpointError, match="out_dir '.*f' is a file"):
+    with pytest.raises(ConfigError, match="out_dir '.*f' is a file"):
         export_pipeline(tmp_path / "none.pth", tmp_path / "f")
+
+
+def test_pipeline_whose_config_does_not_fit_its_weights_is_one_error(model, cfg, tmp_path):
+    import json
+
+    pipe_for(model, cfg).save_pretrained(tmp_path / "pipe")
+    conf = tmp_path / "pipe" / "unet" / "config.json"
+    raw = json.loads(conf.read_text())
+    raw["model_channels"] = 16  # hand-edited (or a misspelt key dropped): the weights no longer fit
+    conf.write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match=r"the weights in unet/ do not fit its unet/config.json \(size mismatch for .*re-export it"):
+        load_pipeline(tmp_path / "pipe")
+
+
+def test_export_under_a_file_is_refused_before_loading(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ConfigError, match=r"out_dir '.*f/pipe' lies under '.*f', which is a file"):
+        export_pipeline(tmp_path / "none.pth", tmp_path / "f" / "pipe")

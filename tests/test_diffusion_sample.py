@@ -147,3 +147,22 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):
     assert "error:" in capsys.readouterr().err
     assert main(["diffusion", "sample", "--checkpoint", str(tmp_path / "missing.pth"), "--sampler", "euler"]) == 2
     assert "unknown sampler" in capsys.readouterr().err
+
+
+def test_cli_refuses_unwritable_outputs_before_sampling(tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    cases = [
+        (["--out", str(tmp_path)], "is a folder: give the path of a file"),
+        (["--out", str(tmp_path / "grid.xyz")], "has no image file extension Pillow can write ('.xyz'); end it in .png"),
+        (["--out", str(tmp_path / "f" / "grid.png")], "which is a file, not a folder"),
+        (["--out", str(tmp_path / "g.png"), "--npz", str(tmp_path)], "--npz '"),
+    ]
+    for flags, message in cases:  # the checkpoint is never read: the paths are checked first
+        assert main(["diffusion", "sample", "--checkpoint", str(tmp_path / "missing.pth"), *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "Traceback" not in err, (flags, err)
+
+
+def test_save_npz_returns_the_file_numpy_writes(tmp_path):
+    path = save_npz(torch.zeros(1, 1, 8, 8), [0], tmp_path / "samples")
+    assert path == tmp_path / "samples.npz" and path.is_file()

@@ -223,3 +223,88 @@ def test_eval_script_missing_checkpoint_and_gpu(tmp_path):
     if not torch.cuda.is_available():
         r = _run([str(REPO / "benchmark" / "train.py"), str(REPO / "configs" / "demo_seismoe.json"), "--device", "cuda"], cwd=tmp_path)
         assert r.returncode == 2 and "asks for a CUDA GPU but none is available" in r.stderr
+
+
+# ----------------------------------------------------------------------------- sweep fixes
+def test_tpu_or_mps_request_without_one():
+    import importlib.util
+
+    if importlib.util.find_spec("torch_xla") is None:
+        with pytest.raises(ConfigError, match="--device 'tpu' asks for a TPU but torch_xla is not installed"):
+            check_accelerator("tpu")
+    if not torch.backends.mps.is_available():
+        with pytest.raises(ConfigError, match="asks for Apple MPS but it is not available"):
+            check_accelerator("mps")
+
+
+def test_limit_batches_above_one_must_be_whole():
+    from moelab.seismic.cli import _batches
+
+    assert _batches(2.0) == 2 and _batches(0.5) == 0.5
+    with pytest.raises(ConfigError, match=r"limit_\*_batches=1.5: give a whole number of batches"):
+        _batches(1.5)
+
+
+def _diffusion_checkpoint(path: Path) -> Path:
+    torch.save({"state_dict": {"model.time_embed.mlp.0.weight": torch.zeros(2, 2)}, "optimizer_states": [],
+                "hyper_parameters": {"config": {"model": {}, "moe": {}, "diffusion": {}}}}, path)
+    return path
+
+
+def test_diffusion_checkpoint_is_named_as_such(tmp_path):
+    from moelab.seismic.weights import build_eqtransformer
+
+    ck = _diffusion_checkpoint(tmp_path / "checkpoint_epoch_1.pth")
+    with pytest.raises(CheckpointError, match="is a MoEFsDiC \\(image diffusion\\) checkpoint, not a SeisMoE/EQTransformer one"):
+        harness.load_for_eval(validate(OK), ck)
+    with pytest.raises(CheckpointError, match="is a MoEFsDiC \\(image diffusion\\) checkpoint"):
+        build_eqtransformer(ck)  # what pick/export's --model_path goes through
+
+
+def test_weights_that_do_not_fit_name_the_keys(tmp_path):
+    from moelab.seismic.weights import build_eqtransformer
+
+    torch.save({"a": torch.zeros(2)}, tmp_path / "plain.pt")
+    with pytest.raises(CheckpointError, match=r"does not fit EQTransformer\(\{\}\) \(\d+ key\(s\) missing from the checkpoint: encoder.*1 unexpected key\(s\): a\)"):
+        build_eqtransformer(tmp_path / "plain.pt")
+
+
+def test_resume_checkpoint_is_checked_before_lightning(tmp_path, seismoe8):
+    cfg = validate(with_(ma_num_experts=8, ma_in_samples=1001))
+    module = harness.build_module(cfg)
+    with pytest.raises(CheckpointError, match="MoEFsDiC \\(image diffusion\\) checkpoint"):
+        harness._check_resume(_diffusion_checkpoint(tmp_path / "d.pth"), module, cfg)
+    with pytest.raises(CheckpointError, match=r"is not a full training checkpoint \(no optimizer_states, loops"):
+        harness._check_resume(_ckpt(tmp_path / "w.ckpt", seismoe8), module, cfg)
+    four = harness.build_module(validate(with_(ma_in_samples=1001)))  # 4 experts
+    atomic_save({"state_dict": four.state_dict(), "optimizer_states": [], "loops": {}, "pytorch-lightning_version": "2"}, tmp_path / "f.ckpt")
+    with pytest.raises(CheckpointError, match=r"--resume '.*f.ckpt' does not fit the SeisMoE of .*shape mismatch"):
+        harness._check_resume(tmp_path / "f.ckpt", module, cfg)
+
+
+def test_unreadable_results_csv(tmp_path):
+    from moelab.seismic.export import read_results
+
+    (tmp_path / "results.csv").write_bytes(b"\x9c\x00\xff" * 20)
+    with pytest.raises(DataError, match="evaluation results '.*results.csv' are unreadable"):
+        read_results(tmp_path / "results.csv")
+
+
+def test_cli_output_paths_and_splits_are_checked_first(tmp_path, capsys):
+    from moelab.cli import main
+
+    (tmp_path / "f").write_text("x")
+    demo = str(REPO / "configs" / "demo_seismoe.json")
+    cases = [
+        (["seismic", "eval", "--model_path", "m.ckpt", "--config", demo, "--sets", "dev,tst"], "unknown split(s) tst; use train, dev and/or test"),
+        (["seismic", "eval", "--model_path", "m.ckpt", "--config", demo, "--output", str(tmp_path / "f")], "--output '"),
+        (["seismic", "targets", str(tmp_path), str(tmp_path / "f")], "output '"),
+        (["seismic", "make-dataset", "--out", str(tmp_path / "f" / "ds")], "which is a file, not a folder"),
+        (["seismic", "export", "--model_path", "m.ckpt", "--out", str(tmp_path / "f" / "m")], "which is a file, not a folder"),
+        (["seismic", "train", demo, "--weights_dir", str(tmp_path / "f")], "--weights_dir '"),
+        (["seismic", "make-dataset", "--out", str(tmp_path / "ds"), "--source-metadata", str(tmp_path)], "is a folder: pass a STEAD-format"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "Traceback" not in err, (argv, err)

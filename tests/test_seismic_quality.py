@@ -162,7 +162,7 @@ def test_merge_combines_runs_on_disjoint_seeds_in_seed_order(tmp_path):
     (tmp_path / "results_c.json").write_text(json.dumps(other))
     with pytest.raises(ConfigError, match=r"other settings .*\(ft_epochs\)"):
         quality.merge([tmp_path / "results_a.json", tmp_path / "results_c.json"], tmp_path, "_x")
-    with pytest.raises(ConfigError, match="cannot read results file"):
+    with pytest.raises(ConfigError, match=r"cannot read .*; give results\*.json files written by this benchmark"):
         quality.merge([tmp_path / "missing.json"], tmp_path, "_x")
 
 
@@ -230,3 +230,29 @@ def test_a_tag_keeps_lever_runs_apart_and_shares_eqt_ft(tmp_path):
         assert cfg.model_args["upcycle_noise"] == 0.01 and cfg.model_args["shared_expert"] is True
     with pytest.raises(ConfigError, match="tag 'a/b' may hold only"):
         quality.QualitySettings(out=tmp_path, tag="a/b").check()
+
+
+def test_moe_args_and_flags_are_checked_before_any_data_or_training(tmp_path):
+    with pytest.raises(ConfigError, match=r"variant moe_frozen .*unknown model_args key 'num_expert' for SeisMoE \(did you mean 'num_experts'\?\)"):
+        quality.QualitySettings(out=tmp_path / "q", moe_args={"num_expert": 8}).check()
+    with pytest.raises(ConfigError, match="num_experts_per_token=3 exceeds num_experts=2"):
+        quality.QualitySettings(out=tmp_path / "q", moe_args={"num_experts": 2, "num_experts_per_token": 3}).check()
+    with pytest.raises(ConfigError, match=r"--moe-args must be a JSON object of SeisMoE model_args.*got \[1\]"):
+        quality.QualitySettings(out=tmp_path / "q", moe_args=[1]).check()
+    with pytest.raises(ConfigError, match="variant eqt_ft .*model_args.lr must be > 0"):
+        quality.QualitySettings(out=tmp_path / "q", ft_lr=-1.0).check()
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ConfigError, match="--out '.*f' is a file"):
+        quality.QualitySettings(out=tmp_path / "f").check()
+    assert not (tmp_path / "q").exists()
+
+
+def test_merge_and_threads_errors_are_config_errors(tmp_path):
+    import argparse
+
+    (tmp_path / "r.json").write_text('{"a": 1}')
+    with pytest.raises(ConfigError, match="r.json. lacks settings, seeds_done, base, results"):
+        quality.merge([tmp_path / "r.json"], tmp_path, "")
+    args = quality.add_args(argparse.ArgumentParser()).parse_args(["--threads", "0", "--out", str(tmp_path)])
+    with pytest.raises(ConfigError, match="--threads 0 must be at least 1"):
+        quality.main_from_args(args)

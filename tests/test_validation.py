@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from moelab.errors import ConfigError
-from moelab.validation import check_type, closest, did_you_mean, is_instance, type_name
+from moelab.validation import check_output, check_type, closest, did_you_mean, is_instance, type_name
 
 
 def test_closest_and_did_you_mean():
@@ -25,3 +25,16 @@ def test_types_and_booleans():
         check_type("batch_size", True, (int,), "traces per batch")
     with pytest.raises(ConfigError, match=r'^name must be a string or null, got \["a"\]$'):
         check_type("name", ["a"], (str, type(None)))
+
+
+def test_check_output_refuses_unwritable_paths_before_any_work(tmp_path):
+    (tmp_path / "f").write_text("x")
+    (tmp_path / "d").mkdir()
+    assert check_output("--out", tmp_path / "new" / "grid.png") == tmp_path / "new" / "grid.png"
+    assert check_output("--out", tmp_path / "d", folder=True) == tmp_path / "d"
+    with pytest.raises(ConfigError, match=r"--json '.*d' is a folder: give the path of a file"):
+        check_output("--json", tmp_path / "d")
+    with pytest.raises(ConfigError, match=r"--out '.*f' is a file: give a folder to write into"):
+        check_output("--out", tmp_path / "f", folder=True)
+    with pytest.raises(ConfigError, match=r"--out '.*f/x/y' lies under '.*f', which is a file, not a folder"):
+        check_output("--out", tmp_path / "f" / "x" / "y", folder=True)

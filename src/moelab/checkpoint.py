@@ -120,6 +120,15 @@ def check_state_dict(expected: Mapping[str, Any], state: Mapping[str, Any], what
     raise CheckpointError(f"{what} ({'; '.join(parts)}); {fix}")
 
 
+def load_error_detail(error: BaseException, limit: int = 300) -> str:
+    """The informative part of torch's ``load_state_dict`` error, on one line (its first line only
+    names the module class; the missing/unexpected keys and size mismatches follow)."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
+        lines = lines[1:]
+    return "; ".join(lines)[:limit] or type(error).__name__
+
+
 def _weights_only_detail(message: str) -> str:
     """The informative line of torch's long weights_only error (e.g. the blocked global)."""
     lines = [ln.strip() for ln in message.splitlines() if ln.strip()]

@@ -4,6 +4,7 @@ Both config loaders (MoEFsDiC's YAML, SeisMoE's pick-benchmark JSON) report the 
 mistakes — an unknown key, a value of the wrong type, a choice that does not exist — and should
 word them alike: the key, what was given, what is allowed and the closest valid spelling. The
 matching and the type checks live here once; the loaders only say where in their files a value is.
+`check_output` refuses an output path that cannot be written (both applications' commands).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import difflib
 import json
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from moelab.errors import ConfigError
@@ -81,3 +83,40 @@ def unknown_key(what: str, key: str, options: Iterable[str]) -> ConfigError:
     match = closest(key, options)
     hint = f"; did you mean '{match}'?" if match else f"; valid keys: {', '.join(options)}"
     return ConfigError(f"unknown {what}{hint}")
+
+
+def check_output(where: str, path: Any, folder: bool = False) -> Path:
+    """Refuse an output path that cannot be written, before any work is done: a folder where a file
+    goes (or a file where a folder goes), or a path under an existing file. ``where`` names the
+    option (e.g. ``"--out"``)."""
+    p = Path(path)
+    if folder and p.exists() and not p.is_dir():
+        raise ConfigError(f"{where} '{p}' is a file: give a folder to write into")
+    if not folder and p.is_dir():
+        raise ConfigError(f"{where} '{p}' is a folder: give the path of a file (e.g. one inside that folder)")
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{where} '{p}' lies under '{parent}', which is a file, not a folder: choose another path")
+            break
+    return p
+
+
+def at_least_one(*flags: tuple[str, int | float]) -> None:
+    """Refuse a count flag below 1 (``("--threads", 0)``): one `ConfigError` naming the flag."""
+    for flag, value in flags:
+        if value < 1:
+            raise ConfigError(f"{flag} {value} must be at least 1")
+
+
+def read_json_record(path: Any, required: Iterable[str], fix: str) -> dict[str, Any]:
+    """A JSON object from ``path`` holding every key in ``required`` (a results file a script
+    wrote); unreadable, not an object or missing keys: one `ConfigError` ending in ``fix``."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read '{path}' ({e}); {fix}") from None
+    missing = [k for k in required if not isinstance(doc, dict) or k not in doc]
+    if missing:
+        raise ConfigError(f"'{path}' lacks {', '.join(missing)}; {fix}")
+    return doc

@@ -40,6 +40,8 @@ def resolve_config(name_or_path: str | os.PathLike, app: str) -> Path:
     the packaged names, so a typo is one look away from its fix.
     """
     path = Path(name_or_path)
+    if path.is_dir():
+        raise ConfigError(f"config '{path}' is a folder; pass a {'/'.join(SUFFIXES[app])} file inside it or a packaged config's name")
     if path.exists():
         return path
     stem = path.name

@@ -46,7 +46,12 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"'{path}' is not a MoEFsDiC training checkpoint (no 'state_dict'); pass a checkpoint_epoch_N.pth file")
     hp = ck.get("hyper_parameters") or {}
     if "config" not in hp:
-        raise CheckpointError(f"checkpoint '{path}' carries no config (hyper_parameters.config); it was not written by moelab training")
+        if "model_args" in hp or "num_experts_per_token" in hp:
+            raise CheckpointError(
+                f"checkpoint '{path}' is a SeisMoE/EQTransformer (seismic) checkpoint, not a MoEFsDiC one: use it with "
+                "`moelab seismic eval/pick/export`, and pass a checkpoint_epoch_N.pth written by `moelab diffusion train` here"
+            )
+        raise CheckpointError(f"checkpoint '{path}' carries no config (hyper_parameters.config); it was not written by `moelab diffusion train`")
     try:
         ck["config"] = load_config(hp["config"])
     except ConfigError as e:

@@ -136,7 +136,9 @@ def load_or_train_classifier(
     images: Tensor, labels: Tensor, num_classes: int, cache_dir: str | Path | None = None, seed: int = 0
 ) -> ImageClassifier:
     """The cached classifier for these training tensors, training (and caching) it if needed."""
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    from moelab.validation import check_output
+
+    cache = check_output("--cache-dir", cache_dir, folder=True) if cache_dir is not None else default_cache_dir()
     path = cache / f"classifier-{dataset_key(images, labels)}-s{seed}.pt"
     if path.exists():
         try:

@@ -120,15 +120,16 @@ def compare(
     weight), ``table`` (all results) and ``best_table``.
     """
     from moelab.diffusion.config import load_config
-    from moelab.diffusion.evaluate import Evaluator, format_table, write_json
+    from moelab.diffusion.evaluate import Evaluator, check_eval_settings, format_table, write_json
     from moelab.errors import ConfigError
+    from moelab.validation import check_output
 
     if baseline not in BASELINES:
         raise ConfigError(f"--baseline '{baseline}' is not known; use one of: {', '.join(BASELINES)}")
     weights = guidance_weights(guidance)
-    if not weights or any(w < 0 for w in weights):  # checked before hours of training, not after
+    if not weights or any(not 0 <= w < float("inf") for w in weights):  # checked before hours of training, not after
         raise ConfigError(f"--guidance {' '.join(map(str, weights))}: give one or more weights >= 0 (1 = no guidance)")
-    out = Path(out_dir)
+    out = check_output("--out", out_dir, folder=True)
     overrides = dict(overrides or {})
     if budget_seconds is not None and not budget_seconds > 0:
         raise ConfigError(f"--budget-seconds {budget_seconds} must be a positive number of seconds")
@@ -137,6 +138,7 @@ def compare(
     base = load_config(config, overrides)
     moe_cfg = load_config({**base, "model": {**base["model"], "arch": "moefsdic"}})
     dense_cfg = load_config({**base, "model": {**base["model"], "arch": baseline}})
+    check_eval_settings(moe_cfg, **eval_kw)
     evaluator = Evaluator.for_config(moe_cfg, cache_dir)
     results: dict[str, list[dict[str, Any]]] = {}
     for name, cfg in (("moefsdic", moe_cfg), (baseline, dense_cfg)):
@@ -208,6 +210,15 @@ def summarize_seeds(paths: Sequence[str | Path]) -> dict[str, Any]:
         if "moefsdic" not in by_arch or len(by_arch) != 2:
             raise ConfigError(f"'{p}' holds models {sorted(by_arch)}; a compare run holds MoEFsDiC and one dense baseline")
         runs.append((p, by_arch))
+    seen: dict[Any, Path] = {}
+    for p, by_arch in runs:  # each seed once: a run given twice would count as two agreeing seeds
+        seed = by_arch["moefsdic"][0].get("train_seed")
+        for key in (("file", p.resolve()), ("seed", seed) if seed is not None else None):
+            if key is not None and key in seen:
+                what = "is given twice" if key[0] == "file" else f"and '{seen[key]}' were both trained with --train-seed {seed}"
+                raise ConfigError(f"'{p}' {what}: pass one compare run per training seed")
+            if key is not None:
+                seen[key] = p
     first_path, first = runs[0]
     for p, by_arch in runs[1:]:
         if sorted(by_arch) != sorted(first):

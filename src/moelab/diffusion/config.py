@@ -441,6 +441,8 @@ def _read_yaml(path: Path) -> dict:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file '{path}' is not a text (UTF-8) file: pass a YAML config such as configs/digits.yaml") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

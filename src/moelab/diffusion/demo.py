@@ -43,16 +43,20 @@ def run_demo(
     from moelab.diffusion.baseline import parameter_counts
     from moelab.diffusion.config import load_config
     from moelab.diffusion.data import dataset_tensors
-    from moelab.diffusion.evaluate import METRIC_COLUMNS, Evaluator, evaluate_model, format_table, write_json
+    from moelab.diffusion.evaluate import METRIC_COLUMNS, Evaluator, check_eval_settings, evaluate_model, format_table, write_json
     from moelab.diffusion.checkpoints import load_model, read_checkpoint
     from moelab.diffusion.pipeline import export_pipeline
     from moelab.diffusion.sample import grid_labels, sample, save_grid
     from moelab.diffusion.training import fit
     from moelab.moe import moe_layers
+    from moelab.validation import check_output
 
     wall0 = time.perf_counter()
-    out = Path(out_dir)
+    out = check_output("--out", out_dir, folder=True)
+    if cache_dir is not None:
+        check_output("--cache-dir", cache_dir, folder=True)
     cfg = load_config(config, {"train.checkpoint_every": 1} if max_steps is not None else None)
+    check_eval_settings(cfg, per_class, sampler, steps)  # before training, not after
     log(f"[demo] training {config} ({cfg.data.dataset}, {cfg.model.image_size}px) -> {out / 'checkpoints'}")
     t0 = time.perf_counter()
     ckpt = fit(cfg, checkpoint_dir=out / "checkpoints", max_steps=max_steps, progress=progress, logger_dir=out / "logs")

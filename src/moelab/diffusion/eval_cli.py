@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from moelab.diffusion.sample_cli import sampling_args, set_threads, steps_for
+from moelab.validation import check_output
 
 
 def _eval_kw(args: argparse.Namespace) -> dict[str, Any]:
@@ -23,6 +24,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from moelab.diffusion.evaluate import METRIC_COLUMNS, evaluate_checkpoint, format_table, write_json
 
     set_threads(args.threads)
+    if args.json:
+        check_output("--json", args.json)
     res = evaluate_checkpoint(
         args.checkpoint, ema=not args.no_ema, cache_dir=args.cache_dir, inception_weights=args.inception_weights, **_eval_kw(args)
     )
@@ -40,6 +43,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from moelab.diffusion.checkpoints import load_model
 
     set_threads(args.threads)
+    check_output("--out", args.out, folder=True)
     model, cfg = load_model(args.checkpoint, ema=not args.no_ema)
     images, labels = dataset_tensors(cfg, args.split)
     report = routing_analysis(model, cfg, images, labels, buckets=args.buckets, include_null=not args.no_null, seed=args.seed)
@@ -74,6 +78,8 @@ def cmd_compare_seeds(args: argparse.Namespace) -> int:
     from moelab.diffusion.compare import summarize_seeds
     from moelab.diffusion.evaluate import write_json
 
+    if args.json:
+        check_output("--json", args.json)
     res = summarize_seeds(args.runs)
     print(res["table"])
     if args.json:

@@ -160,6 +160,19 @@ class Evaluator:
         return frechet_distance(classifier_features(self.classifier), self.real_images, train_images.float())
 
 
+def check_eval_settings(config: Any, per_class: int = 100, sampler: str = "dpm++", steps: int | None = 20,
+                        batch_size: int = 250, **_: Any) -> None:
+    """Refuse bad sampling settings of an evaluation up front (`compare` and the demo call this
+    before training, so a typo costs seconds, not a training run)."""
+    from moelab.diffusion.sample import make_scheduler
+
+    if per_class < 1:
+        raise ConfigError(f"--per-class {per_class} must be >= 1")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size} must be at least 1")
+    make_scheduler(config, sampler, steps)  # unknown sampler, steps outside the training schedule
+
+
 def evaluate_model(
     model: nn.Module,
     config: dict,
@@ -174,8 +187,7 @@ def evaluate_model(
     """Sample ``per_class`` images of every class, time it, and score them."""
     from moelab.diffusion.sample import canonical_sampler, grid_labels, timed_sample
 
-    if per_class < 1:
-        raise ConfigError(f"--per-class {per_class} must be >= 1")
+    check_eval_settings(config, per_class, sampler, steps, batch_size)
     labels = grid_labels(range(config["model"]["num_classes"]), per_class)
     images, spp = timed_sample(
         model, config, labels, sampler=sampler, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size

@@ -25,12 +25,14 @@ import socket
 import tarfile
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from moelab.errors import DataError
+from moelab.errors import ConfigError, DataError
+from moelab.validation import check_output
 
 BASE_URL_ENV = "MOELAB_DATA_BASE_URL"
 CHUNK = 1 << 20
@@ -208,11 +210,16 @@ def fetch(
         raise DataError(f"unknown data set '{name}' to fetch; use one of: {', '.join(SOURCES)}")
     src = SOURCES[name]
     base = base_url or os.environ.get(BASE_URL_ENV) or src.base_url
+    if urllib.parse.urlsplit(base).scheme not in ("http", "https", "ftp", "file"):
+        raise ConfigError(f"--base-url / ${BASE_URL_ENV} '{base}' is not a URL: give e.g. https://mirror.example.org/mnist/ or file:///srv/mirror/")
+    if not timeout > 0:
+        raise ConfigError(f"--timeout {timeout} must be a positive number of seconds")
     if not base.endswith("/"):
         base += "/"
     root = Path(root if root is not None else DEFAULT_ROOTS[name]).expanduser()
     if root.exists() and not root.is_dir():
         raise DataError(f"--root '{root}' is a file: pass a folder to download {name} into")
+    check_output("--root", root, folder=True)  # e.g. under a file
     root.mkdir(parents=True, exist_ok=True)
     sums = dict(src.files)
     if checksums:

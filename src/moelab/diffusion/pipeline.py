@@ -24,9 +24,11 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import Tensor, nn
 
+from moelab.checkpoint import load_error_detail
 from moelab.diffusion.checkpoints import load_model
 from moelab.diffusion.sample import generate, make_scheduler
 from moelab.errors import CheckpointError, ConfigError
+from moelab.validation import check_output
 
 #: The scheduler an exported pipeline carries: 20-step SDE-DPM-Solver++(2M), the demo's sampler.
 EXPORT_SAMPLER = "dpm++sde"
@@ -104,8 +106,7 @@ def export_pipeline(checkpoint: str | Path, out_dir: str | Path, ema: bool = Tru
     export never leaves a half-written pipeline where a complete one is expected.
     """
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"out_dir '{out}' is a file: give a folder to write the pipeline into")
+    check_output("out_dir", out, folder=True)  # a file, or a path under one
     model, cfg = load_model(checkpoint, ema=ema)
     pipe = MoEFsDiCPipeline(unet=model, scheduler=make_scheduler(cfg, sampler))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -141,6 +142,11 @@ def load_pipeline(folder: str | Path) -> MoEFsDiCPipeline:
         return MoEFsDiCPipeline.from_pretrained(p, low_cpu_mem_usage=False)
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"pipeline folder '{p}' could not be loaded ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    except RuntimeError as e:  # torch's load_state_dict: the weights do not fit unet/config.json
+        raise CheckpointError(
+            f"pipeline folder '{p}': the weights in unet/ do not fit its unet/config.json ({load_error_detail(e)}); "
+            "re-export it with `moelab diffusion export` and do not edit config.json by hand"
+        ) from None
 
 
 def load_denoiser(source: str | Path, ema: bool = True) -> tuple[nn.Module, Any]:

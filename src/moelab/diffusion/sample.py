@@ -158,8 +158,8 @@ def generate(
         raise ConfigError("nothing to sample: the label list is empty")
     if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
         raise ConfigError(f"labels must be class ids in [0, {num_classes - 1}]")
-    if guidance < 0:
-        raise ConfigError(f"guidance={guidance} must be >= 0 (1 = plain conditional sampling)")
+    if not guidance >= 0 or guidance == float("inf"):  # also refuses NaN, which would fill every image with NaN
+        raise ConfigError(f"guidance={guidance} must be a finite number >= 0 (1 = plain conditional sampling)")
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size} must be at least 1")
     n_train = int(scheduler.config.num_train_timesteps)
@@ -285,6 +285,8 @@ def save_grid(
 def save_npz(images: Tensor, labels: Sequence[int] | Tensor, path: str | Path) -> Path:
     """Samples as uint8 ``[N, H, W, C]`` plus their labels, the format FID tools read."""
     path = Path(path)
+    if path.suffix != ".npz":  # numpy appends it; return the file actually written
+        path = path.with_name(path.name + ".npz")
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(path, images=to_uint8(images), labels=np.asarray(torch.as_tensor(labels).tolist(), dtype=np.int64))
     return path

@@ -11,6 +11,7 @@ import argparse
 from typing import Any
 
 from moelab.errors import ConfigError
+from moelab.validation import at_least_one, check_output
 
 DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50, "dpm++": 20, "dpm++sde": 20}
 
@@ -19,8 +20,7 @@ def set_threads(n: int | None) -> None:
     if n is not None:
         import torch
 
-        if n < 1:
-            raise ConfigError(f"--threads {n} must be at least 1")
+        at_least_one(("--threads", n))
         torch.set_num_threads(n)
 
 
@@ -50,6 +50,18 @@ def steps_for(args: argparse.Namespace) -> int:
     return args.steps if args.steps is not None else DEFAULT_STEPS[canonical_sampler(args.sampler)]
 
 
+def check_grid_path(out: str) -> None:
+    """``--out`` must be a writable file whose extension names an image format Pillow writes."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    check_output("--out", out)
+    suffix = Path(out).suffix.lower()
+    if suffix not in Image.registered_extensions():
+        raise ConfigError(f"--out '{out}' has no image file extension Pillow can write ('{suffix}'); end it in .png, e.g. grid.png")
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from moelab.diffusion.pipeline import load_denoiser
     from moelab.diffusion.sample import canonical_sampler, grid_labels, parse_classes, sample, save_grid, save_npz
@@ -58,6 +70,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     canonical_sampler(args.sampler)
     if args.per_class < 1:
         raise ConfigError(f"--per-class {args.per_class} must be at least 1")
+    check_grid_path(args.out)
+    if args.npz:
+        check_output("--npz", args.npz)
     model, schedule = load_denoiser(args.checkpoint, ema=not args.no_ema)
     labels = grid_labels(parse_classes(args.classes, model.num_classes), args.per_class)
     images = sample(model, schedule, labels, sampler=args.sampler, steps=steps_for(args), guidance=args.guidance,

@@ -26,6 +26,7 @@ from moelab.diffusion.progress import MoEProgressBar
 from moelab.errors import CheckpointError, ConfigError, NonFiniteLossError
 from moelab.moe.callbacks import ExpertUsageMonitor
 from moelab.seeding import EpochSampler
+from moelab.validation import check_output
 
 CKPT_RE = re.compile(r"checkpoint_epoch_(\d+)\.pth$")
 
@@ -124,6 +125,9 @@ def fit(
         raise ConfigError(f"--budget-seconds {max_time} must be a positive number of seconds")
     if acc == "cpu" and tr["precision"] == "16-mixed":
         raise ConfigError("train.precision=16-mixed needs a GPU; on CPU use bf16-mixed or 32-true")
+    check_output("--checkpoint-dir", checkpoint_dir, folder=True)
+    if logger_dir is not None:
+        check_output("--log-dir", logger_dir, folder=True)
     if resume is not None and Path(resume).is_dir():
         raise CheckpointError(f"--resume '{resume}' is a folder: pass one of its checkpoint_epoch_N.pth files")
     if resume is not None and not Path(resume).is_file():

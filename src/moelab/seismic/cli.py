@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from moelab.errors import ConfigError
+from moelab.validation import check_output
 
 
 # ---------------------------------------------------------------------------------------- train
@@ -45,6 +46,8 @@ def _batches(v: float | None) -> int | float | None:
         return None
     if v <= 0:
         raise ConfigError(f"limit_*_batches must be > 0, got {v}")
+    if v > 1 and not float(v).is_integer():
+        raise ConfigError(f"limit_*_batches={v}: give a whole number of batches (e.g. 2) or a fraction of the epoch <= 1 (e.g. 0.5)")
     return int(v) if float(v).is_integer() else float(v)  # Lightning: int = batches, float < 1 = fraction
 
 
@@ -103,6 +106,9 @@ def run_eval(args: argparse.Namespace) -> int:
     sets = tuple(s.strip() for s in args.sets.split(",") if s.strip())
     if not sets:
         raise ConfigError("--sets is empty; use e.g. dev,test")
+    unknown = [s for s in sets if s not in ("train", "dev", "test")]
+    if unknown:
+        raise ConfigError(f"--sets {args.sets}: unknown split(s) {', '.join(unknown)}; use train, dev and/or test, e.g. dev,test")
     if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError(f"--batch_size must be >= 1, got {args.batch_size}")
     stats, out = harness.evaluate(
@@ -132,7 +138,7 @@ def run_targets(args: argparse.Namespace) -> int:
     from moelab.seismic.data import open_dataset, resolve_data
     from moelab.seismic.evaluate import generate_targets
 
-    out = Path(args.output)
+    out = check_output("output", args.output, folder=True)
     if any((out / f).exists() for f in ("task1.csv", "task23.csv")):
         raise DataError(f"'{out}' already holds evaluation targets; choose another folder (targets must stay fixed once made)")
     for key in ("task1_window_s", "task23_window_s", "sampling_rate"):
@@ -164,6 +170,7 @@ def add_make_dataset_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser
 def run_make_dataset(args: argparse.Namespace) -> int:
     from moelab.seismic.synth import make_dataset
 
+    check_output("--out", args.out, folder=True)
     out = make_dataset(args.out, n_traces=args.n_traces, seed=args.seed, n_samples=args.n_samples, noise_fraction=args.noise_fraction, source_metadata=args.source_metadata, overwrite=args.overwrite, domain=args.domain)
     import pandas as pd
 
@@ -200,6 +207,8 @@ def run_pick(args: argparse.Namespace) -> int:
         raise ConfigError("--waveforms needs --out DIR (where picks.csv and picks.xml go)")
     if (args.out or args.annotations) and not args.waveforms:
         raise ConfigError("--out/--annotations apply to --waveforms FILES_OR_DIRS; without --waveforms the ObsPy test event is picked and printed")
+    if args.out:
+        check_output("--out", args.out, folder=True)
     model = load_trained(args.model_path)
     if not args.waveforms:
         from moelab.seismic.realcheck import pick_recording
@@ -227,6 +236,7 @@ def add_export_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def run_export(args: argparse.Namespace) -> int:
     from moelab.seismic.export import export_weights
 
+    check_output("--out", f"{args.out}.json")  # DIR/NAME -> DIR/NAME.json + .pt: DIR must not be a file
     json_path, pt_path = export_weights(args.model_path, args.out, results=args.results)
     meta = json.loads(json_path.read_text())
     tuned = ", ".join(f"{k}={v:.4f}" for k, v in meta["default_args"].items() if k.endswith("_threshold"))

@@ -275,15 +275,23 @@ def check_accelerator(accelerator: Any, where: str = "--device") -> None:
                 f"{where} '{accelerator}' asks for a CUDA GPU but none is available here (torch.cuda.is_available() is False); "
                 "use cpu or auto"
             )
+    if acc == "mps":
+        import torch
+
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"{where} '{accelerator}' asks for Apple MPS but it is not available here; use cpu or auto")
+    if acc == "tpu":
+        import importlib.util
+
+        if importlib.util.find_spec("torch_xla") is None:
+            raise ConfigError(f"{where} '{accelerator}' asks for a TPU but torch_xla is not installed here; use cpu or auto")
 
 
 def load_config(path: str | os.PathLike) -> BenchmarkConfig:
     """Read and validate a JSON config file."""
     from moelab.configs import resolve_config
 
-    path = resolve_config(path, "seismic")
-    if path.is_dir():
-        raise ConfigError(f"config '{path}' is a folder; pass a JSON file such as configs/stead_seismoe.json")
+    path = resolve_config(path, "seismic")  # a folder is refused there
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:

@@ -47,7 +47,7 @@ def read_results(path: str | os.PathLike) -> dict[str, Any]:
         )
     try:
         df = pd.read_csv(path)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, OSError) as e:
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, OSError, UnicodeDecodeError) as e:
         raise DataError(f"evaluation results '{path}' are unreadable ({e}); run benchmark/eval.py again") from None
     if len(df) != 1:
         raise DataError(f"evaluation results '{path}' must hold one row (one evaluated checkpoint), found {len(df)}")

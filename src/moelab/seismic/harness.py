@@ -31,6 +31,7 @@ from moelab.errors import CheckpointError, ConfigError, DataError, MoelabError
 from moelab.seismic.config import BenchmarkConfig, check_accelerator
 from moelab.seismic.data import DataSource, check_window, open_dataset, resolve_data, split_data
 from moelab.seeding import EpochSampler, seed_everything
+from moelab.validation import check_output
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +168,7 @@ def train(
     from moelab.checkpoint import AtomicCheckpointIO
 
     check_accelerator(device)
+    check_output("--weights_dir", weights_dir, folder=True)
     source = preflight(cfg, data_root, check_weights=check_weights)
     out = Path(weights_dir) / cfg.experiment_name
     last = out / f"{LAST_NAME}.ckpt"
@@ -174,6 +176,8 @@ def train(
         what = "is a folder" if Path(resume).is_dir() else "does not exist"
         raise CheckpointError(f"--resume '{resume}' {what}: pass a training checkpoint such as '{last}' (train without --resume first)")
     module = build_module(cfg)
+    if resume is not None:
+        _check_resume(resume, module, cfg)
     ds = open_dataset(source, sampling_rate=cfg.sampling_rate)
     check_window(ds, module.in_samples, source.label)
     train_loader, dev_loader = make_loaders(cfg, module, ds)
@@ -220,6 +224,20 @@ def train(
     if not best.exists():
         raise CheckpointError(f"training finished without writing '{best}' (no validation ran?); check limit_val_batches")
     return best
+
+
+def _check_resume(resume: str | Path, module, cfg: BenchmarkConfig) -> None:
+    """``--resume`` must be a full training checkpoint of this config's model, checked before Lightning
+    restores it (whose own errors are raw tracebacks)."""
+    from moelab.seismic.weights import read_lightning_file
+
+    fix = f"pass a last.ckpt/model.ckpt written by training {cfg.source}"
+    ckpt = read_lightning_file(resume, fix=fix)
+    missing = [k for k in ("optimizer_states", "loops", "pytorch-lightning_version") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"--resume '{resume}' is not a full training checkpoint (no {', '.join(missing)}); {fix}")
+    check_state_dict(module.state_dict(), ckpt["state_dict"], f"--resume '{resume}' does not fit the {cfg.model} of {cfg.source}",
+                     f"resume with the config it was trained with, or {fix}")
 
 
 # --------------------------------------------------------------------------------- evaluation
@@ -301,6 +319,9 @@ def evaluate(
     from moelab.seismic.evaluate import evaluate_module
 
     check_accelerator(device)
+    for flag, path in (("--targets", targets), ("--output", output)):
+        if path:
+            check_output(flag, path, folder=True)
     module = load_for_eval(cfg, model_path)
     source = preflight(cfg, data_root, check_weights=False)
     ds = open_dataset(source, sampling_rate=cfg.sampling_rate)

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moelab.checkpoint import load_error_detail
 from moelab.errors import CheckpointError, ConfigError, check_finite_loss
 from moelab.moe import freeze_except
 from moelab.moe import freeze_non_moe as _freeze_non_moe
@@ -147,7 +148,7 @@ class EQTransformerLit(SeisBenchModuleLit):
         try:
             module.load_state_dict(state)
         except RuntimeError as e:
-            raise CheckpointError(f"'{path}' does not fit {cls.__name__}{hparams.get('model_args', '')}: {str(e).splitlines()[0]}") from None
+            raise CheckpointError(f"'{path}' does not fit {cls.__name__}{hparams.get('model_args', '')}: {load_error_detail(e)}") from None
         return module
 
     # ------------------------------------------------------------------ training

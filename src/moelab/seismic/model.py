@@ -21,7 +21,7 @@ from seisbench.models import EQTransformer
 from seisbench.models.eqtransformer import FeedForward
 from torch import Tensor, nn
 
-from moelab.checkpoint import safe_load
+from moelab.checkpoint import load_error_detail, safe_load
 from moelab.errors import CheckpointError, ConfigError
 from moelab.moe import GATES, LOSS_KINDS, TokenMoE, model_aux_loss, moe_usage, reset_moe_stats
 from moelab.moe.layer import moe_layers
@@ -329,7 +329,7 @@ class SeisMoE(EQTransformer):
             except RuntimeError as e:
                 raise CheckpointError(
                     f"SeisMoE weights from {base.source} do not fit num_experts={model.num_experts}, "
-                    f"expert_hidden={model.expert_hidden}, shared_expert={model.shared_expert}: {str(e).splitlines()[0]}; "
+                    f"expert_hidden={model.expert_hidden}, shared_expert={model.shared_expert}: {load_error_detail(e)}; "
                     "use the MoE arguments they were trained with (their .json 'model_args')"
                 ) from None
         else:
@@ -459,7 +459,7 @@ class SeisMoE(EQTransformer):
         try:
             model.load_state_dict(state)
         except RuntimeError as e:
-            raise CheckpointError(f"weights '{path_pt}' do not fit the model described by '{path_json}': {str(e).splitlines()[0]}") from None
+            raise CheckpointError(f"weights '{path_pt}' do not fit the model described by '{path_json}': {load_error_detail(e)}") from None
         return model
 
 

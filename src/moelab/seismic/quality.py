@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from moelab.errors import ConfigError
+from moelab.validation import at_least_one, check_output, read_json_record
 from moelab.paired import interval_cell, mean_std
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,16 @@ class QualitySettings:
             raise ConfigError("base_epochs, ft_epochs, traces and batch_size must all be >= 1")
         if self.tag and not all(c.isalnum() or c in "-_." for c in self.tag):
             raise ConfigError(f"tag '{self.tag}' may hold only letters, digits, '-', '_' and '.' (it becomes part of folder and file names)")
+        if not isinstance(self.moe_args, dict):
+            raise ConfigError(f"--moe-args must be a JSON object of SeisMoE model_args, e.g. '{{\"num_experts\": 8}}', got {json.dumps(self.moe_args)}")
+        check_output("--out", self.out, folder=True)
+        from moelab.seismic.config import validate
+
+        # every run's config, before any data is generated or model trained (placeholder paths)
+        data = self.out / "data" / self.domains[1]
+        validate(_config(self, "base_eqt", "EQTransformer", data, self.base_seed, self.base_epochs, {"base_model": None}), source="base_eqt")
+        for v in self.variants:
+            validate(variant_config(self, v, self.out / "base.ckpt", data, self.seeds[0]), source=f"variant {v} (--moe-args, --ft-lr, ...)")
 
 
 # --------------------------------------------------------------------------------- building blocks
@@ -323,12 +334,8 @@ def merge(paths: list[Path], out: Path, tag: str) -> str:
     The runs must agree on every setting but ``seeds``/``tag`` and on the base model's scores (same
     data, same base), and no seed may appear twice: otherwise a `ConfigError` names the difference.
     """
-    docs = []
-    for path in paths:
-        try:
-            docs.append(json.loads(Path(path).read_text()))
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"cannot read results file {path}: {err}; give results*.json files written by this benchmark") from err
+    fix = "give results*.json files written by this benchmark"
+    docs = [read_json_record(path, ("settings", "seeds_done", "base", "results"), fix) for path in paths]
     ignore = {"seeds", "tag", "out", "merged_from"}
     first = {k: v for k, v in docs[0]["settings"].items() if k not in ignore}
     for path, doc in zip(paths[1:], docs[1:]):
@@ -392,7 +399,7 @@ def settings_from_args(args: Any) -> QualitySettings:
         out=Path(args.out), seeds=tuple(args.seeds), domains=tuple(args.domains), traces=args.traces,
         trace_seconds=args.trace_seconds, data_seed=args.data_seed, in_samples=args.in_samples, sigma=args.sigma,
         batch_size=args.batch_size, base_epochs=args.base_epochs, base_lr=args.base_lr, ft_epochs=args.ft_epochs,
-        ft_lr=args.ft_lr, moe_args=dict(args.moe_args), variants=tuple(args.variants), headline=args.headline, tag=args.tag,
+        ft_lr=args.ft_lr, moe_args=dict(args.moe_args) if isinstance(args.moe_args, dict) else args.moe_args, variants=tuple(args.variants), headline=args.headline, tag=args.tag,
     )
 
 
@@ -401,6 +408,7 @@ def main_from_args(args: Any) -> int:
 
     import torch
 
+    at_least_one(("--threads", args.threads))
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", module="lightning")
     if args.merge:

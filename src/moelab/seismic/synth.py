@@ -355,7 +355,8 @@ def load_source_table(metadata: str | Path | None = None) -> tuple[dict[str, np.
 
     path = STEAD_METADATA if metadata is None else Path(metadata)
     if not path.is_file():
-        raise DataError(f"STEAD metadata file '{path}' does not exist: pass a STEAD-format metadata CSV, or omit it to use the packaged one")
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise DataError(f"STEAD metadata file '{path}' {what}: pass a STEAD-format metadata CSV, or omit it to use the packaged one")
     try:
         m = pd.read_csv(path)
     except (ValueError, UnicodeDecodeError) as e:

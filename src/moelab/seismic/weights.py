@@ -43,7 +43,7 @@ from packaging import version as _version
 from seisbench.models import EQTransformer
 from torch import Tensor
 
-from moelab.checkpoint import safe_load
+from moelab.checkpoint import check_state_dict, safe_load
 from moelab.errors import CheckpointError, ConfigError
 
 #: Model arguments a SeisMoE's weights carry besides EQTransformer's (``SeisMoE.get_model_args``).
@@ -84,12 +84,31 @@ def read_lightning_checkpoint(
     export) comes through here, so a missing, corrupt, pickled or non-Lightning file fails with the
     same message everywhere; ``fix`` ends the message for a file that is not a Lightning checkpoint.
     """
+    ckpt = read_lightning_file(path, fix, map_location)
+    hparams = ckpt.get("hyper_parameters") or {}
+    return ckpt["state_dict"], dict(hparams) if isinstance(hparams, dict) else {}
+
+
+def read_lightning_file(path: str | os.PathLike, fix: str = "pass the .ckpt written by training", map_location: Any = "cpu") -> dict[str, Any]:
+    """The whole Lightning checkpoint at ``path`` (weights_only), checked to hold a seismic model's ``state_dict``."""
     path = Path(path)
     ckpt = safe_load(path, map_location=map_location)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise CheckpointError(f"'{path}' is not a Lightning checkpoint (no 'state_dict'); {fix}")
-    hparams = ckpt.get("hyper_parameters") or {}
-    return ckpt["state_dict"], dict(hparams) if isinstance(hparams, dict) else {}
+    refuse_diffusion_checkpoint(ckpt, path, fix)
+    return ckpt
+
+
+def refuse_diffusion_checkpoint(ckpt: Any, path: str | os.PathLike, fix: str) -> None:
+    """A MoEFsDiC training checkpoint (its run config under ``hyper_parameters.config``) is named as
+    such, instead of failing later as weights that "do not fit" an EQTransformer."""
+    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    config = hp.get("config") if isinstance(hp, dict) else None
+    if isinstance(config, dict) and "diffusion" in config:
+        raise CheckpointError(
+            f"'{path}' is a MoEFsDiC (image diffusion) checkpoint, not a SeisMoE/EQTransformer one: use it with "
+            f"`moelab diffusion sample/evaluate`; {fix}"
+        )
 
 
 def load_base_weights(base_model: str | os.PathLike | None) -> BaseWeights | None:
@@ -289,6 +308,7 @@ def _from_state(raw: Any, metadata: dict[str, Any], source: str, path: Path) -> 
 def _as_state_dict(raw: Any, path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """A plain state dict from a state dict or a Lightning checkpoint (``model.`` prefix removed)."""
     args: dict[str, Any] = {}
+    refuse_diffusion_checkpoint(raw, path, "pass a SeisMoE/EQTransformer checkpoint or exported weights")
     if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
         hparams = raw.get("hyper_parameters") or {}
         resolved = hparams.get("model_args") if isinstance(hparams.get("model_args"), dict) else {}
@@ -352,13 +372,9 @@ def eqtransformer_from(base: BaseWeights | None, **kwargs: Any) -> EQTransformer
     except (TypeError, ValueError) as e:
         raise ConfigError(f"invalid EQTransformer arguments: {e}") from None
     if base is not None:
-        try:
-            model.load_state_dict(base.state_dict)
-        except RuntimeError as e:
-            raise CheckpointError(
-                f"{base.source} does not fit EQTransformer({args}): {str(e).splitlines()[0]}; pass the model "
-                "arguments the weights were trained with"
-            ) from None
+        check_state_dict(model.state_dict(), base.state_dict, f"{base.source} does not fit EQTransformer({args})",
+                         "pass the model arguments the weights were trained with")
+        model.load_state_dict(base.state_dict)
         apply_metadata(model, base.metadata)
     return model
 
