@@ -346,8 +346,12 @@ def test_bad_arguments_and_files_raise_clear_errors(tmp_path):
         SeisMoE(num_experts=4, num_experts_per_token=5)
     with pytest.raises(ConfigError, match="gate"):
         SeisMoE(gate="argmax")
-    with pytest.raises(ConfigError, match="unknown EQTransformer argument"):
+    with pytest.raises(ConfigError, match="unknown SeisMoE argument 'not_an_argument'; valid keys: num_experts, .*in_samples"):
         SeisMoE(not_an_argument=1)
+    with pytest.raises(ConfigError, match="unknown SeisMoE argument 'num_expertz'; did you mean 'num_experts'"):
+        SeisMoE(num_expertz=4)  # e.g. a typo in an exported .json's model_args
+    with pytest.raises(ConfigError, match="did you mean 'in_samples'"):
+        SeisMoE(in_sample=3001)
     with pytest.raises(CheckpointError, match="does not exist"):
         SeisMoE.from_base(tmp_path / "nowhere.pt")
     (tmp_path / "a.pt").write_bytes(b"")

@@ -10,6 +10,7 @@ picking), ``save``/``load`` (json + pt folder format) and ``get_model_args`` kee
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 import tempfile
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 
 from moelab.checkpoint import load_error_detail, safe_load
 from moelab.errors import CheckpointError, ConfigError
+from moelab.validation import unknown_key
 from moelab.moe import GATES, LOSS_KINDS, TokenMoE, model_aux_loss, moe_usage, reset_moe_stats
 from moelab.moe.layer import moe_layers
 from moelab.seismic.weights import MOE_ARGS, BaseWeights, apply_metadata, eqtransformer_from, holds_moe, load_base_weights, load_local
@@ -262,6 +264,11 @@ class SeisMoE(EQTransformer):
         try:
             super().__init__(**eqt_kwargs)
         except TypeError as e:
+            own = [n for n in inspect.signature(SeisMoE.__init__).parameters if n not in ("self", "eqt_kwargs")]
+            eqt = [n for n in inspect.signature(EQTransformer.__init__).parameters if n not in ("self", "kwargs")]
+            bad = [k for k in eqt_kwargs if k not in eqt and f"'{k}'" in str(e)]
+            if bad:  # a misspelt MoE or EQTransformer argument: name the closest valid one
+                raise unknown_key(f"SeisMoE argument '{bad[0]}'", bad[0], own + eqt) from None
             raise ConfigError(f"unknown EQTransformer argument for SeisMoE: {e}") from None
         except ValueError as e:
             raise ConfigError(f"invalid EQTransformer arguments for SeisMoE: {e}") from None
