@@ -172,3 +172,16 @@ def test_targets_command_writes_and_refuses_to_overwrite(data, tmp_path, capsys)
     assert len(pd.read_csv(tmp_path / "t" / "task23.csv")) == len(pd.read_csv(folder / "task23.csv"))  # eligibility does not depend on the seed
     assert main(["seismic", "targets", src, str(tmp_path / "t")]) == 2
     assert "already holds evaluation targets" in capsys.readouterr().err
+
+
+def test_targets_window_longer_than_every_trace_is_refused(data, tmp_path, capsys):
+    from moelab.cli import main
+
+    ds, _ = data
+    longest = max(int(ds.get_sample(i)[0].shape[-1]) for i in range(len(ds))) / float(ds.sampling_rate or 100.0)
+    assert main(["seismic", "targets", str(ds.path), str(tmp_path / "t"), "--task1_window_s", str(longest + 1)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: task1_window_s=") and "longer than every trace" in err and "Traceback" not in err
+    assert not (tmp_path / "t").exists()  # nothing written
+    assert main(["seismic", "targets", str(ds.path), str(tmp_path / "u"), "--task1_window_s", "20", "--task23_window_s", str(longest + 1)]) == 2
+    assert "task23_window_s=" in capsys.readouterr().err

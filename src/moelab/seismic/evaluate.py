@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from moelab.errors import DataError
+from moelab.errors import ConfigError, DataError
 from moelab.seismic.phases import PHASE_DICT  # metadata columns holding P or S onsets (pick-benchmark's)
 
 log = logging.getLogger(__name__)
@@ -87,10 +87,12 @@ def generate_targets(
     w1, w23 = int(task1_window_s * sr), int(task23_window_s * sr)
     spacing = int(0.5 * sr)  # minimum distance to a neighbouring onset in task 2/3 windows
     task1, task23 = [], []
+    npts_seen = []
     for idx in range(len(ds)):
         # get_sample: onsets at the data set's sampling rate, also for traces stored at another one (GEOFON)
         x, row = ds.get_sample(idx)
         npts = int(x.shape[-1])
+        npts_seen.append(npts)
         base = {"trace_name": row["trace_name"], "trace_idx": idx, "trace_split": row.get("split", ""), "sampling_rate": sr}
         arrivals = _arrivals(row, npts)
         if not arrivals:
@@ -113,6 +115,13 @@ def generate_targets(
             s, e = s + before, e + before
             if e - s <= w23:
                 task23.append({**base, "start_sample": s, "end_sample": e, "phase_label": phase, "full_phase_label": full, "phase_onset": onset})
+    longest = max(npts_seen, default=0)
+    for flag, w in (("task1_window_s", w1), ("task23_window_s", w23)):
+        if npts_seen and w > longest:  # every window would be cut to its trace (task 1) or skipped (tasks 2/3)
+            raise ConfigError(
+                f"{flag}={w / sr:g} s is longer than every trace of the data set (the longest: {longest / sr:g} s); "
+                "choose a window that fits (pick-benchmark: 30 s for task 1, 10 s for tasks 2/3)"
+            )
     output.mkdir(parents=True, exist_ok=True)
     cols1 = ["trace_name", "trace_idx", "trace_split", "sampling_rate", "start_sample", "end_sample", "trace_type"]
     cols23 = cols1[:-1] + ["phase_label", "full_phase_label", "phase_onset"]
