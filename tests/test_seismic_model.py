@@ -354,6 +354,9 @@ def test_bad_arguments_and_files_raise_clear_errors(tmp_path):
         SeisMoE(in_sample=3001)
     with pytest.raises(CheckpointError, match="does not exist"):
         SeisMoE.from_base(tmp_path / "nowhere.pt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=r"weights folder '.*empty' must hold exactly one set of weights, found none"):
+        SeisMoE.from_base(tmp_path / "empty")  # the same loader serves base_model, pick and export
     (tmp_path / "a.pt").write_bytes(b"")
     with pytest.raises(CheckpointError, match="empty"):
         SeisMoE.from_base(tmp_path / "a.pt")

@@ -270,7 +270,7 @@ def _load_folder(folder: Path) -> BaseWeights:
         return load_local(files[0])
     found = [str(p[1].name) for p in pairs] + [f.name for f in files]
     raise CheckpointError(
-        f"base_model folder '{folder}' must hold exactly one set of weights, found "
+        f"weights folder '{folder}' must hold exactly one set of weights, found "
         f"{found if found else 'none'}; pass the file itself (e.g. '{folder / (found[0] if found else 'model.pt')}')"
     )
 
