@@ -210,15 +210,17 @@ def summarize_seeds(paths: Sequence[str | Path]) -> dict[str, Any]:
         if "moefsdic" not in by_arch or len(by_arch) != 2:
             raise ConfigError(f"'{p}' holds models {sorted(by_arch)}; a compare run holds MoEFsDiC and one dense baseline")
         runs.append((p, by_arch))
-    seen: dict[Any, Path] = {}
+    files: set[Path] = set()
+    seeds: dict[Any, Path] = {}
     for p, by_arch in runs:  # each seed once: a run given twice would count as two agreeing seeds
+        if p.resolve() in files:
+            raise ConfigError(f"'{p}' is given twice: pass one compare run per training seed")
+        files.add(p.resolve())
         seed = by_arch["moefsdic"][0].get("train_seed")
-        for key in (("file", p.resolve()), ("seed", seed) if seed is not None else None):
-            if key is not None and key in seen:
-                what = "is given twice" if key[0] == "file" else f"and '{seen[key]}' were both trained with --train-seed {seed}"
-                raise ConfigError(f"'{p}' {what}: pass one compare run per training seed")
-            if key is not None:
-                seen[key] = p
+        if seed is not None and seed in seeds:
+            raise ConfigError(f"'{p}' and '{seeds[seed]}' were both trained with --train-seed {seed}: pass one compare run per training seed")
+        if seed is not None:
+            seeds[seed] = p
     first_path, first = runs[0]
     for p, by_arch in runs[1:]:
         if sorted(by_arch) != sorted(first):

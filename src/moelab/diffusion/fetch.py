@@ -217,9 +217,7 @@ def fetch(
     if not base.endswith("/"):
         base += "/"
     root = Path(root if root is not None else DEFAULT_ROOTS[name]).expanduser()
-    if root.exists() and not root.is_dir():
-        raise DataError(f"--root '{root}' is a file: pass a folder to download {name} into")
-    check_output("--root", root, folder=True)  # e.g. under a file
+    check_output("--root", root, folder=True)  # a file, or a path under one
     root.mkdir(parents=True, exist_ok=True)
     sums = dict(src.files)
     if checksums:

@@ -87,12 +87,12 @@ def generate_targets(
     w1, w23 = int(task1_window_s * sr), int(task23_window_s * sr)
     spacing = int(0.5 * sr)  # minimum distance to a neighbouring onset in task 2/3 windows
     task1, task23 = [], []
-    npts_seen = []
+    longest = 0  # samples of the longest trace: a window longer than it fits nowhere
     for idx in range(len(ds)):
         # get_sample: onsets at the data set's sampling rate, also for traces stored at another one (GEOFON)
         x, row = ds.get_sample(idx)
         npts = int(x.shape[-1])
-        npts_seen.append(npts)
+        longest = max(longest, npts)
         base = {"trace_name": row["trace_name"], "trace_idx": idx, "trace_split": row.get("split", ""), "sampling_rate": sr}
         arrivals = _arrivals(row, npts)
         if not arrivals:
@@ -115,9 +115,8 @@ def generate_targets(
             s, e = s + before, e + before
             if e - s <= w23:
                 task23.append({**base, "start_sample": s, "end_sample": e, "phase_label": phase, "full_phase_label": full, "phase_onset": onset})
-    longest = max(npts_seen, default=0)
     for flag, w in (("task1_window_s", w1), ("task23_window_s", w23)):
-        if npts_seen and w > longest:  # every window would be cut to its trace (task 1) or skipped (tasks 2/3)
+        if len(ds) and w > longest:  # every window would be cut to its trace (task 1) or skipped (tasks 2/3)
             raise ConfigError(
                 f"{flag}={w / sr:g} s is longer than every trace of the data set (the longest: {longest / sr:g} s); "
                 "choose a window that fits (pick-benchmark: 30 s for task 1, 10 s for tasks 2/3)"
