@@ -225,3 +225,14 @@ def test_quickstart_custom_training_loop():
             optimizer.step()
             losses.append(dm_loss.item())
     assert sum(losses[-4:]) < sum(losses[:4])
+
+
+def test_non_finite_loss_hint_names_compile_only_when_compiled():
+    """With ``train.compile`` the NaN error also points at the compiled kernels (a stale inductor
+    cache from another CPU capability gave NaN from the first step); without it, it does not."""
+    from moelab.diffusion.lit import MoEFsDiCLit
+
+    plain = MoEFsDiCLit(load_config("digits"))._non_finite_fix()
+    compiled = MoEFsDiCLit(load_config("digits", {"train.compile": True}))._non_finite_fix()
+    assert plain.startswith("lower train.lr") and "compile" not in plain
+    assert compiled.startswith(plain) and "train.compile: false" in compiled and "TORCHINDUCTOR_CACHE_DIR" in compiled

@@ -69,6 +69,19 @@ class MoEFsDiCLit(pl.LightningModule):
         pred, logits = self.model(noisy, t, c)
         return self.criterion(pred, noise, logits)
 
+    def _non_finite_fix(self) -> str:
+        """What to try when the loss is NaN/Inf. With ``train.compile`` the compiled kernels are a
+        suspect too: inductor's on-disk cache, filled under another CPU capability (e.g. built with
+        AVX-512 kernels, then run with ``ATEN_CPU_CAPABILITY=avx2``), was measured to give NaN from
+        the first step while eager gave the right loss."""
+        fix = "lower train.lr, keep train.grad_clip > 0 or use 32-true precision"
+        if self.config.train.compile:
+            fix += (
+                "; with train.compile: true, also try train.compile: false, or an empty torch.compile "
+                "cache (TORCHINDUCTOR_CACHE_DIR=<new folder>), to rule out the compiled kernels"
+            )
+        return fix
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         loss, dm, load = self.diffusion_loss(x, y, self.step_generator(batch_idx), self.config.train.cond_drop_prob)
@@ -76,7 +89,7 @@ class MoEFsDiCLit(pl.LightningModule):
         host = vals.tolist()
         check_finite_loss(
             self.global_step,
-            "lower train.lr, keep train.grad_clip > 0 or use 32-true precision",
+            self._non_finite_fix(),
             where=f"epoch {self.current_epoch + 1}, batch {batch_idx}",
             **dict(zip(METRICS, host)),
         )
