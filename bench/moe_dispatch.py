@@ -20,6 +20,7 @@ Usage: python bench/moe_dispatch.py [--reps 7] [--threads 2]
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 from collections.abc import Callable
 
@@ -46,7 +47,7 @@ def conv_case(reps: int) -> dict[str, float]:
     feats = x.mean((2, 3))
     with torch.no_grad():
         routing = layer.router(feats)
-    experts = [(lambda i: (lambda z: bank.expert_forward(z, i)))(i) for i in range(e)]
+    experts = [functools.partial(bank.expert_forward, e=i) for i in range(e)]
     w = routing.weights[0]
 
     def grouped() -> None:

@@ -37,7 +37,6 @@ from typing import Any
 
 import torch
 
-from moelab.errors import ConfigError
 from moelab.validation import at_least_one, read_json_record
 from moelab.checkpoint import atomic_write_bytes
 from moelab.paired import interval_cell, mean_std

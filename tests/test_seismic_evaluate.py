@@ -8,7 +8,6 @@ import pytest
 
 pytest.importorskip("seisbench")
 
-import torch  # noqa: E402
 
 import seisbench.data as sbd  # noqa: E402
 from sklearn.metrics import f1_score, matthews_corrcoef, roc_auc_score  # noqa: E402

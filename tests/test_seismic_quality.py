@@ -5,7 +5,6 @@ bench/seismoe_quality.py over seeds, never here."""
 from __future__ import annotations
 
 import json
-import math
 import re
 import warnings
 

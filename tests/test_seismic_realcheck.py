@@ -15,7 +15,6 @@ import pytest
 
 pytest.importorskip("seisbench")
 
-import torch  # noqa: E402
 pytest.importorskip("obspy")
 
 from moelab.seismic import harness, realcheck, synth  # noqa: E402
