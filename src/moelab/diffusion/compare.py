@@ -121,13 +121,14 @@ def compare(
     """
     from moelab.diffusion.config import load_config
     from moelab.diffusion.evaluate import Evaluator, check_eval_settings, format_table, write_json
+    from moelab.diffusion.sample import is_guidance_weight
     from moelab.errors import ConfigError
     from moelab.validation import check_output
 
     if baseline not in BASELINES:
         raise ConfigError(f"--baseline '{baseline}' is not known; use one of: {', '.join(BASELINES)}")
     weights = guidance_weights(guidance)
-    if not weights or any(not 0 <= w < float("inf") for w in weights):  # checked before hours of training, not after
+    if not weights or not all(map(is_guidance_weight, weights)):  # checked before hours of training, not after
         raise ConfigError(f"--guidance {' '.join(map(str, weights))}: give one or more weights >= 0 (1 = no guidance)")
     out = check_output("--out", out_dir, folder=True)
     overrides = dict(overrides or {})

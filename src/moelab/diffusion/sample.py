@@ -13,6 +13,7 @@ so a pipeline and `sample` given the same model, scheduler and seed produce the 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -129,6 +130,12 @@ def guided_eps(model: nn.Module, x: Tensor, t: Tensor, labels: Tensor, guidance:
     return uncond + guidance * (cond - uncond)
 
 
+def is_guidance_weight(w: float) -> bool:
+    """Whether ``w`` can be a classifier-free guidance weight: finite and >= 0 (NaN or inf would fill
+    every image with NaN). `generate` and `moelab.diffusion.compare` ask this one question."""
+    return math.isfinite(w) and w >= 0
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -158,7 +165,7 @@ def generate(
         raise ConfigError("nothing to sample: the label list is empty")
     if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
         raise ConfigError(f"labels must be class ids in [0, {num_classes - 1}]")
-    if not guidance >= 0 or guidance == float("inf"):  # also refuses NaN, which would fill every image with NaN
+    if not is_guidance_weight(guidance):
         raise ConfigError(f"guidance={guidance} must be a finite number >= 0 (1 = plain conditional sampling)")
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size} must be at least 1")

@@ -68,8 +68,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     set_threads(args.threads)
     canonical_sampler(args.sampler)
-    if args.per_class < 1:
-        raise ConfigError(f"--per-class {args.per_class} must be at least 1")
+    at_least_one(("--per-class", args.per_class))
     check_grid_path(args.out)
     if args.npz:
         check_output("--npz", args.npz)

@@ -26,7 +26,7 @@ from moelab.diffusion.progress import MoEProgressBar
 from moelab.errors import CheckpointError, ConfigError, NonFiniteLossError
 from moelab.moe.callbacks import ExpertUsageMonitor
 from moelab.seeding import EpochSampler
-from moelab.validation import check_output
+from moelab.validation import at_least_one, check_output
 
 CKPT_RE = re.compile(r"checkpoint_epoch_(\d+)\.pth$")
 
@@ -117,10 +117,9 @@ def fit(
     cfg = load_config(config, overrides)
     tr = cfg["train"]
     acc = resolve_accelerator(accelerator)
-    if devices < 1:
-        raise ConfigError(f"--devices {devices} must be at least 1")
-    if max_steps is not None and max_steps < 1:
-        raise ConfigError(f"--max-steps {max_steps} must be at least 1")
+    at_least_one(("--devices", devices))
+    if max_steps is not None:
+        at_least_one(("--max-steps", max_steps))
     if max_time is not None and not max_time > 0:
         raise ConfigError(f"--budget-seconds {max_time} must be a positive number of seconds")
     if acc == "cpu" and tr["precision"] == "16-mixed":
