@@ -118,6 +118,9 @@ def test_compare_refuses_negative_guidance_before_training(tmp_path):
 
     with pytest.raises(ConfigError, match=r"--guidance 1.0 -1.0: give one or more weights >= 0"):
         compare(TINY, tmp_path / "cmp", guidance=[1.0, -1.0])
+    for bad in ("nan", "inf"):  # the same predicate as generate's: NaN/inf would give NaN images after training
+        with pytest.raises(ConfigError, match=rf"--guidance 1.0 {bad}: give one or more weights >= 0"):
+            compare(TINY, tmp_path / "cmp", guidance=[1.0, float(bad)])
     assert not (tmp_path / "cmp").exists()
 
 
