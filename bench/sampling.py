@@ -62,8 +62,8 @@ def run(args: argparse.Namespace) -> int:
             ("seconds_per_sample", "s/image", "{:.4f}")]
     print(format_table(rows, cols, names))
     if args.json:
-        write_json({n: r for n, r in zip(names, rows)}, args.json)
-    by = dict(zip(names, rows))
+        write_json({n: r for n, r in zip(names, rows, strict=True)}, args.json)
+    by = dict(zip(names, rows, strict=True))
     ddpm = by["ddpm-1000"]
     for name in ("dpm++sde-20", "dpm++-20"):
         r = by[name]

@@ -42,7 +42,7 @@ def main() -> None:
     times: dict[str, list[float]] = {"eqt": [], "moe": []}
     cpu: dict[str, list[float]] = {"eqt": [], "moe": []}
     with torch.no_grad():
-        diff = max(float((a - b).abs().max()) for a, b in zip(eqt(x), moe(x)))  # warm-up + equivalence
+        diff = max(float((a - b).abs().max()) for a, b in zip(eqt(x), moe(x), strict=True))  # warm-up + equivalence
         _time(eqt, x), _time(moe, x)
         for _ in range(max(5, args.reps)):
             for key, model in (("eqt", eqt), ("moe", moe)):
@@ -54,7 +54,7 @@ def main() -> None:
         ffn = {"eqt": eqt.transformer_d0.ff, "moe": moe.transformer_d0.ff}
         layer = {k: min(_time(m, h)[0] for _ in range(50)) for k, m in ffn.items()}
     med = {k: statistics.median(v) for k, v in times.items()}
-    paired = statistics.median(m / e for m, e in zip(times["moe"], times["eqt"]))
+    paired = statistics.median(m / e for m, e in zip(times["moe"], times["eqt"], strict=True))
     cpu_ratio = statistics.median(cpu["moe"]) / statistics.median(cpu["eqt"])
     print(f"batch {args.batch} x 3 x 6000, {torch.get_num_threads()} threads, {len(times['eqt'])} reps, max |moe - eqt| = {diff:.1e}")
     for k, label in (("eqt", "EQTransformer"), ("moe", "SeisMoE E=4 k=2")):

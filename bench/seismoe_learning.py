@@ -69,7 +69,7 @@ def summary(rows: dict[str, list[dict[str, float]]]) -> str:
     lines = ["", "mean ± std over seeds"]
     for model, rs in rows.items():
         lines.append(f"{model:<14} " + "  ".join(f"{m[5:]} {cell([r[m] for r in rs])}" for m in METRICS))
-    diff = {m: [a[m] - b[m] for a, b in zip(rows["SeisMoE"], rows["EQTransformer"])] for m in METRICS}
+    diff = {m: [a[m] - b[m] for a, b in zip(rows["SeisMoE"], rows["EQTransformer"], strict=True)] for m in METRICS}
     lines.append("paired SeisMoE - EQTransformer by seed: mean ± std, 95% interval and verdict (moelab.paired)")
     for m in METRICS:
         d, d_sd = mean_std(diff[m])
@@ -90,7 +90,7 @@ def merge(paths: list[str]) -> str:
     """The summary of several ``--json`` files made on disjoint seeds with the same settings."""
     runs = [read_json_record(p, ("settings", "seeds", "rows"), "give --merge the --json files written by this script") for p in paths]
     first = runs[0]["settings"]
-    for p, r in zip(paths[1:], runs[1:]):
+    for p, r in zip(paths[1:], runs[1:], strict=True):
         differ = [k for k in SETTINGS if r["settings"].get(k) != first.get(k)]
         if differ:
             raise SystemExit(f"error: {p} differs from {paths[0]} in {', '.join(differ)}; merge runs of one setting only")

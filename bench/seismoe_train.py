@@ -77,7 +77,7 @@ def main() -> None:
         for k in ("eqt", "moe"):
             times[k].append(step(modules[k], optims[k], batch))
     med = {k: statistics.median(v) for k, v in times.items()}
-    paired = statistics.median(m / e for m, e in zip(times["moe"], times["eqt"]))
+    paired = statistics.median(m / e for m, e in zip(times["moe"], times["eqt"], strict=True))
     params = {k: sum(p.numel() for p in m.model.parameters()) for k, m in modules.items()}
     print(f"batch {args.batch} x 3 x {n}, {torch.get_num_threads()} thread(s), {len(times['eqt'])} alternating rounds after {args.warmup} warm-up")
     moe_label = f"SeisMoE E={modules['moe'].model.num_experts} k={modules['moe'].model.num_experts_per_token}"

@@ -229,7 +229,7 @@ def interleaved(
 
 def per_round(a: list[float], b: list[float]) -> list[float]:
     """a/b of every round, the two timed back to back."""
-    return [x / y for x, y in zip(a, b)]
+    return [x / y for x, y in zip(a, b, strict=True)]
 
 
 def paired_ratio(a: list[float], b: list[float]) -> float:

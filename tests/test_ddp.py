@@ -64,7 +64,7 @@ def _train_and_check(model: nn.Module, batches, loss_fn, what: str, lr: float = 
         opt.zero_grad()
         loss.backward()
         opt.step()
-        for m, c0 in zip(layers, before):  # this rank's counts grew by exactly this rank's routing
+        for m, c0 in zip(layers, before, strict=True):  # this rank's counts grew by exactly this rank's routing
             own = torch.bincount(m.last_routing.indices.reshape(-1), minlength=m.num_experts)
             assert torch.equal(m.usage.counts - c0, own), f"{what}: counts are not this rank's routing at step {step}"
         _assert_same_weights(model, f"{what}, step {step}")
@@ -195,5 +195,5 @@ def test_epoch_sampler_shards_one_permutation_and_is_a_function_of_seed_and_epoc
         s.set_epoch(2)
         shares.append(list(s))
         assert len(s) == 4
-    assert [i for tup in zip(*shares) for i in tup] == order + order[:2]  # strided shards of the same order, padded
+    assert [i for tup in zip(*shares, strict=True) for i in tup] == order + order[:2]  # strided shards of the same order, padded
     assert seeding.derive_seed(3, 2, 0, 0) == seeding.derive_seed(3, 2, 0) != seeding.derive_seed(3, 2, 0, 1)

@@ -128,7 +128,7 @@ def _compare_json(path, moe_fd, dense_fd, seed, guidance=(1.0, 1.25), params=100
     """A compare.json as `compare` writes it: two models, one row per guidance weight."""
     rows = []
     for arch, fds, n in (("moefsdic", moe_fd, steps[0]), ("unet2d", dense_fd, steps[1])):
-        for w, fd in zip(guidance, fds):
+        for w, fd in zip(guidance, fds, strict=True):
             rows.append({"arch": arch, "guidance": w, "frechet_distance": fd, "accuracy": 0.9 + fd / 100, "train_steps": n,
                          "params_total": params if arch == "unet2d" else 2 * params, "params_active": params,
                          "budget_seconds": 100.0, "train_seed": seed})

@@ -36,7 +36,7 @@ def test_pointwise_conv_equals_conv2d_in_values_and_gradients(channels_last):
     torch.testing.assert_close(y, ref, **TOL)
     assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
     go = torch.randn(ref.shape, generator=g, dtype=torch.float64)
-    for a, r in zip(torch.autograd.grad(y, [x1, w, b], go), torch.autograd.grad(ref, [x2, w, b], go)):
+    for a, r in zip(torch.autograd.grad(y, [x1, w, b], go), torch.autograd.grad(ref, [x2, w, b], go), strict=True):
         torch.testing.assert_close(a, r, **TOL)
 
 
@@ -55,7 +55,7 @@ def test_pointwise_conv_float32_input_gradient_by_either_kernel(monkeypatch, max
     y, ref = pointwise_conv(x1, w, b), F.conv2d(x2, w[:, :, None, None], b)
     go = torch.randn(ref.shape, generator=g).contiguous(memory_format=torch.channels_last)
     grads = torch.autograd.grad(y, [x1, w, b], go)
-    for a, r in zip(grads, torch.autograd.grad(ref, [x2, w, b], go)):
+    for a, r in zip(grads, torch.autograd.grad(ref, [x2, w, b], go), strict=True):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
     assert grads[0].is_contiguous(memory_format=torch.channels_last)
     assert convs._onednn_input_grad(go, w) == (convs._ONEDNN and max_channels >= 7)
@@ -73,7 +73,7 @@ def test_pointwise_conv_gradients_of_partial_inputs(x_grad, with_bias):
     y, ref = pointwise_conv(x, w, b), F.conv2d(x, w[:, :, None, None], b)
     torch.testing.assert_close(y, ref, **TOL)
     go = torch.randn(ref.shape, generator=g, dtype=torch.float64)
-    for a, r in zip(torch.autograd.grad(y, inputs, go), torch.autograd.grad(ref, inputs, go)):
+    for a, r in zip(torch.autograd.grad(y, inputs, go), torch.autograd.grad(ref, inputs, go), strict=True):
         torch.testing.assert_close(a, r, **TOL)
 
 
@@ -159,9 +159,9 @@ def test_unet_output_and_gradients_equal_across_dispatch_modes():
     (out_a, lg_a, gr_a), (out_b, lg_b, gr_b) = results["gathered"], results["grouped"]
     assert out_a.is_contiguous() and out_a.shape == x.shape
     torch.testing.assert_close(out_a, out_b, **TOL)
-    for a, b in zip(lg_a, lg_b):
+    for a, b in zip(lg_a, lg_b, strict=True):
         torch.testing.assert_close(a, b, **TOL)
-    for a, b in zip(gr_a, gr_b):
+    for a, b in zip(gr_a, gr_b, strict=True):
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
 
 
@@ -209,7 +209,7 @@ def test_pointwise_of_parts_equals_pointwise_of_concatenation(channels_last):
     params = list(merge.parameters())
     got = torch.autograd.grad(y, [a1, b1, *params], go)
     want = torch.autograd.grad(ref, [a2, b2, *params], go)
-    for x, r in zip(got, want):
+    for x, r in zip(got, want, strict=True):
         torch.testing.assert_close(x, r, **TOL)
 
 

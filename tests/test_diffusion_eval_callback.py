@@ -44,12 +44,12 @@ def test_fires_at_the_right_epochs_and_writes_every_log(run):
     ev = tmp / "ck" / "logs" / "eval"
     assert sorted(p.name for p in ev.iterdir()) == ["grid_epoch_2.png", "grid_epoch_4.png", "metrics_epoch_2.json", "metrics_epoch_4.json"]
     recs = [json.loads((ev / f"metrics_epoch_{e}.json").read_text()) for e in (2, 4)]
-    for e, r in zip((2, 4), recs):
+    for e, r in zip((2, 4), recs, strict=True):
         assert r["epoch"] == e and r["num_samples"] == 30 and r["per_class"] == 3 and r["ema"] is True
         assert r["global_step"] == e * 4 and 0 <= r["accuracy"] <= 1 and r["frechet_distance"] > 0
     rows = list(csv.DictReader((tmp / "ck" / "logs" / "csv" / "version_0" / "metrics.csv").open()))
     logged = [(int(r["epoch"]), float(r["eval/frechet_distance"]), float(r["eval/accuracy"])) for r in rows if r.get("eval/frechet_distance")]
-    assert logged == [(e - 1, pytest.approx(r["frechet_distance"], rel=1e-6), pytest.approx(r["accuracy"])) for e, r in zip((2, 4), recs)]
+    assert logged == [(e - 1, pytest.approx(r["frechet_distance"], rel=1e-6), pytest.approx(r["accuracy"])) for e, r in zip((2, 4), recs, strict=True)]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     (events,) = (tmp / "ck" / "logs" / "tensorboard").glob("version_0/events.out.tfevents.*")

@@ -146,7 +146,7 @@ def test_lean_upsample_is_bit_identical_and_keeps_only_its_input(channels_last):
         (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
         results.append((y.detach(), xi.grad, *(p.grad.clone() for p in up.parameters()), saved[0]))
     (*plain, saved_plain), (*lean, saved_lean) = results
-    for a, b in zip(plain, lean):
+    for a, b in zip(plain, lean, strict=True):
         assert torch.equal(a, b)
     # plain keeps the upsampled map (4x) and the depthwise output (4x); lean keeps x (plus the
     # depthwise bias, to recompute the depthwise output) on channels-last CPU input, where the
@@ -180,7 +180,7 @@ def test_lean_output_head_is_bit_identical_and_keeps_only_its_input(channels_las
         (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
         results.append((y.detach(), hi.grad, *(p.grad.clone() for p in (*norm.parameters(), *conv.parameters())), saved))
     (*plain, saved_plain), (*lean, saved_lean) = results
-    for a, b in zip(plain, lean):
+    for a, b in zip(plain, lean, strict=True):
         assert torch.equal(a, b)
     assert saved_plain - saved_lean == 2 * h.numel() - norm.bias.numel()
 
@@ -230,7 +230,7 @@ def test_model_with_lean_backward_is_bit_identical_to_composed_ops(monkeypatch):
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results.append((pred.detach(), [lg.detach() for lg in logits], grads))
     (p0, l0, g0), (p1, l1, g1) = results
-    assert torch.equal(p0, p1) and all(torch.equal(a, b) for a, b in zip(l0, l1))
+    assert torch.equal(p0, p1) and all(torch.equal(a, b) for a, b in zip(l0, l1, strict=True))
     assert g0.keys() == g1.keys() and "out_norm.weight" in g1 and "ups.0.conv.depthwise.weight" in g1
     assert [n for n in g0 if not torch.equal(g0[n], g1[n])] == []
 

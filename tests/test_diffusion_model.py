@@ -159,7 +159,7 @@ def test_freq_module_matches_numpy_fft_reference():
 def test_dilated_fusion_branches_and_residual():
     torch.manual_seed(0)
     blk = DilatedFusionBlock(4, 8, use_dsconv=True)
-    for d, branch in zip((1, 2, 4), blk.branches):  # each branch's conv reaches exactly radius d
+    for d, branch in zip((1, 2, 4), blk.branches, strict=True):  # each branch's conv reaches exactly radius d
         x = torch.zeros(1, 4, 17, 17, requires_grad=True)
         branch[0](x)[0, :, 8, 8].sum().backward()
         touched = (x.grad[0].abs().sum(0) > 0).nonzero()
@@ -184,7 +184,7 @@ def _assert_same_gradients(a, b, cfg):
     for m in (a, b):
         eps, lg = m(x, t, c)
         MoELoss()(eps, x, lg)[0].backward()
-    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+    for (n, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5, msg=n)
 
 
@@ -297,7 +297,7 @@ def test_save_pretrained_round_trip(tmp_path, arch):
     with torch.no_grad():
         a, la = model(x, t, c)
         b, lb = loaded(x, t, c)
-    assert torch.equal(a, b) and len(la) == len(lb) and all(torch.equal(u, v) for u, v in zip(la, lb))
+    assert torch.equal(a, b) and len(la) == len(lb) and all(torch.equal(u, v) for u, v in zip(la, lb, strict=True))
 
 
 ABLATIONS = ["default", "no_moe", "no_freq", "no_dsconv", "moe_variants", "minimal"]

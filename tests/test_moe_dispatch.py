@@ -60,7 +60,7 @@ def _compare(experts, x, routing):
     grads_ref = torch.autograd.grad(y_ref, [x2, routing.weights, *experts.parameters()], g_out, allow_unused=True)
     assert y.shape == y_ref.shape
     torch.testing.assert_close(y, y_ref, atol=TOL, rtol=TOL)
-    for a, b in zip(grads, grads_ref):
+    for a, b in zip(grads, grads_ref, strict=True):
         if a is None or b is None:
             assert (a is None or a.abs().max() == 0) and (b is None or b.abs().max() == 0)
         else:
@@ -222,7 +222,7 @@ def test_gradient_checkpointing_gives_same_gradients(mode):
     torch.testing.assert_close(y0, y1)
     torch.testing.assert_close(gx0, gx1)
     assert len(g0) == len(g1)
-    for a, b in zip(g0, g1):
+    for a, b in zip(g0, g1, strict=True):
         torch.testing.assert_close(a, b)
 
 
@@ -243,7 +243,7 @@ def test_grouped_gather_backward_adds_parts_without_concatenating():
     parts0 = x0.index_select(0, index).split(counts)
     x1 = x.clone().requires_grad_(True)
     parts1 = _GatherRows.apply(x1, *index.split(counts))
-    assert all(torch.equal(a, b) for a, b in zip(parts0, parts1))
+    assert all(torch.equal(a, b) for a, b in zip(parts0, parts1, strict=True))
     (g0,) = torch.autograd.grad(parts0, x0, grads)
 
     class Ops(TorchDispatchMode):

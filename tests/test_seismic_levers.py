@@ -26,7 +26,7 @@ FFN = 16 * 128 + 128 + 128 * 16 + 16  # one EQTransformer transformer FFN: 4,240
 
 
 def _max_diff(a, b) -> float:
-    return max(float((u - v).abs().max()) for u, v in zip(a, b))
+    return max(float((u - v).abs().max()) for u, v in zip(a, b, strict=True))
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +203,7 @@ def test_drop_upcycling_reinitialises_that_fraction_of_each_experts_units(dense,
     for name in MOE_BLOCKS:
         a, b = getattr(plain, name).ff, getattr(dropped, name).ff
         draws = []
-        for ea, eb in zip(a.experts, b.experts):
+        for ea, eb in zip(a.experts, b.experts, strict=True):
             rows = (ea.lin1.weight != eb.lin1.weight).any(1)
             assert torch.equal(rows, ea.lin1.bias != eb.lin1.bias)
             assert torch.equal(rows, (ea.lin2.weight != eb.lin2.weight).any(0))
@@ -211,7 +211,7 @@ def test_drop_upcycling_reinitialises_that_fraction_of_each_experts_units(dense,
             assert torch.equal(ea.lin2.bias, eb.lin2.bias)
             draws.append(tuple(rows.nonzero().flatten().tolist()))
         assert len(set(draws)) == len(draws)  # a different draw per expert
-    for (ka, va), (_, vb) in zip(plain.state_dict().items(), dropped.state_dict().items()):
+    for (ka, va), (_, vb) in zip(plain.state_dict().items(), dropped.state_dict().items(), strict=True):
         if ".ff.experts." not in ka:  # routers, shared experts, the trunk
             assert torch.equal(va, vb), ka
     assert dropped.get_model_args()["upcycle_drop"] == 0.25

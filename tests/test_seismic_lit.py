@@ -187,12 +187,12 @@ def test_fit_with_seisbench_generators_and_restore_checkpoint(tmp_path):
     lit.eval()
     x = torch.randn(2, 3, N)
     with torch.no_grad():
-        assert all(torch.equal(a, b) for a, b in zip(lit(x), back(x)))
+        assert all(torch.equal(a, b) for a, b in zip(lit(x), back(x), strict=True))
     assert back.model.num_experts == 4 and back.hparams["moe_loss_coef"] == 0.01
     # Lightning's own loader rebuilds the same module from the stored hyper-parameters
     again = SeisMoELit.load_from_checkpoint(ckpt, weights_only=True).eval()
     with torch.no_grad():
-        assert all(torch.equal(a, b) for a, b in zip(lit(x), again(x)))
+        assert all(torch.equal(a, b) for a, b in zip(lit(x), again(x), strict=True))
 
 
 def test_duplicate_event_pastes_a_scaled_copy_and_shifts_labels():

@@ -25,7 +25,7 @@ N = 600  # short windows keep the tests fast; parameter counts do not depend on 
 
 
 def _max_diff(a, b) -> float:
-    return max(float((u - v).abs().max()) for u, v in zip(a, b))
+    return max(float((u - v).abs().max()) for u, v in zip(a, b, strict=True))
 
 
 @pytest.fixture

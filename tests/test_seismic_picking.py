@@ -132,7 +132,7 @@ def test_lower_case_and_missing_components(model, threshold, tmp_path):
         tr.stats.station = "ZONLY"
     z_only.write(str(tmp_path / "z.mseed"), format="MSEED")
     odd = st.copy()
-    for tr, code in zip(odd, ("EHX", "EHY", "EHQ")):
+    for tr, code in zip(odd, ("EHX", "EHY", "EHQ"), strict=True):
         tr.stats.station, tr.stats.channel = "ODD", code
     odd.write(str(tmp_path / "odd.mseed"), format="MSEED")
     run = pick_files(model, [tmp_path / "z.mseed", tmp_path / "odd.mseed"], progress=False, P_threshold=threshold, S_threshold=threshold)

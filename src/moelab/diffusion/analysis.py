@@ -145,7 +145,7 @@ def write_routing_report(report: dict[str, Any], out_dir: str | Path) -> dict[st
         cols = min(n, 4)
         nrows = math.ceil(n / cols)
         fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 0.32 * len(row_names) * nrows + 1.6 * nrows), squeeze=False)
-        for ax, (bname, blk) in zip(axes.flat, blocks.items()):
+        for ax, (bname, blk) in zip(axes.flat, blocks.items(), strict=False):
             shares = _shares(blk[key]).numpy()
             im = ax.imshow(shares, aspect="auto", cmap="viridis", vmin=0, vmax=max(1e-9, float(shares.max())))
             ax.set_title(bname, fontsize=8)

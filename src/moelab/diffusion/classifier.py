@@ -119,7 +119,7 @@ def train_classifier(
         )
         trainer.fit(lit, loader)
     finally:
-        for lg, lv in zip(quiet, levels):
+        for lg, lv in zip(quiet, levels, strict=True):
             lg.setLevel(lv)
     return model.eval()
 

@@ -242,8 +242,8 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
         cells = [names[i]] if names else []
         cells += [c[2].format(r[c[0]]) if r.get(c[0]) is not None else "-" for c in cols]
         body.append(cells)
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
-    line = lambda cells: "  ".join(str(x).rjust(w) for x, w in zip(cells, widths))  # noqa: E731
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *body, strict=True)]
+    line = lambda cells: "  ".join(str(x).rjust(w) for x, w in zip(cells, widths, strict=True))  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, body)])
 
 

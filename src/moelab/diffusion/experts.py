@@ -123,8 +123,8 @@ class ResidualConvExperts(ExpertBank):
 
     def _per_expert_params(self) -> list[dict[str, Tensor]]:
         """One dict of parameter slices per expert; every stacked parameter is split once (``unbind``)."""
-        names, params = zip(*self.named_parameters())
-        return [dict(zip(names, slices)) for slices in zip(*(p.unbind(0) for p in params))]
+        names, params = zip(*self.named_parameters(), strict=True)
+        return [dict(zip(names, slices, strict=True)) for slices in zip(*(p.unbind(0) for p in params), strict=True)]
 
     def expert_runner(self) -> Callable[[int, Tensor], Tensor]:
         """Grouped dispatch's ``run(e, x)``."""

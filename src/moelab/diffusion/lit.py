@@ -91,12 +91,12 @@ class MoEFsDiCLit(pl.LightningModule):
             self.global_step,
             self._non_finite_fix(),
             where=f"epoch {self.current_epoch + 1}, batch {batch_idx}",
-            **dict(zip(METRICS, host)),
+            **dict(zip(METRICS, host, strict=True)),
         )
         self._sums = vals if self._sums is None else self._sums + vals
         self._count += 1
-        self.last_metrics = dict(zip(METRICS, host))
-        self.log_dict({f"train/{k}": v for k, v in zip(METRICS, vals)}, on_step=True, on_epoch=False)
+        self.last_metrics = dict(zip(METRICS, host, strict=True))
+        self.log_dict({f"train/{k}": v for k, v in zip(METRICS, vals, strict=True)}, on_step=True, on_epoch=False)
         return loss
 
     def on_train_epoch_start(self) -> None:
@@ -106,7 +106,7 @@ class MoEFsDiCLit(pl.LightningModule):
         if self._sums is None:
             return
         avg = self.trainer.strategy.reduce(self._sums / self._count, reduce_op="mean")
-        means = dict(zip(METRICS, avg.tolist()))
+        means = dict(zip(METRICS, avg.tolist(), strict=True))
         self.log_dict({f"epoch/{k}": v for k, v in means.items()}, on_step=False, on_epoch=True, sync_dist=False)
         if self.trainer.is_global_zero:  # tqdm.write: below the finished bar, or above a running one
             tqdm.write(

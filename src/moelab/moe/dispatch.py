@@ -178,7 +178,7 @@ class _GatherRows(torch.autograd.Function):
     def backward(ctx: torch.autograd.function.FunctionCtx, *grads: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         indices = ctx.saved_tensors  # type: ignore[attr-defined]
         gx = grads[0].new_zeros((ctx.rows, *grads[0].shape[1:]))  # type: ignore[attr-defined]
-        for i, g in zip(indices, grads):
+        for i, g in zip(indices, grads, strict=True):
             gx.index_add_(0, i, g)
         return (gx, *(None for _ in indices))
 

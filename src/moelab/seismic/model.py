@@ -67,7 +67,7 @@ class TokenFeedForward(nn.Module):
 
 def fits_into(value: Tensor, target: Tensor) -> bool:
     """Whether `widen_into` can write ``value`` into ``target``: same rank, no dimension larger."""
-    return value.dim() == target.dim() and all(v <= t for v, t in zip(value.shape, target.shape))
+    return value.dim() == target.dim() and all(v <= t for v, t in zip(value.shape, target.shape, strict=True))
 
 
 def widen_into(value: Tensor, target: Tensor, name: str) -> Tensor:
@@ -149,7 +149,7 @@ def add_upcycle_noise(layer: TokenMoE, noise: float, generator: torch.Generator 
     if noise == 0.0:
         return
     experts = list(layer.experts)
-    for params in zip(*(list(e.parameters()) for e in experts)):
+    for params in zip(*(list(e.parameters()) for e in experts), strict=True):
         scale = params[0].float().std() if params[0].numel() > 1 else params[0].float().abs().reshape(())
         for p in params:
             p.add_((noise * scale * torch.randn(p.shape, generator=generator, dtype=torch.float32)).to(p.dtype))

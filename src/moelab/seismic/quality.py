@@ -216,7 +216,7 @@ def paired_differences(
     """``variant`` minus ``reference`` on ``metric``, seed by seed (run i of each was trained with the
     same seed and, for the fine-tuned variants, from the same base). Their spread holds the seed noise
     of both models: what a difference has to exceed to be more than noise."""
-    pairs = zip(results[variant][domain], results[reference][domain])
+    pairs = zip(results[variant][domain], results[reference][domain], strict=True)
     return [_get(r, metric) - _get(e, metric) for r, e in pairs]
 
 
@@ -338,7 +338,7 @@ def merge(paths: list[Path], out: Path, tag: str) -> str:
     docs = [read_json_record(path, ("settings", "seeds_done", "base", "results"), fix) for path in paths]
     ignore = {"seeds", "tag", "out", "merged_from"}
     first = {k: v for k, v in docs[0]["settings"].items() if k not in ignore}
-    for path, doc in zip(paths[1:], docs[1:]):
+    for path, doc in zip(paths[1:], docs[1:], strict=True):
         other = {k: v for k, v in doc["settings"].items() if k not in ignore}
         diff = sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k))
         if diff:
