@@ -197,3 +197,19 @@ def test_epoch_sampler_shards_one_permutation_and_is_a_function_of_seed_and_epoc
         assert len(s) == 4
     assert [i for tup in zip(*shares, strict=True) for i in tup] == order + order[:2]  # strided shards of the same order, padded
     assert seeding.derive_seed(3, 2, 0, 0) == seeding.derive_seed(3, 2, 0) != seeding.derive_seed(3, 2, 0, 1)
+
+
+def test_epoch_sampler_resumes_inside_an_epoch_once():
+    """`resume_at(epoch, n)`: that epoch's next iteration leaves out its first n indices; later
+    iterations and other epochs are whole (a run stopped mid-epoch sees each sample once)."""
+    from moelab import seeding
+
+    s = seeding.EpochSampler(10, seed=3)
+    s.set_epoch(2)
+    whole = list(s)
+    s.set_epoch(1)
+    s.resume_at(2, 4)
+    assert len(list(s)) == 10  # another epoch: untouched, the resume still pending
+    s.set_epoch(2)
+    assert list(s) == whole[4:]
+    assert list(s) == whole

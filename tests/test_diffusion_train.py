@@ -19,7 +19,8 @@ from moelab.checkpoint import safe_load
 from moelab.diffusion.config import load_config
 from moelab.diffusion.checkpoints import load_model
 from moelab.diffusion.training import checkpoints_in, fit
-from moelab.errors import NonFiniteLossError
+from moelab.diffusion.lit import MoEFsDiCLit
+from moelab.errors import NonFiniteLossError, TrainingInterrupted
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -144,6 +145,87 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert r.stdout.count("[Epoch 1/1] Avg Loss:") == 1  # printed by rank 0 only
     ck = safe_load(tmp_path / "ck" / "checkpoint_epoch_1.pth")
     assert ck["global_step"] == 2  # 64 images / 2 ranks / batch 16: half the single-process steps
+
+
+def _sigterm_after(epoch: int, batch_idx: int):
+    """An ``on_train_batch_end`` hook that sends this process SIGTERM after batch ``batch_idx`` of
+    ``epoch`` (both from 0)."""
+
+    def hook(self, outputs, batch, idx):
+        if (self.current_epoch, idx) == (epoch, batch_idx):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return hook
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_sigterm_mid_epoch_saves_the_state_and_resume_continues_exactly(tmp_path, monkeypatch, capsys, accumulate):
+    # 4 batches per epoch; SIGTERM after 6 optimizer steps (accumulate 1: batch 2 of epoch 2; accumulate 2:
+    # the last batch of epoch 3, whose checkpoint checkpoint_every: 2 skips). Options that carry state across it:
+    # warmup + cosine LR, EMA, router jitter (global RNG), the epoch's running loss average.
+    cfg = tiny(**{"train.lr_schedule": "cosine", "train.warmup_steps": 2, "moe.jitter": 0.1, "train.epochs": 4,
+                  "train.checkpoint_every": 2, "train.accumulate_grad_batches": accumulate})
+    full = fit(cfg, checkpoint_dir=tmp_path / "a", progress=False)
+    averages = re.findall(r"\[Epoch \d/4\] Avg Loss: .*", capsys.readouterr().out)
+    monkeypatch.setattr(MoEFsDiCLit, "on_train_batch_end", _sigterm_after(*((1, 1) if accumulate == 1 else (2, 3))), raising=False)
+    with pytest.raises(TrainingInterrupted) as stop:
+        fit(cfg, checkpoint_dir=tmp_path / "b", progress=False)
+    monkeypatch.undo()
+    saved = tmp_path / "b" / ("checkpoint_epoch_2_step_6.pth" if accumulate == 1 else "checkpoint_epoch_3.pth")
+    assert stop.value.exit_code == 143 and saved.is_file()
+    at = "in epoch 2" if accumulate == 1 else "at the end of epoch 3"
+    assert f"training stopped by SIGTERM {at}, after step 6: " in str(stop.value)
+    assert f"the newest checkpoint is '{saved}'; continue with --resume {saved}" in str(stop.value)
+    assert safe_load(saved)["global_step"] == 6  # the last finished batch is in it
+    capsys.readouterr()
+    resumed = fit(cfg, checkpoint_dir=tmp_path / "c", resume=saved, progress=False)
+    a, b = safe_load(full), safe_load(resumed)
+    assert (a["epoch"], a["global_step"]) == (b["epoch"], b["global_step"])
+    for key in ("current_model_state", "state_dict"):  # raw and EMA weights
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    sa, sb = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    assert all(torch.equal(sa[k]["exp_avg_sq"], sb[k]["exp_avg_sq"]) for k in sa)
+    assert a["lr_schedulers"] == b["lr_schedulers"]
+    # the epoch the stop cut in two prints the same average as in the uninterrupted run
+    first = 2 if accumulate == 1 else 4
+    assert re.findall(r"\[Epoch \d/4\] Avg Loss: .*", capsys.readouterr().out) == averages[first - 1 :]
+
+
+def test_sigterm_in_a_gradient_accumulation_cycle_saves_nothing_and_names_the_last_checkpoint(tmp_path, monkeypatch):
+    # accumulate 3 over 4 batches: 2 optimizer steps per epoch, the second from the last batch alone; after
+    # the first batch of epoch 2 its gradient waits for two more batches and cannot be saved: the periodic
+    # checkpoint of epoch 1 is the newest
+    cfg = tiny(**{"train.epochs": 4, "train.accumulate_grad_batches": 3})
+    monkeypatch.setattr(MoEFsDiCLit, "on_train_batch_end", _sigterm_after(1, 0), raising=False)
+    with pytest.raises(TrainingInterrupted) as stop:
+        fit(cfg, checkpoint_dir=tmp_path, progress=False)
+    assert [p.name for p in tmp_path.glob("*.pth")] == ["checkpoint_epoch_1.pth"]
+    assert str(stop.value).startswith("training stopped by SIGTERM in epoch 2, after step 2: ")
+    assert f"continue with --resume {tmp_path / 'checkpoint_epoch_1.pth'}" in str(stop.value)
+
+
+def test_sigterm_and_ctrl_c_exit_with_the_signal_status_and_say_how_to_continue(tmp_path):
+    cfgfile = write_tiny(tmp_path / "tiny.yaml", **{"data.subset": 256, "train.epochs": 200, "train.ema": False})
+    for sig, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
+        ckdir = tmp_path / sig.name
+        p = subprocess.Popen([sys.executable, "train.py", "--config", str(cfgfile), "--device", "cpu", "--checkpoint-dir", str(ckdir),
+                              "--no-progress"], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # not ignored, even under a background shell
+        try:
+            deadline = time.time() + 180
+            while not checkpoints_in(ckdir) and time.time() < deadline and p.poll() is None:
+                time.sleep(0.05)
+            p.send_signal(sig)
+            _, err = p.communicate(timeout=120)
+        finally:
+            if p.poll() is None:
+                p.kill()
+        assert p.returncode == code, err[-2000:]
+        line = err.strip().splitlines()[-1]
+        assert line.startswith(f"interrupted: training stopped by {'SIGTERM' if code == 143 else 'Ctrl-C (SIGINT)'} "), err[-2000:]
+        newest = re.search(r"the newest checkpoint is '([^']+)'; continue with --resume (\S+)$", line)
+        assert newest and newest.group(1) == newest.group(2) and Path(newest.group(1)).is_file(), line
+        safe_load(newest.group(1))  # complete and loadable
 
 
 def test_sigkill_mid_training_leaves_loadable_checkpoints_and_resume_continues(tmp_path):

@@ -122,6 +122,29 @@ def test_resume_without_checkpoint_is_a_clear_error(dataset, tmp_path):
         harness.train(validate(config("SeisMoE", dataset)), weights_dir=tmp_path, resume=tmp_path / "x" / "last.ckpt", check_weights=False)
 
 
+def test_sigterm_exits_143_naming_last_ckpt_to_resume_from(dataset, tmp_path, monkeypatch):
+    """SIGTERM inside epoch 2 (Lightning alone would exit 0): `TrainingInterrupted` with exit status
+    143 naming last.ckpt, the end of epoch 1, as the checkpoint to continue from with --resume."""
+    import os
+    import signal
+
+    from moelab.errors import TrainingInterrupted
+    from moelab.seismic.lit import SeisBenchModuleLit
+
+    def stop(self, outputs, batch, batch_idx):
+        if (self.current_epoch, batch_idx) == (1, 0):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(SeisBenchModuleLit, "on_train_batch_end", stop, raising=False)
+    raw = config("SeisMoE", dataset, batch_size=8, training_fraction=0.3, max_epochs=3)  # several batches per epoch
+    with pytest.raises(TrainingInterrupted) as info:
+        harness.train(validate(raw), weights_dir=tmp_path, trainer_overrides={**QUIET, "limit_val_batches": 1}, check_weights=False)
+    last = tmp_path / "SeisMoE_synth" / "last.ckpt"
+    assert info.value.exit_code == 143 and safe_load(last)["epoch"] == 0
+    assert str(info.value).startswith("training stopped by SIGTERM in epoch 2, after step ")
+    assert str(info.value).endswith(f"the newest checkpoint is '{last}'; continue with --resume {last}")
+
+
 def test_atomic_checkpoint_io_is_the_trainer_plugin(tmp_path):
     io = AtomicCheckpointIO()
     io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "epoch": 0}, tmp_path / "x.ckpt")

@@ -40,3 +40,17 @@ def check_finite_loss(step: int, fix: str, where: str = "", **losses: float) -> 
         values = ", ".join(f"{k}={v}" for k, v in losses.items())
         at = f"at step {step} ({where}): {values}" if where else f"at step {step} ({values})"
         raise NonFiniteLossError(f"the loss became non-finite {at}; training stopped: {fix}")
+
+
+class TrainingInterrupted(Exception):
+    """Training was stopped by a signal (SIGTERM from a scheduler or ``kill``, Ctrl-C).
+
+    Not a `MoelabError`: nothing was wrong with the input. Its message names the newest checkpoint
+    and how to continue from it; ``exit_code`` is the shell's convention for the signal (143 for
+    SIGTERM, 130 for SIGINT), so a job script or scheduler never mistakes a stopped run for a
+    finished one (Lightning alone exits 0 after SIGTERM).
+    """
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -10,19 +10,26 @@ top-level CLI (which imports them).
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable
 
-from moelab.errors import MoelabError
+from moelab.errors import MoelabError, TrainingInterrupted
 
 
 def run_guarded(fn: Callable[[], int | None]) -> int:
-    """Run ``fn`` and turn user errors into one clear line on stderr and exit status 2."""
+    """Run ``fn`` and turn user errors into one clear line on stderr and exit status 2, and a stopped
+    training run (`TrainingInterrupted`) into one line naming its newest checkpoint, with the
+    signal's exit status."""
     try:
         return int(fn() or 0)
     except MoelabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:
+        if os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0":  # once per run, not per DDP rank
+            print(f"interrupted: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -73,7 +73,13 @@ class EpochSampler(Sampler[int]):
     def __init__(self, size: int, seed: int, shuffle: bool = True, reseed_global: bool = False) -> None:
         self.size, self.seed, self.shuffle, self.reseed_global, self.epoch = size, seed, shuffle, reseed_global, 0
         self.generator = torch.Generator()
+        self._resume: tuple[int, int] | None = None
         self.set_epoch(0)
+
+    def resume_at(self, epoch: int, done: int) -> None:
+        """Leave out the first ``done`` indices of this rank's order when ``epoch`` is next iterated
+        (once): a run stopped mid-epoch continues with the very samples it had not yet seen."""
+        self._resume = (epoch, done)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -93,7 +99,10 @@ class EpochSampler(Sampler[int]):
         total = len(self) * size
         if total > self.size:  # pad by wrapping so every rank gets the same number of samples
             order = np.concatenate([order, order[: total - self.size]])
-        return iter(order[rank::size].tolist())
+        mine = order[rank::size]
+        if self._resume is not None and self._resume[0] == self.epoch:
+            mine, self._resume = mine[self._resume[1] :], None
+        return iter(mine.tolist())
 
 
 def step_seed(seed: int, epoch: int, batch_idx: int, rank: int = 0) -> int:

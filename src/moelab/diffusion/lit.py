@@ -93,7 +93,7 @@ class MoEFsDiCLit(pl.LightningModule):
             where=f"epoch {self.current_epoch + 1}, batch {batch_idx}",
             **dict(zip(METRICS, host, strict=True)),
         )
-        self._sums = vals if self._sums is None else self._sums + vals
+        self._sums = vals if self._sums is None else self._sums.to(vals.device) + vals
         self._count += 1
         self.last_metrics = dict(zip(METRICS, host, strict=True))
         self.log_dict({f"train/{k}": v for k, v in zip(METRICS, vals, strict=True)}, on_step=True, on_epoch=False)
@@ -122,8 +122,16 @@ class MoEFsDiCLit(pl.LightningModule):
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         checkpoint["rng_state"] = rng
+        if self._sums is not None:
+            # The epoch's running loss sums (mean over DDP ranks: every rank saves, rank 0 writes), so
+            # that a run continued from a checkpoint written inside the epoch prints the whole
+            # epoch's average, as the uninterrupted run does.
+            sums = self.trainer.strategy.reduce(self._sums.clone(), reduce_op="mean")
+            checkpoint["epoch_sums"] = {"sums": sums.detach().cpu(), "count": self._count}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if sums := checkpoint.get("epoch_sums"):  # used when resuming inside an epoch; reset at an epoch's start
+            self._sums, self._count = sums["sums"], int(sums["count"])
         rng = checkpoint.get("rng_state")
         if not rng:
             return

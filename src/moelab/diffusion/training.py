@@ -1,11 +1,19 @@
 """`fit`: MoEFsDiC training through Lightning (devices/DDP, precision, accumulation, clipping,
 LR schedules, EMA, atomic checkpoints every N epochs, exact resume, CSV/TensorBoard logs,
-expert-usage monitoring)."""
+expert-usage monitoring).
+
+A run stopped by SIGTERM (a scheduler's preemption or time limit, ``kill``) loses no finished
+batch: Lightning finishes the batch in flight, `SaveOnSigterm` writes the state as
+``checkpoint_epoch_<E>_step_<S>.pth``, and ``--resume`` from it continues mid-epoch exactly as the
+uninterrupted run would have (the data loader, `EpochLoader`, is resumable: the epoch's order is a
+function of the seed and the epoch, and the batches already done are left out). Ctrl-C can land
+anywhere, an optimizer step included, so it saves nothing; both name the newest checkpoint
+(`moelab.interrupt.fit_or_report`)."""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -14,6 +22,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, Dataset
 
 from moelab.checkpoint import AtomicCheckpointIO
@@ -24,6 +33,7 @@ from moelab.diffusion.checkpoints import check_fits, model_weights, read_checkpo
 from moelab.diffusion.lit import MoEFsDiCLit
 from moelab.diffusion.progress import MoEProgressBar
 from moelab.errors import CheckpointError, ConfigError, NonFiniteLossError
+from moelab.interrupt import fit_or_report
 from moelab.moe.callbacks import ExpertUsageMonitor
 from moelab.seeding import EpochSampler
 from moelab.validation import at_least_one, check_output
@@ -69,24 +79,88 @@ def resolve_accelerator(device: str) -> str:
     raise ConfigError(f"unknown device '{device}'; use cpu, cuda or auto")
 
 
-def make_dataloader(dataset: Dataset, config: Mapping[str, Any]) -> DataLoader:
+class EpochLoader(DataLoader):
+    """The training DataLoader, resumable mid-epoch through Lightning's loader protocol
+    (``state_dict`` / ``load_state_dict``, restored when a run continues from a checkpoint written
+    inside an epoch).
+
+    Its state is the epoch and the batches the run has completed in it, read from ``progress``
+    (set by `fit`): not the loader's own count, which runs ahead of training by the batches
+    Lightning and the workers prefetch. Restoring it makes the `EpochSampler` leave those batches'
+    samples out of that epoch's order.
+    """
+
+    progress: Callable[[], int] | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        batches = self.progress() if self.progress is not None else 0
+        return {"epoch": self.sampler.epoch, "batches": batches, "batch_size": int(self.batch_size or 1)}  # type: ignore[attr-defined]
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        # samples, not batches: a run continued with another batch size still skips what was seen
+        self.sampler.resume_at(int(state["epoch"]), int(state["batches"]) * int(state.get("batch_size", self.batch_size or 1)))  # type: ignore[attr-defined]
+
+
+class SaveOnSigterm(pl.Callback):
+    """On SIGTERM, write the state after the last finished batch to ``dirpath`` (atomically, through
+    the trainer's checkpoint IO): ``checkpoint_epoch_<E>_step_<S>.pth`` inside epoch E, or
+    ``checkpoint_epoch_<E>.pth`` between epochs when the periodic checkpoint skipped epoch E.
+    Nothing is written in the middle of a gradient-accumulation cycle (its partial gradients are
+    not in a checkpoint), nor under DDP: Lightning's ranks learn of the signal at different batches
+    (the one that received it stops after its batch, the others at the next one's broadcast), and a
+    checkpoint write, itself collective, from that point could hang. The run then continues from the
+    previous checkpoint. ``saved``: the path written, or None.
+    """
+
+    def __init__(self, dirpath: Path, periodic: ModelCheckpoint) -> None:
+        self.dirpath, self.periodic, self.saved = Path(dirpath), periodic, None
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException) or trainer.global_step == 0 or trainer.world_size > 1:
+            return
+        epochs = trainer.fit_loop.epoch_progress.current
+        if epochs.processed == epochs.started:  # stopped between two epochs
+            if getattr(self.periodic, "_last_global_step_saved", -1) == trainer.global_step:
+                return  # the periodic checkpoint holds this very state
+            path = self.dirpath / f"checkpoint_epoch_{trainer.current_epoch}.pth"
+        else:
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+            if done % trainer.accumulate_grad_batches and done < trainer.num_training_batches:
+                return  # the last batch's gradient waits for the rest of its accumulation cycle
+            path = self.dirpath / f"checkpoint_epoch_{trainer.current_epoch + 1}_step_{trainer.global_step}.pth"
+        trainer.save_checkpoint(path, weights_only=False)
+        self.saved = path
+
+
+def make_dataloader(dataset: Dataset, config: Mapping[str, Any]) -> EpochLoader:
     tr = config["train"]
-    return DataLoader(
+    sampler = EpochSampler(len(dataset), tr["seed"])
+    return EpochLoader(
         dataset,
         batch_size=tr["batch_size"],
-        sampler=EpochSampler(len(dataset), tr["seed"]),  # type: ignore[arg-type]
+        sampler=sampler,  # type: ignore[arg-type]
+        # the iterator's base seed comes from the sampler's generator, not the global RNG: the router
+        # jitter's draws then do not depend on when an epoch's iterator was made (a run resumed
+        # inside an epoch makes it at another point of the global RNG stream than the original)
+        generator=sampler.generator,
         num_workers=tr["num_workers"],
         persistent_workers=tr["num_workers"] > 0,
         drop_last=False,
     )
 
 
-def _check_resume(resume: str | Path, lit: MoEFsDiCLit) -> None:
+def _check_resume(resume: str | Path, lit: MoEFsDiCLit) -> dict[str, int] | None:
+    """Check that ``resume`` is a full training checkpoint of this model; return the data loader's
+    state when it was written inside an epoch (`SaveOnSigterm`), else None."""
     ck = read_checkpoint(resume)
     for key in ("optimizer_states", "epoch", "global_step"):
         if key not in ck:
             raise CheckpointError(f"'{resume}' is a weights-only checkpoint (no {key}); --resume needs a full training checkpoint")
     check_fits(lit.model, model_weights(ck["state_dict"]), resume)
+    states = ck.get("loops", {}).get("fit_loop", {}).get("state_dict", {}).get("combined_loader") or [None]
+    epochs = ck.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+    inside = epochs.get("started", 0) > epochs.get("processed", 0)
+    return states[0] if inside and isinstance(states[0], dict) else None
 
 
 def fit(
@@ -135,8 +209,7 @@ def fit(
     pl.seed_everything(tr["seed"], workers=True, verbose=False)
     dataset = load_split(cfg, "train")
     lit = MoEFsDiCLit(cfg)
-    if resume is not None:
-        _check_resume(resume, lit)
+    loader_state = _check_resume(resume, lit) if resume is not None else None
 
     ckpt_dir = Path(checkpoint_dir)
     ckpt = EpochCheckpoint(
@@ -150,7 +223,8 @@ def fit(
         save_on_train_epoch_end=True,
         enable_version_counter=False,
     )
-    callbacks: list[pl.Callback] = [ckpt]
+    on_sigterm = SaveOnSigterm(ckpt_dir, ckpt)
+    callbacks: list[pl.Callback] = [ckpt, on_sigterm]
     if progress:
         callbacks.append(MoEProgressBar())
     if tr["ema"]:
@@ -185,8 +259,24 @@ def fit(
         num_sanity_val_steps=0,
         default_root_dir=ckpt_dir,
     )
+    loader = make_dataloader(dataset, cfg)
+    loader.progress = lambda: trainer.fit_loop.epoch_loop.batch_progress.current.completed
+    if loader_state is not None:
+        # Set here, not left to Lightning: its restore of loader states is skipped when the train
+        # loader was already set up, which the LR schedule's `estimated_stepping_batches` does first.
+        loader.load_state_dict(loader_state)
+
+    def newest() -> Path | None:
+        last = on_sigterm.saved or getattr(ckpt, "_last_checkpoint_saved", None) or resume
+        return Path(last) if last else None
+
     try:
-        trainer.fit(lit, train_dataloaders=make_dataloader(dataset, cfg), ckpt_path=str(resume) if resume is not None else None)
+        fit_or_report(
+            trainer,
+            lambda: trainer.fit(lit, train_dataloaders=loader, ckpt_path=str(resume) if resume is not None else None),
+            newest,
+            "--resume {path}",
+        )
     except NonFiniteLossError as e:
         saved = checkpoints_in(ckpt_dir)
         last = f"the last good checkpoint is '{saved[-1]}' (untouched)" if saved else "no checkpoint had been written yet"

@@ -166,6 +166,7 @@ def train(
     from lightning.pytorch.loggers import CSVLogger
 
     from moelab.checkpoint import AtomicCheckpointIO
+    from moelab.interrupt import fit_or_report
 
     check_accelerator(device)
     check_output("--weights_dir", weights_dir, folder=True)
@@ -219,7 +220,19 @@ def train(
         plugins=[AtomicCheckpointIO()],
         **trainer_args,
     )
-    trainer.fit(module, train_loader, dev_loader, ckpt_path=str(resume) if resume is not None else None)
+    # SIGTERM or Ctrl-C: one line naming the newest last.ckpt (the end of the latest finished epoch:
+    # a run stopped inside an epoch continues from its start, exactly) and the signal's exit status
+    def newest() -> Path | None:
+        path = getattr(last_ckpt, "_last_checkpoint_saved", None) or resume
+        return Path(path) if path else None
+
+    command = f"python benchmark/train.py {cfg.source} " if Path(cfg.source).is_file() else ""
+    fit_or_report(
+        trainer,
+        lambda: trainer.fit(module, train_loader, dev_loader, ckpt_path=str(resume) if resume is not None else None),
+        newest,
+        command + "--resume {path}",
+    )
     best = out / f"{BEST_NAME}.ckpt"
     if not best.exists():
         raise CheckpointError(f"training finished without writing '{best}' (no validation ran?); check limit_val_batches")
