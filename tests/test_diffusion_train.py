@@ -175,7 +175,8 @@ def test_sigterm_mid_epoch_saves_the_state_and_resume_continues_exactly(tmp_path
     assert stop.value.exit_code == 143 and saved.is_file()
     at = "in epoch 2" if accumulate == 1 else "at the end of epoch 3"
     assert f"training stopped by SIGTERM {at}, after step 6: " in str(stop.value)
-    assert f"the newest checkpoint is '{saved}'; continue with --resume {saved}" in str(stop.value)
+    assert str(stop.value).endswith(f"the newest checkpoint is '{saved}'; continue with moelab diffusion train --resume {saved} "
+                                    f"(or python train.py --resume {saved})")
     assert safe_load(saved)["global_step"] == 6  # the last finished batch is in it
     capsys.readouterr()
     resumed = fit(cfg, checkpoint_dir=tmp_path / "c", resume=saved, progress=False)
@@ -201,7 +202,7 @@ def test_sigterm_in_a_gradient_accumulation_cycle_saves_nothing_and_names_the_la
         fit(cfg, checkpoint_dir=tmp_path, progress=False)
     assert [p.name for p in tmp_path.glob("*.pth")] == ["checkpoint_epoch_1.pth"]
     assert str(stop.value).startswith("training stopped by SIGTERM in epoch 2, after step 2: ")
-    assert f"continue with --resume {tmp_path / 'checkpoint_epoch_1.pth'}" in str(stop.value)
+    assert f"continue with moelab diffusion train --resume {tmp_path / 'checkpoint_epoch_1.pth'} " in str(stop.value)
 
 
 def test_sigterm_and_ctrl_c_exit_with_the_signal_status_and_say_how_to_continue(tmp_path):
@@ -223,8 +224,8 @@ def test_sigterm_and_ctrl_c_exit_with_the_signal_status_and_say_how_to_continue(
         assert p.returncode == code, err[-2000:]
         line = err.strip().splitlines()[-1]
         assert line.startswith(f"interrupted: training stopped by {'SIGTERM' if code == 143 else 'Ctrl-C (SIGINT)'} "), err[-2000:]
-        newest = re.search(r"the newest checkpoint is '([^']+)'; continue with --resume (\S+)$", line)
-        assert newest and newest.group(1) == newest.group(2) and Path(newest.group(1)).is_file(), line
+        newest = re.search(r"the newest checkpoint is '([^']+)'; continue with moelab diffusion train --resume (\S+) \(or python train.py --resume (\S+)\)$", line)
+        assert newest and newest.group(1) == newest.group(2) == newest.group(3) and Path(newest.group(1)).is_file(), line
         safe_load(newest.group(1))  # complete and loadable
 
 

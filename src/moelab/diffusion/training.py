@@ -275,7 +275,8 @@ def fit(
             trainer,
             lambda: trainer.fit(lit, train_dataloaders=loader, ckpt_path=str(resume) if resume is not None else None),
             newest,
-            "--resume {path}",
+            # the training command, whichever command trained (the demo and compare have no --resume)
+            "moelab diffusion train --resume {path} (or python train.py --resume {path})",
         )
     except NonFiniteLossError as e:
         saved = checkpoints_in(ckpt_dir)
