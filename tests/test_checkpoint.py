@@ -1,5 +1,6 @@
 """Atomic checkpoint writes and weights_only loads (shared by both applications)."""
 
+import errno
 import os
 import pickle
 
@@ -34,14 +35,23 @@ def test_failed_save_keeps_previous_file(tmp_path, monkeypatch):
     atomic_save({"v": 1}, path)
 
     def boom(*a, **k):
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "fsync", boom)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match=r"could not write '.*ck\.pth' \(0\.0 MB\): No space left on device; its previous "
+                       r"version is untouched\. Free space or choose another folder"):
         atomic_save({"v": 2}, path)
+    with pytest.raises(CheckpointError, match=r"could not write '.*new\.pth' .*: No space left on device; nothing was written"):
+        atomic_save({"v": 2}, tmp_path / "new.pth")
     monkeypatch.undo()
     assert safe_load(path)["v"] == 1
     assert os.listdir(tmp_path) == ["ck.pth"]
+
+
+def test_save_into_an_unwritable_place_is_a_clear_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CheckpointError, match=r"could not write '.*file/sub/ck\.pth': Not a directory; choose a writable folder"):
+        atomic_save({"v": 1}, tmp_path / "file" / "sub" / "ck.pth")
 
 
 @pytest.mark.parametrize("writer", ["torch", "pickle"])

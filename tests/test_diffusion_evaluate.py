@@ -86,6 +86,19 @@ def test_classifier_is_cached_and_reused(cfg, tmp_path, monkeypatch):
     assert len(calls) == 2
     load_or_train_classifier(x[:90], y[:90], 10, cache_dir=tmp_path)  # other data -> other key
     assert len(calls) == 3
+    # a cache the disk refuses (full, read-only) costs a retraining next time, not the evaluation
+    import errno
+    import os
+
+    import moelab.checkpoint
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(moelab.checkpoint.os, "fsync", full)
+    with pytest.warns(UserWarning, match=r"the evaluation classifier was not cached \(could not write .*No space left on device"):
+        model = load_or_train_classifier(x[:80], y[:80], 10, cache_dir=tmp_path)
+    assert len(calls) == 4 and not model.training
 
 
 def test_classifier_training_is_deterministic(cfg):

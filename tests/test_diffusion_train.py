@@ -20,7 +20,7 @@ from moelab.diffusion.config import load_config
 from moelab.diffusion.checkpoints import load_model
 from moelab.diffusion.training import checkpoints_in, fit
 from moelab.diffusion.lit import MoEFsDiCLit
-from moelab.errors import NonFiniteLossError, TrainingInterrupted
+from moelab.errors import CheckpointError, NonFiniteLossError, TrainingInterrupted
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -203,6 +203,21 @@ def test_sigterm_in_a_gradient_accumulation_cycle_saves_nothing_and_names_the_la
     assert [p.name for p in tmp_path.glob("*.pth")] == ["checkpoint_epoch_1.pth"]
     assert str(stop.value).startswith("training stopped by SIGTERM in epoch 2, after step 2: ")
     assert f"continue with moelab diffusion train --resume {tmp_path / 'checkpoint_epoch_1.pth'} " in str(stop.value)
+
+
+def test_a_checkpoint_the_disk_refuses_stops_training_with_one_clear_error(tmp_path, monkeypatch):
+    import errno
+
+    import moelab.checkpoint
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(moelab.checkpoint.os, "fsync", full)
+    with pytest.raises(CheckpointError, match=r"could not write '.*checkpoint_epoch_1\.pth' \([\d.]+ MB\): No space left on device; "
+                       r"nothing was written"):
+        fit(tiny(), checkpoint_dir=tmp_path, progress=False)
+    assert list(tmp_path.glob("*.pth*")) == [] and not list(tmp_path.glob(".*.tmp"))
 
 
 def test_sigterm_and_ctrl_c_exit_with_the_signal_status_and_say_how_to_continue(tmp_path):

@@ -27,10 +27,17 @@ PathLike = str | os.PathLike
 
 
 def atomic_write_bytes(data: bytes, path: PathLike) -> None:
-    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, rename)."""
+    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, rename).
+
+    A write the system refuses (disk full, no permission, read-only file system) is a
+    `CheckpointError` naming the file and the cause, not a traceback from inside the trainer; the
+    temp file is removed and whatever ``path`` held before is left as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise CheckpointError(f"could not write '{path}': {e.strerror or e}; choose a writable folder") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -40,9 +47,15 @@ def atomic_write_bytes(data: bytes, path: PathLike) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            kept = "its previous version is untouched" if path.exists() else "nothing was written"
+            raise CheckpointError(
+                f"could not write '{path}' ({len(data) / 2**20:.1f} MB): {e.strerror or e}; {kept}. Free space or "
+                "choose another folder, then continue from the newest checkpoint"
+            ) from None
         raise
     try:  # make the rename itself durable
         dfd = os.open(path.parent, os.O_RDONLY)

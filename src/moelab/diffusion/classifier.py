@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -149,10 +150,14 @@ def load_or_train_classifier(
         except (CheckpointError, KeyError, RuntimeError):
             pass  # a stale or damaged cache entry is simply retrained and overwritten
     model = train_classifier(images, labels, num_classes, seed=seed)
-    atomic_save(
-        {"state_dict": model.state_dict(), "in_channels": images.shape[1], "num_classes": num_classes, "version": ARCH_VERSION},
-        path,
-    )
+    try:
+        atomic_save(
+            {"state_dict": model.state_dict(), "in_channels": images.shape[1], "num_classes": num_classes, "version": ARCH_VERSION},
+            path,
+        )
+    except CheckpointError as e:  # the classifier is trained and usable; only the cache is lost
+        warnings.warn(f"the evaluation classifier was not cached ({e}); it is retrained next time: set MOELAB_CACHE "
+                      "or --cache-dir to a writable folder", stacklevel=2)
     return model
 
 
