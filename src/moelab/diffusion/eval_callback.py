@@ -126,8 +126,9 @@ class SampleEvaluation(pl.Callback):
             if ema is not None:
                 ema.on_validation_epoch_end(trainer, pl_module)  # training weights back
         metrics = trainer.strategy.broadcast(metrics, src=0)
-        # the same numbers on every rank (broadcast): logging them needs no reduction
-        pl_module.log_dict({f"eval/{k}": float(v) for k, v in metrics.items()}, on_step=False, on_epoch=True, sync_dist=False)
+        # the same numbers on every rank (broadcast); sync_dist keeps them so (a mean of equal values)
+        # and spares DDP runs Lightning's warning that epoch-level logs want it
+        pl_module.log_dict({f"eval/{k}": float(v) for k, v in metrics.items()}, on_step=False, on_epoch=True, sync_dist=True)
 
     def _evaluate_on_rank_zero(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> dict[str, float]:
         from moelab.diffusion.evaluate import write_json

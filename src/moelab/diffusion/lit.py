@@ -107,7 +107,9 @@ class MoEFsDiCLit(pl.LightningModule):
             return
         avg = self.trainer.strategy.reduce(self._sums / self._count, reduce_op="mean")
         means = dict(zip(METRICS, avg.tolist(), strict=True))
-        self.log_dict({f"epoch/{k}": v for k, v in means.items()}, on_step=False, on_epoch=True, sync_dist=False)
+        # already the same on every rank; sync_dist keeps them so (a mean of equal values) and spares
+        # DDP runs Lightning's warning, three lines an epoch, that epoch-level logs want it
+        self.log_dict({f"epoch/{k}": v for k, v in means.items()}, on_step=False, on_epoch=True, sync_dist=True)
         if self.trainer.is_global_zero:  # tqdm.write: below the finished bar, or above a running one
             tqdm.write(
                 f"[Epoch {self.current_epoch + 1}/{self.trainer.max_epochs}] Avg Loss: {means['loss']:.4f}, "
