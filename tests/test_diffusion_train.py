@@ -192,6 +192,19 @@ def test_sigterm_mid_epoch_saves_the_state_and_resume_continues_exactly(tmp_path
     assert re.findall(r"\[Epoch \d/4\] Avg Loss: .*", capsys.readouterr().out) == averages[first - 1 :]
 
 
+def test_a_second_sigterm_supersedes_the_first_stop_under_keep_last(tmp_path, monkeypatch):
+    cfg = tiny(**{"train.epochs": 3, "train.keep_last": 2})
+    monkeypatch.setattr(MoEFsDiCLit, "on_train_batch_end", _sigterm_after(1, 0), raising=False)
+    with pytest.raises(TrainingInterrupted):
+        fit(cfg, checkpoint_dir=tmp_path, progress=False)
+    first = tmp_path / "checkpoint_epoch_2_step_5.pth"
+    assert first.is_file()
+    monkeypatch.setattr(MoEFsDiCLit, "on_train_batch_end", _sigterm_after(1, 2), raising=False)
+    with pytest.raises(TrainingInterrupted):
+        fit(cfg, checkpoint_dir=tmp_path, resume=first, progress=False)
+    assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["checkpoint_epoch_1.pth", "checkpoint_epoch_2_step_7.pth"]
+
+
 def test_sigterm_in_a_gradient_accumulation_cycle_saves_nothing_and_names_the_last_checkpoint(tmp_path, monkeypatch):
     # accumulate 3 over 4 batches: 2 optimizer steps per epoch, the second from the last batch alone; after
     # the first batch of epoch 2 its gradient waits for two more batches and cannot be saved: the periodic

@@ -39,6 +39,8 @@ from moelab.seeding import EpochSampler
 from moelab.validation import at_least_one, check_output
 
 CKPT_RE = re.compile(r"checkpoint_epoch_(\d+)\.pth$")
+#: A checkpoint `SaveOnSigterm` wrote inside an epoch (group 1: the global step).
+STOP_RE = re.compile(r"^checkpoint_epoch_\d+_step_(\d+)\.pth$")
 
 
 class EpochCheckpoint(ModelCheckpoint):
@@ -109,11 +111,12 @@ class SaveOnSigterm(pl.Callback):
     not in a checkpoint), nor under DDP: Lightning's ranks learn of the signal at different batches
     (the one that received it stops after its batch, the others at the next one's broadcast), and a
     checkpoint write, itself collective, from that point could hang. The run then continues from the
-    previous checkpoint. ``saved``: the path written, or None.
+    previous checkpoint. ``saved``: the path written, or None. With ``prune`` (``train.keep_last``
+    set), the files of earlier stops in ``dirpath``, which the new one supersedes, are removed.
     """
 
-    def __init__(self, dirpath: Path, periodic: ModelCheckpoint) -> None:
-        self.dirpath, self.periodic, self.saved = Path(dirpath), periodic, None
+    def __init__(self, dirpath: Path, periodic: ModelCheckpoint, prune: bool = False) -> None:
+        self.dirpath, self.periodic, self.prune, self.saved = Path(dirpath), periodic, prune, None
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException) or trainer.global_step == 0 or trainer.world_size > 1:
@@ -130,6 +133,10 @@ class SaveOnSigterm(pl.Callback):
             path = self.dirpath / f"checkpoint_epoch_{trainer.current_epoch + 1}_step_{trainer.global_step}.pth"
         trainer.save_checkpoint(path, weights_only=False)
         self.saved = path
+        if self.prune:
+            for old in self.dirpath.glob("checkpoint_epoch_*_step_*.pth"):
+                if (m := STOP_RE.search(old.name)) and int(m.group(1)) < trainer.global_step:
+                    old.unlink(missing_ok=True)
 
 
 def make_dataloader(dataset: Dataset, config: Mapping[str, Any]) -> EpochLoader:
@@ -223,7 +230,7 @@ def fit(
         save_on_train_epoch_end=True,
         enable_version_counter=False,
     )
-    on_sigterm = SaveOnSigterm(ckpt_dir, ckpt)
+    on_sigterm = SaveOnSigterm(ckpt_dir, ckpt, prune=tr["keep_last"] > 0)
     callbacks: list[pl.Callback] = [ckpt, on_sigterm]
     if progress:
         callbacks.append(MoEProgressBar())
