@@ -22,6 +22,13 @@ from moelab.errors import TrainingInterrupted
 SIGTERM_EXIT, SIGINT_EXIT = 143, 130
 
 
+def between_epochs(trainer: pl.Trainer) -> bool:
+    """Whether the trainer stopped after an epoch's last batch was processed and before the next
+    epoch's first (Lightning's epoch progress: every started epoch processed)."""
+    epochs = trainer.fit_loop.epoch_progress.current
+    return epochs.processed == epochs.started
+
+
 def fit_or_report(trainer: pl.Trainer, fit: Callable[[], object], newest: Callable[[], Path | None], resume_hint: str) -> None:
     """Run ``fit`` (a call of ``trainer.fit``); if a signal stops it, raise `TrainingInterrupted`.
 
@@ -48,8 +55,5 @@ def fit_or_report(trainer: pl.Trainer, fit: Callable[[], object], newest: Callab
         if path is not None
         else "no checkpoint had been written yet; run the same command again to start over"
     )
-    epochs = trainer.fit_loop.epoch_progress.current
-    at = (
-        f"at the end of epoch {trainer.current_epoch}" if epochs.processed == epochs.started else f"in epoch {trainer.current_epoch + 1}"
-    )
+    at = f"at the end of epoch {trainer.current_epoch}" if between_epochs(trainer) else f"in epoch {trainer.current_epoch + 1}"
     raise TrainingInterrupted(f"training stopped by {signal_name} {at}, after step {trainer.global_step}: {where}", code)

@@ -125,11 +125,10 @@ class MoEFsDiCLit(pl.LightningModule):
             rng["cuda"] = torch.cuda.get_rng_state_all()
         checkpoint["rng_state"] = rng
         if self._sums is not None:
-            # The epoch's running loss sums (mean over DDP ranks: every rank saves, rank 0 writes), so
-            # that a run continued from a checkpoint written inside the epoch prints the whole
-            # epoch's average, as the uninterrupted run does.
-            sums = self.trainer.strategy.reduce(self._sums.clone(), reduce_op="mean")
-            checkpoint["epoch_sums"] = {"sums": sums.detach().cpu(), "count": self._count}
+            # The epoch's running loss sums, so that a run continued from a checkpoint written inside
+            # the epoch prints the whole epoch's average, as the uninterrupted run does. Such
+            # checkpoints are single-process (`SaveOnSigterm` writes none under DDP): no reduction.
+            checkpoint["epoch_sums"] = {"sums": self._sums.detach().cpu(), "count": self._count}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if sums := checkpoint.get("epoch_sums"):  # used when resuming inside an epoch; reset at an epoch's start

@@ -33,7 +33,7 @@ from moelab.diffusion.checkpoints import check_fits, model_weights, read_checkpo
 from moelab.diffusion.lit import MoEFsDiCLit
 from moelab.diffusion.progress import MoEProgressBar
 from moelab.errors import CheckpointError, ConfigError, NonFiniteLossError
-from moelab.interrupt import fit_or_report
+from moelab.interrupt import between_epochs, fit_or_report
 from moelab.moe.callbacks import ExpertUsageMonitor
 from moelab.seeding import EpochSampler
 from moelab.validation import at_least_one, check_output
@@ -121,8 +121,7 @@ class SaveOnSigterm(pl.Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException) or trainer.global_step == 0 or trainer.world_size > 1:
             return
-        epochs = trainer.fit_loop.epoch_progress.current
-        if epochs.processed == epochs.started:  # stopped between two epochs
+        if between_epochs(trainer):
             if getattr(self.periodic, "_last_global_step_saved", -1) == trainer.global_step:
                 return  # the periodic checkpoint holds this very state
             path = self.dirpath / f"checkpoint_epoch_{trainer.current_epoch}.pth"
@@ -164,9 +163,10 @@ def _check_resume(resume: str | Path, lit: MoEFsDiCLit) -> dict[str, int] | None
         if key not in ck:
             raise CheckpointError(f"'{resume}' is a weights-only checkpoint (no {key}); --resume needs a full training checkpoint")
     check_fits(lit.model, model_weights(ck["state_dict"]), resume)
-    states = ck.get("loops", {}).get("fit_loop", {}).get("state_dict", {}).get("combined_loader") or [None]
-    epochs = ck.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
-    inside = epochs.get("started", 0) > epochs.get("processed", 0)
+    fit_loop = ck.get("loops", {}).get("fit_loop", {})
+    states = fit_loop.get("state_dict", {}).get("combined_loader") or [None]
+    epochs = fit_loop.get("epoch_progress", {}).get("current", {})
+    inside = epochs.get("started", 0) > epochs.get("processed", 0)  # `between_epochs`, on the saved progress
     return states[0] if inside and isinstance(states[0], dict) else None
 
 
