@@ -223,6 +223,35 @@ def test_cli_make_dataset_domain(tmp_path, capsys):
     assert (m["trace_npts"] == synth.DOMAINS["geofon_like"].n_samples).all() and (m["trace_sampling_rate_hz"] == 20.0).all()
 
 
+def test_mixture_draws_each_trace_from_one_preset_at_its_own_rate(tmp_path):
+    """``mixed_like``: every trace is one component preset's, stored at that preset's rate and
+    the same duration; loaded at 100 Hz (as the harness does) all traces and onsets line up."""
+    comps = synth.MIXTURES["mixed_like"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = synth.make_dataset(tmp_path / "mix", n_traces=24, seed=2, domain="mixed_like", n_samples=2000)
+    m = sbd.WaveformDataset(path).metadata
+    assert set(m["trace_domain"]) <= set(comps) and m["trace_domain"].nunique() >= 2
+    rate = m["trace_domain"].map(lambda d: synth.DOMAINS[d].sampling_rate)
+    assert (m["trace_sampling_rate_hz"] == rate).all()
+    assert (m["trace_npts"] == (20 * rate).astype(int)).all()  # 20 s each, whatever the rate
+    ev = m[m["trace_category"] != "noise"]
+    assert (ev["trace_category"] == ev["trace_domain"].map(lambda d: synth.DOMAINS[d].category)).all()
+    ds = open_dataset(resolve_data(str(path)), sampling_rate=100.0)
+    for i in range(len(ds)):
+        x, row = ds.get_sample(i)
+        raw = m.iloc[i]
+        assert x.shape == (3, 2000)
+        if np.isfinite(raw["trace_p_arrival_sample"]):
+            assert row["trace_p_arrival_sample"] == raw["trace_p_arrival_sample"] * 100.0 / raw["trace_sampling_rate_hz"]
+    # a mixture is not one preset; the choices name it
+    assert synth.domain_sampling_rate("mixed_like") == synth.DOMAINS[comps[0]].sampling_rate
+    with pytest.raises(ConfigError, match="mixture of the presets"):
+        synth.get_domain("mixed_like")
+    with pytest.raises(ConfigError, match="did you mean 'mixed_like'"):
+        synth.get_components("mixed_lik")
+
+
 def test_presets_spread_p_and_early_p_versions_keep_the_earlier_ones():
     for name in ("stead_like", "ethz_like", "geofon_like"):
         new, old = synth.DOMAINS[name], synth.DOMAINS[f"{name}_early_p"]

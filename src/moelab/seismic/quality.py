@@ -100,11 +100,10 @@ class QualitySettings:
     tag: str = ""
 
     def check(self) -> None:
-        from moelab.seismic.synth import DOMAINS
+        from moelab.seismic.synth import get_components
 
         for d in self.domains:
-            if d not in DOMAINS:
-                raise ConfigError(f"unknown domain '{d}'; choose from {', '.join(DOMAINS)}")
+            get_components(d)  # a preset or a mixture name, else one error naming the choices
         unknown = [v for v in self.variants if v not in VARIANTS]
         if unknown:
             raise ConfigError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
@@ -135,13 +134,13 @@ class QualitySettings:
 # --------------------------------------------------------------------------------- building blocks
 def make_domains(s: QualitySettings) -> dict[str, Path]:
     """Generate the three domain data sets under ``out/data/`` (kept when already there)."""
-    from moelab.seismic.synth import DOMAINS, make_dataset
+    from moelab.seismic.synth import domain_sampling_rate, make_dataset
 
     paths = {}
     for d in s.domains:
         path = s.out / "data" / d
         if not (path / "metadata.csv").exists():
-            n = int(round(s.trace_seconds * DOMAINS[d].sampling_rate))
+            n = int(round(s.trace_seconds * domain_sampling_rate(d)))
             make_dataset(path, n_traces=s.traces, seed=s.data_seed, n_samples=n, domain=d, overwrite=True)
         paths[d] = path
     return paths

@@ -215,17 +215,47 @@ DOMAINS.update(
 )
 
 
+#: Named mixtures of presets (``make_dataset(domain="mixed_like")``): every trace comes from one
+#: component preset, drawn uniformly, at that preset's own sampling rate. A heterogeneous data set
+#: -- local 100 Hz records beside regional 200 Hz ones with cultural noise, normal P beside P trains
+#: at 1/8-1x -- is what several networks pooled into one training set look like, and the regime in
+#: which a mixture of experts is expected to pay (experts specialising by source of data).
+MIXTURES: dict[str, tuple[str, ...]] = {
+    "mixed_like": ("stead_like", "ethz_like", "ethz_like_weak_p"),
+}
+
+
+def _unknown_domain(domain: object) -> ConfigError:
+    from moelab.validation import did_you_mean
+
+    names = [*DOMAINS, *MIXTURES]
+    return ConfigError(f"unknown domain '{domain}'{did_you_mean(str(domain), names)}; choose one of {', '.join(names)}")
+
+
 def get_domain(domain: str | Domain | None) -> Domain:
     """The preset named ``domain`` (``None``: ``stead_like``, the original generator)."""
     if isinstance(domain, Domain):
         return domain
     if domain is None:
         return DOMAINS["stead_like"]
+    if domain in MIXTURES:
+        raise ConfigError(f"'{domain}' is a mixture of the presets {', '.join(MIXTURES[domain])}, not one preset; use get_components")
     if domain not in DOMAINS:
-        from moelab.validation import did_you_mean
-
-        raise ConfigError(f"unknown domain '{domain}'{did_you_mean(str(domain), list(DOMAINS))}; choose one of {', '.join(DOMAINS)}")
+        raise _unknown_domain(domain)
     return DOMAINS[domain]
+
+
+def get_components(domain: str | Domain | None) -> tuple[Domain, ...]:
+    """The presets a data set named ``domain`` draws its traces from: one for a preset, several for
+    a `MIXTURES` name. The first one's sampling rate and length are the data set's reference."""
+    if isinstance(domain, str) and domain in MIXTURES:
+        return tuple(DOMAINS[d] for d in MIXTURES[domain])
+    return (get_domain(domain),)
+
+
+def domain_sampling_rate(domain: str | Domain | None) -> float:
+    """Sampling rate (Hz) of a preset, or of a mixture's first component (its reference rate)."""
+    return get_components(domain)[0].sampling_rate
 
 
 @dataclass(frozen=True)
@@ -583,22 +613,24 @@ def make_dataset(
         source_metadata: a STEAD-format metadata CSV the source parameters are drawn from;
             ``None`` uses the 100 real STEAD traces shipped with the package.
         overwrite: replace a data set already in ``out``.
-        domain: a `DOMAINS` preset name (``stead_like`` when ``None``, the original generator) or
-            a `Domain`.
+        domain: a `DOMAINS` preset name (``stead_like`` when ``None``, the original generator), a
+            `Domain`, or a `MIXTURES` name: each trace is then drawn from one of its presets, stored
+            at that preset's sampling rate with the same duration (``n_samples`` counts samples at
+            the first preset's rate); ``trace_domain`` names the preset.
 
     Returns the folder; load it with ``seisbench.data.WaveformDataset(out)``.
     """
     import seisbench.data as sbd
 
-    dom = get_domain(domain)
-    sr = dom.sampling_rate
-    n_samples = dom.n_samples if n_samples is None else n_samples
+    comps = get_components(domain)
+    ref_sr = comps[0].sampling_rate
+    n_samples = comps[0].n_samples if n_samples is None else n_samples
     out = Path(out)
     if n_traces < 3:
         raise ConfigError(f"n_traces must be >= 3 (one per split), got {n_traces}")
-    if n_samples < 10 * sr:
+    if n_samples < 10 * ref_sr:
         raise ConfigError(
-            f"n_samples must be >= {int(10 * sr)} (10 s at {sr:g} Hz, domain {dom.name}) to hold a P and S onset, got {n_samples}"
+            f"n_samples must be >= {int(10 * ref_sr)} (10 s at {ref_sr:g} Hz, domain {domain if isinstance(domain, str) else comps[0].name}) to hold a P and S onset, got {n_samples}"
         )
     if not 0.0 <= noise_fraction < 1.0:
         raise ConfigError(f"noise_fraction must be in [0, 1), got {noise_fraction}")
@@ -606,8 +638,6 @@ def make_dataset(
         raise DataError(f"'{out}' already holds a data set (metadata.csv); pick another --out or delete it")
     table, origin = load_source_table(source_metadata)
     log.info("source parameters from %s", origin)
-    n100 = int(np.ceil(n_samples * SAMPLING_RATE / sr))  # generated at 100 Hz, then resampled
-    to_rate = sr / SAMPLING_RATE
 
     rng = np.random.default_rng(seed)
     n_noise = int(round(noise_fraction * n_traces))
@@ -619,6 +649,9 @@ def make_dataset(
     order = rng.permutation(n_traces)
     split[order[n_tr : n_tr + n_dev]] = "dev"
     split[order[n_tr + n_dev :]] = "test"
+    # which preset each trace comes from; drawn only for mixtures, so that a preset's data set is
+    # the same as before mixtures existed
+    which = rng.integers(len(comps), size=n_traces) if len(comps) > 1 else np.zeros(n_traces, dtype=int)
 
     out.mkdir(parents=True, exist_ok=True)
     for f in ("metadata.csv", "waveforms.hdf5"):
@@ -630,14 +663,20 @@ def make_dataset(
             "measurement": "velocity",
             "unit": "normalised counts",
             "instrument_response": "not restituted",
-            "sampling_rate": sr,
         }
+        if len(comps) == 1:  # one rate for every trace; a mixture's rates are per trace (metadata)
+            writer.data_format["sampling_rate"] = ref_sr
         for i in range(n_traces):
+            dom = comps[which[i]]
+            sr = dom.sampling_rate
+            n = n_samples if sr == ref_sr else int(round(n_samples * sr / ref_sr))
+            n100 = int(np.ceil(n * SAMPLING_RATE / sr))  # generated at 100 Hz, then resampled
+            to_rate = sr / SAMPLING_RATE
             if kinds[i]:
                 x, meta = make_event_trace(n100, sample_source(table, rng, dom), rng, dom)
             else:
                 x, meta = make_noise_trace(n100, rng, dom)
-            x = _resample(x, sr, n_samples)
+            x = _resample(x, sr, n)
             for key in ("trace_p_arrival_sample", "trace_s_arrival_sample"):
                 if np.isfinite(meta[key]):
                     meta[key] = int(round(meta[key] * to_rate))
@@ -646,7 +685,7 @@ def make_dataset(
                     "trace_name": f"synth_{i:06d}",
                     "split": split[i],
                     "trace_sampling_rate_hz": sr,
-                    "trace_npts": n_samples,
+                    "trace_npts": n,
                     "trace_component_order": "ZNE",
                     "station_network_code": "SY",
                     "station_code": f"S{i % 97:02d}",
