@@ -13,7 +13,7 @@ from PIL import Image
 from torch import nn
 
 from moelab.cli import main
-from moelab.diffusion.analysis import _mutual_information, format_load_table, routing_analysis, write_routing_report
+from moelab.diffusion.analysis import format_load_table, routing_analysis, write_routing_report
 from moelab.diffusion.config import load_config
 from moelab.diffusion.models import build_model
 from moelab.errors import ConfigError
@@ -79,11 +79,6 @@ def test_without_null_pass(cfg):
     rep = routing_analysis(model, cfg, torch.randn(10, 1, 8, 8), torch.arange(10), buckets=2, include_null=False)
     blk = next(iter(rep["blocks"].values()))
     assert len(blk["by_class"]) == 10 and sum(map(sum, blk["by_timestep"])) == 10 * 2 * 2
-
-
-def test_mutual_information_extremes():
-    assert _mutual_information(torch.eye(4) * 5) == pytest.approx(1.0)
-    assert _mutual_information(torch.ones(3, 4)) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_dense_models_are_refused(cfg):

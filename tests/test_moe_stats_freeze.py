@@ -1,5 +1,6 @@
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -15,6 +16,7 @@ from moelab.moe import (
     router_logits,
     trainable_report,
 )
+from moelab.moe.stats import routing_mutual_information
 
 
 def test_usage_counts_exact_and_accumulate_until_reset():
@@ -148,3 +150,8 @@ def test_core_imports_without_lightning():
     code = "import sys, moelab.moe; bad = [m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')]; assert not bad, bad"
     r = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, "PYTHONPATH": src}, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_mutual_information_extremes():
+    assert routing_mutual_information(torch.eye(4) * 5) == pytest.approx(1.0)
+    assert routing_mutual_information(torch.ones(3, 4)) == pytest.approx(0.0, abs=1e-12)

@@ -12,6 +12,7 @@ pytest.importorskip("seisbench")
 import seisbench.data as sbd  # noqa: E402
 from sklearn.metrics import f1_score, matthews_corrcoef, roc_auc_score  # noqa: E402
 
+from moelab.errors import DataError  # noqa: E402
 from moelab.seismic import synth  # noqa: E402
 from moelab.seismic.evaluate import (  # noqa: E402
     evaluate_module,
@@ -159,6 +160,31 @@ def test_evaluate_module_runs_predict_step_on_target_windows(data, tmp_path):
     assert ((dev23["score_p"] >= 0) & (dev23["score_p"] <= 1) & (dev23["score_s"] >= 0) & (dev23["score_s"] <= 1)).all()
     np.testing.assert_allclose(dev23["score_p"] / dev23["score_s"], dev23["score_p_or_s"], rtol=1e-5)
     assert 0.01 <= stats["P_threshold"] <= 0.99 and 0.01 <= stats["S_threshold"] <= 0.99
+
+
+def test_metrics_by_group_split_the_pooled_test_metrics_at_the_pooled_thresholds(data, tmp_path):
+    """One group holding every trace gives the pooled test metrics exactly; two groups give MAEs
+    whose count-weighted mean is the pooled MAE, and detection counts that add up."""
+    from moelab.seismic.evaluate import metrics_by_group
+    from moelab.seismic.lit import EQTransformerLit
+
+    ds, folder = data
+    stats = evaluate_module(EQTransformerLit(in_samples=2001), ds, load_targets(folder), pred_dir=tmp_path)
+    names = ds.metadata["trace_name"]
+    pooled = metrics_by_group(tmp_path, dict.fromkeys(names, "all"))["all"]
+    # (to 1e-12, not bit for bit: the predictions went through CSV, which pandas < 2 writes with 16 digits)
+    assert pooled == pytest.approx({k: v for k, v in stats.items() if k.startswith("test_")}, rel=1e-12, abs=1e-12, nan_ok=True)
+    halves = metrics_by_group(tmp_path, {n: ("even" if i % 2 == 0 else "odd") for i, n in enumerate(names)})
+    assert set(halves) == {"even", "odd"}
+    for phase in ("P", "S"):
+        n = [halves[g][f"test_{phase}_n"] for g in ("even", "odd")]
+        mae = [halves[g][f"test_{phase}_mae_s"] for g in ("even", "odd")]
+        assert sum(n) == stats[f"test_{phase}_n"]
+        assert (n[0] * mae[0] + n[1] * mae[1]) / sum(n) == pytest.approx(stats[f"test_{phase}_mae_s"], rel=1e-12)
+    with pytest.raises(DataError, match="without a group"):
+        metrics_by_group(tmp_path, {})
+    with pytest.raises(DataError, match="evaluate the model first"):
+        metrics_by_group(tmp_path / "nowhere", {})
 
 
 def test_targets_command_writes_and_refuses_to_overwrite(data, tmp_path, capsys):

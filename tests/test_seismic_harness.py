@@ -97,6 +97,26 @@ def test_evaluation_applies_dev_tuned_thresholds_to_test(trained, model):
     assert results["det_threshold"].iloc[0] == pytest.approx(stats["det_threshold"], rel=1e-12)
 
 
+def test_routing_command_tallies_the_trained_model_by_metadata_group(trained, tmp_path, capsys):
+    """`moelab seismic routing` on the trained SeisMoE: a table per MoE layer over the groups of the
+    column, the same report as JSON; an EQTransformer checkpoint is one clear error."""
+    from moelab.cli import main
+
+    _, best, _ = trained["SeisMoE"]
+    cfg = best.parent / "config.json"
+    argv = ["seismic", "routing", "--model_path", str(best), "--config", str(cfg), "--by", "trace_category", "--task", "task1"]
+    assert main([*argv, "--json", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert set(report) == {"transformer_d0.ff", "transformer_d.ff"} and "normalised mutual information" in out
+    for r in report.values():
+        assert r["groups"] == ["earthquake_local", "noise"] and min(r["assignments"]) > 0
+        assert all(abs(sum(row) - 1) < 1e-3 for row in r["shares"])
+    _, eqt, _ = trained["EQTransformer"]
+    assert main(["seismic", "routing", "--model_path", str(eqt), "--config", str(eqt.parent / "config.json")]) == 2
+    assert "no MoE layers" in capsys.readouterr().err
+
+
 def test_exact_resume_seismoe(dataset, tmp_path):
     """Two epochs in one go == one epoch, stop, resume for the second (<= 1e-6)."""
     raw = config("SeisMoE", dataset, max_epochs=2, batch_size=8, training_fraction=0.1)

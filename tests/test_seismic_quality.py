@@ -86,6 +86,28 @@ def test_upcycled_variants_start_from_the_base_weights(done):
     assert raw["model_args"]["detection_fixed_window"] == 2000  # P-only picks, as pick-benchmark trains GEOFON
 
 
+def test_breakdown_by_metadata_column_of_a_finished_run(done):
+    """`moelab.seismic.breakdown` on the finished run: per group of test traces, both models' figures
+    at the pooled dev thresholds (the group holding every event gives the pooled P and S MAE), and
+    the SeisMoE's routing by group; written to OUT/by_<column>.md."""
+    from moelab.seismic.breakdown import breakdown
+
+    s, _, _ = done
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        text = breakdown(s.out, "", by="trace_category", echo=lambda _: None)
+    assert (s.out / "by_trace_category.md").read_text() == text
+    doc = json.loads((s.out / "results.json").read_text())
+    b = s.domains[1]
+    event = "earthquake_regional"  # ethz_like's category; the rest of its traces are noise
+    for v in ("eqt_ft", s.headline):
+        pooled = doc["results"][v][b][0]
+        row = next(line for line in text.splitlines() if line.startswith(f"| {event} (") and f"| {v} |" in line)
+        assert f"{pooled['test_P_mae_s']:.3f} ± 0.000" in row and f"{pooled['test_S_mae_s']:.3f} ± 0.000" in row
+    assert "| noise (0 P windows) |" in text
+    assert "Routing of moe_frozen by trace_category" in text and "| 0 |" in text and "transformer_d.ff MI" in text
+
+
 def test_summary_line_compares_means_over_seeds():
     def r(mcc, p, s_, auc):
         return {"test_phase_mcc": mcc, "test_P_mae_s": p, "test_S_mae_s": s_, "test_det_auc": auc, "test_S_n": 5}

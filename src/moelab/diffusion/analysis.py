@@ -21,16 +21,7 @@ from torch import Tensor, nn
 
 from moelab.errors import ConfigError
 from moelab.moe import ExpertUsage, MoELayer, moe_usage, reset_moe_stats
-
-
-def _mutual_information(counts: Tensor) -> float:
-    """I(row; expert) / H(expert) from a [rows, experts] count table (0 when undefined)."""
-    p = counts.double() / counts.sum().clamp_min(1)
-    pr, pe = p.sum(1, keepdim=True), p.sum(0, keepdim=True)
-    nz = p > 0
-    mi = float((p[nz] * (p[nz] / (pr @ pe)[nz]).log()).sum())
-    he = float(-(pe[pe > 0] * pe[pe > 0].log()).sum())
-    return mi / he if he > 0 else 0.0
+from moelab.moe.stats import routing_mutual_information
 
 
 @torch.no_grad()
@@ -96,8 +87,8 @@ def routing_analysis(
             "by_class": cls_counts.tolist(),
             "by_timestep": t_counts.tolist(),
             "load": usage[name],
-            "class_mi": _mutual_information(cls_counts[:num_classes]),
-            "timestep_mi": _mutual_information(t_counts),
+            "class_mi": routing_mutual_information(cls_counts[:num_classes]),
+            "timestep_mi": routing_mutual_information(t_counts),
         }
     class_names = [str(c) for c in range(num_classes)] + (["null"] if include_null else [])
     return {"blocks": blocks, "classes": class_names, "buckets": [[edges[i], edges[i + 1]] for i in range(buckets)]}

@@ -104,3 +104,15 @@ def usage_summary(counts: Tensor) -> dict[str, float | list[int]]:
         "min_share": float(f.min()) if total else 0.0,
         "entropy": _entropy(counts) if total else 0.0,
     }
+
+
+def routing_mutual_information(counts: Tensor) -> float:
+    """How much knowing a row tells about the expert chosen: I(row; expert) / H(expert) from a
+    ``[rows, experts]`` table of routing counts (rows: classes, timestep buckets, data sources).
+    0 = the routing ignores the row, 1 = the row determines the expert; 0 when undefined."""
+    p = counts.double() / counts.sum().clamp_min(1)
+    pr, pe = p.sum(1, keepdim=True), p.sum(0, keepdim=True)
+    nz = p > 0
+    mi = float((p[nz] * (p[nz] / (pr @ pe)[nz]).log()).sum())
+    he = float(-(pe[pe > 0] * pe[pe > 0].log()).sum())
+    return mi / he if he > 0 else 0.0

@@ -1,4 +1,4 @@
-"""`moelab seismic <train|eval|targets|make-dataset|pick|export>` and the argument parsers that
+"""`moelab seismic <train|eval|targets|make-dataset|pick|export|routing|quality>` and the argument parsers that
 benchmark/train.py, benchmark/eval.py and benchmark/generate_eval_targets.py share with them."""
 
 from __future__ import annotations
@@ -245,6 +245,42 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------- routing
+def add_routing_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--model_path", required=True, help="SeisMoE checkpoint, e.g. weights/SeisMoE_STEAD/model.ckpt")
+    p.add_argument("--config", required=True, help="the config the model was trained with (its data set is read)")
+    p.add_argument("--by", default="trace_domain", help="metadata column to group the traces by (default trace_domain: the presets of a generated mixture; e.g. station_network_code, trace_category)")
+    p.add_argument("--split", default="test", choices=("train", "dev", "test"))
+    p.add_argument("--task", default="task23", choices=("task23", "task1"), help="evaluation windows to route: task23 (10 s around one P or S onset, default) or task1 (30 s, earthquakes and noise)")
+    p.add_argument("--targets", help="folder with task1.csv/task23.csv (default: as benchmark/eval.py)")
+    p.add_argument("--batch_size", type=int)
+    p.add_argument("--data_root")
+    p.add_argument("--device", help="cpu or gpu/cuda")
+    p.add_argument("--json", dest="json_out", metavar="FILE", help="also write the report as JSON")
+    return p
+
+
+def run_routing(args: argparse.Namespace) -> int:
+    from moelab.seismic.config import load_config
+    from moelab.seismic.routing import format_routing_report, routing
+
+    if args.json_out:
+        check_output("--json", args.json_out)
+    report = routing(
+        load_config(args.config), args.model_path, by=args.by, split=args.split, task=args.task,
+        data_root=args.data_root, targets=args.targets, batch_size=args.batch_size, device=args.device,
+    )
+    print(format_routing_report(report, args.by))
+    if args.json_out:
+        from pathlib import Path
+
+        from moelab.checkpoint import atomic_write_bytes
+
+        atomic_write_bytes(json.dumps(report, indent=1).encode(), Path(args.json_out))
+        print(f"report: {args.json_out}")
+    return 0
+
+
 # --------------------------------------------------------------------------------------- quality
 def _add_quality_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from moelab.seismic.quality import add_args
@@ -268,6 +304,7 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
         ("make-dataset", add_make_dataset_args, run_make_dataset, "generate a SeisBench data set from real recordings + TauP onsets"),
         ("pick", add_pick_args, run_pick, "pick continuous records (QuakeML/CSV) with a trained model (default: ObsPy's AR-picker test event)"),
         ("export", add_export_args, run_export, "save a checkpoint as SeisBench weights (json + pt) with the thresholds tuned on dev"),
+        ("routing", add_routing_args, run_routing, "which experts a SeisMoE checkpoint routes each group of traces to (by a metadata column)"),
         ("quality", _add_quality_args, _run_quality, "upcycle-and-fine-tune benchmark: SeisMoE vs EQTransformer over seeds and domains (= bench/seismoe_quality.py)"),
     ):
         p = add(sub.add_parser(name, help=help_))

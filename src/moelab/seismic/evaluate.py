@@ -21,6 +21,7 @@ split it belongs to) with a fixed seed so that every model is scored on the same
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -356,6 +357,35 @@ def evaluate_module(
         stats.update(task23_metrics(preds["task23"].get(dev_name, empty), preds["task23"].get(test_name, empty)))
         stats.update(pick_thresholds(preds["task23"].get(dev_name, empty), preds.get("task1", {}).get(dev_name, empty)))
     return stats
+
+
+def metrics_by_group(pred_dir: str | Path, groups: Mapping[str, str], dev: str = "dev", test: str = "test") -> dict[str, dict[str, float]]:
+    """Test metrics of each group of traces, at the thresholds tuned on the whole dev split.
+
+    ``pred_dir`` holds the per-window predictions `evaluate_module` wrote (``<split>_task1.csv``,
+    ``<split>_task23.csv``); ``groups`` maps ``trace_name`` to a group (e.g. the preset of a generated
+    mixture, `moelab.seismic.routing.trace_groups`). A model trained on pooled data is scored on each
+    kind of trace with the thresholds it would be deployed with -- those of the pooled dev split --
+    so per-group figures add up to the pooled ones instead of each group tuning its own.
+    """
+    pred_dir = Path(pred_dir)
+    frames = {}
+    for split in (dev, test):
+        for task in ("task1", "task23"):
+            path = pred_dir / f"{split}_{task}.csv"
+            if not path.is_file():
+                raise DataError(f"'{path}' is missing: evaluate the model first (benchmark/eval.py writes its predictions there)")
+            frames[split, task] = pd.read_csv(path)
+    names = pd.concat([frames[test, "task1"]["trace_name"], frames[test, "task23"]["trace_name"]])
+    missing = sorted(set(names) - set(groups))
+    if missing:
+        raise DataError(f"{len(missing)} predicted windows name traces without a group (e.g. '{missing[0]}'): the predictions are of another data set")
+    out: dict[str, dict[str, float]] = {}
+    for g in sorted(set(names.map(groups))):
+        t1, t23 = (frames[test, task][frames[test, task]["trace_name"].map(groups) == g] for task in ("task1", "task23"))
+        stats = {**task1_metrics(frames[dev, "task1"], t1), **task23_metrics(frames[dev, "task23"], t23)}
+        out[g] = {k: v for k, v in stats.items() if k.startswith("test_")}
+    return out
 
 
 def pick_thresholds(dev23: pd.DataFrame, dev1: pd.DataFrame | None = None) -> dict[str, float]:

@@ -153,11 +153,17 @@ def _config(s: QualitySettings, name: str, model: str, data: Path, seed: int, ep
     return {"model": model, "data": str(data), "name": name, "model_args": margs, "batch_size": s.batch_size, "max_epochs": epochs, "seed": seed}
 
 
+def run_name(variant: str, tag: str, seed: int) -> str:
+    """Folder name (under ``out/weights``) of one variant's run: the dense variants are shared by
+    every ``--tag`` of a folder, the SeisMoE ones carry it."""
+    return f"{variant}_s{seed}" if variant in DENSE_VARIANTS else f"{variant}{tag}_s{seed}"
+
+
 def variant_config(s: QualitySettings, variant: str, base_ckpt: Path, data: Path, seed: int) -> dict[str, Any]:
     """Harness config of one domain-B variant (what benchmark/train.py would be given)."""
     base = str(base_ckpt)
     moe = dict(s.moe_args)
-    name = f"{variant}_s{seed}" if variant in DENSE_VARIANTS else f"{variant}{s.tag}_s{seed}"
+    name = run_name(variant, s.tag, seed)
     if variant == "eqt_ft":
         return _config(s, name, "EQTransformer", data, seed, s.ft_epochs, {"base_model": base, "lr": s.ft_lr})
     if variant == "eqt_ffn":
