@@ -19,10 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from moelab.errors import ConfigError
-from moelab.paired import interval_cell, mean_std
+from moelab.paired import interval_cell
 from moelab.validation import read_json_record
 
 FIX = "give the --out and --tag of a finished `moelab seismic quality` run (its results<TAG>.json)"
@@ -47,13 +45,6 @@ def run_folders(out: Path, doc: dict[str, Any], variant: str) -> dict[int, Path]
     return dict(sorted(folders.items()))
 
 
-def _cell(values: list[float], signed: bool = False) -> str:
-    m, sd = mean_std(values)
-    if np.isnan(m):
-        return "n/a"
-    return f"{m:+.3f} ± {sd:.3f}" if signed else f"{m:.3f} ± {sd:.3f}"
-
-
 def breakdown(out: str | Path, tag: str = "", by: str = "trace_domain", routing: bool = True, echo: Callable[[str], None] = print) -> str:
     """Markdown tables of a quality run by ``by`` (see the module docstring); writes them to
     ``out/by_<by><tag>.md`` and returns them."""
@@ -61,7 +52,7 @@ def breakdown(out: str | Path, tag: str = "", by: str = "trace_domain", routing:
 
     from moelab.checkpoint import atomic_write_bytes
     from moelab.seismic.evaluate import metrics_by_group
-    from moelab.seismic.quality import LOWER_IS_BETTER, METRICS
+    from moelab.seismic.quality import LOWER_IS_BETTER, METRICS, metric_of, spread_cell
     from moelab.seismic.routing import trace_groups
 
     out = Path(out)
@@ -78,10 +69,7 @@ def breakdown(out: str | Path, tag: str = "", by: str = "trace_domain", routing:
     names = sorted(per["eqt_ft"][seeds[0]])
 
     def get(v: str, seed: int, g: str, m: str) -> float:
-        stats = per[v][seed].get(g, {})
-        if m.startswith("phase_") and not stats.get("test_S_n"):
-            return float("nan")
-        return float(stats.get(f"test_{m}", float("nan")))
+        return metric_of(per[v][seed].get(g, {}), m)
 
     head = "| group | model | " + " | ".join(f"test {m}" for m in METRICS) + " |\n|---|---|" + "---|" * len(METRICS) + "\n"
     lines = [
@@ -92,9 +80,9 @@ def breakdown(out: str | Path, tag: str = "", by: str = "trace_domain", routing:
     for g in names:
         n = int(per["eqt_ft"][seeds[0]][g].get("test_P_n", 0))  # the same windows for every model and seed
         for v in ("eqt_ft", headline):
-            lines.append(f"| {g} ({n} P windows) | {v} | " + " | ".join(_cell([get(v, seed, g, m) for seed in seeds]) for m in METRICS) + " |\n")
+            lines.append(f"| {g} ({n} P windows) | {v} | " + " | ".join(spread_cell([get(v, seed, g, m) for seed in seeds]) for m in METRICS) + " |\n")
         diffs = {m: [get(headline, seed, g, m) - get("eqt_ft", seed, g, m) for seed in seeds] for m in METRICS}
-        lines.append(f"| {g} | paired | " + " | ".join(_cell(diffs[m], signed=True) for m in METRICS) + " |\n")
+        lines.append(f"| {g} | paired | " + " | ".join(spread_cell(diffs[m], signed=True) for m in METRICS) + " |\n")
         lines.append(f"| {g} | 95% interval | " + " | ".join(interval_cell(diffs[m], m in LOWER_IS_BETTER) for m in METRICS) + " |\n")
     if routing:
         lines.append(f"\nRouting of {headline} by {by} over the {b} test windows of tasks 2/3 (normalised mutual information "
@@ -111,6 +99,7 @@ def _routing_section(folders: dict[int, Path], seeds: list[int], data: Path, gro
     from moelab.seismic.data import open_dataset, resolve_data
     from moelab.seismic.evaluate import load_targets
     from moelab.seismic.harness import BEST_NAME, load_for_eval
+    from moelab.seismic.quality import spread_cell
     from moelab.seismic.routing import format_routing_report, routing_report, usage_by_group
 
     ds = open_dataset(resolve_data(str(data)), sampling_rate=100.0)
@@ -130,5 +119,5 @@ def _routing_section(folders: dict[int, Path], seeds: list[int], data: Path, gro
     layers = list(report)
     rows = "| seed | " + " | ".join(f"{layer} MI" for layer in layers) + " |\n|---|" + "---|" * len(layers) + "\n"
     rows += "".join(f"| {seed} | " + " | ".join(f"{x:.3f}" for x in mi) + " |\n" for seed, mi in zip(seeds, mis, strict=True))
-    rows += "| mean ± std | " + " | ".join(_cell([mi[i] for mi in mis]) for i in range(len(layers))) + " |\n\n"
+    rows += "| mean ± std | " + " | ".join(spread_cell([mi[i] for mi in mis]) for i in range(len(layers))) + " |\n\n"
     return rows + first

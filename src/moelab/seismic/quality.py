@@ -187,14 +187,15 @@ def evaluate_on(raw: dict[str, Any], ckpt: Path, data: Path, out: Path, in_sampl
     return stats
 
 
-def _get(stats: dict[str, float], metric: str) -> float:
+def metric_of(stats: dict[str, float], metric: str) -> float:
     """A test metric, NaN when the task has no windows (no S picks on a P-only domain: no phase MCC)."""
     if metric.startswith("phase_") and not stats.get("test_S_n"):
         return float("nan")
     return float(stats.get(f"test_{metric}", float("nan")))
 
 
-def _cell(values: list[float], signed: bool = False) -> str:
+def spread_cell(values: list[float], signed: bool = False) -> str:
+    """``mean ± std`` of ``values`` to three decimals (the mean alone for one value; n/a for none)."""
     m, sd = mean_std(values)
     if math.isnan(m):
         return "n/a"
@@ -206,7 +207,7 @@ def summary_line(results: dict[str, dict[str, list[dict[str, float]]]], headline
     """The last line: headline SeisMoE vs fine-tuned EQTransformer, means over seeds, in-domain test."""
 
     def mean(variant: str, metric: str) -> float:
-        return mean_std([_get(r, metric) for r in results[variant][domain]])[0]
+        return mean_std([metric_of(r, metric) for r in results[variant][domain]])[0]
 
     mcc = mean(headline, "phase_mcc") - mean("eqt_ft", "phase_mcc")
     p = mean(headline, "P_mae_s") / mean("eqt_ft", "P_mae_s")
@@ -222,7 +223,7 @@ def paired_differences(
     same seed and, for the fine-tuned variants, from the same base). Their spread holds the seed noise
     of both models: what a difference has to exceed to be more than noise."""
     pairs = zip(results[variant][domain], results[reference][domain], strict=True)
-    return [_get(r, metric) - _get(e, metric) for r, e in pairs]
+    return [metric_of(r, metric) - metric_of(e, metric) for r, e in pairs]
 
 
 #: Metrics where a lower value is better (the rest: higher is better).
@@ -235,16 +236,16 @@ def format_tables(s: QualitySettings, results: dict[str, dict[str, list[dict[str
     a, b, c = s.domains
     head = "| model | " + " | ".join(f"test {m}" for m in METRICS) + " |\n|---|" + "---|" * len(METRICS) + "\n"
     lines = [f"In-domain: trained on {b}, tested on {b} (mean ± std over seeds {list(s.seeds)}; thresholds from {b} dev)\n", head]
-    lines.append(f"| base EQTransformer ({a} only, not fine-tuned) | " + " | ".join(_cell([_get(base[b], m)]) for m in METRICS) + " |\n")
+    lines.append(f"| base EQTransformer ({a} only, not fine-tuned) | " + " | ".join(spread_cell([metric_of(base[b], m)]) for m in METRICS) + " |\n")
     for v in s.variants:
-        lines.append(f"| {v} | " + " | ".join(_cell([_get(r, m) for r in results[v][b]]) for m in METRICS) + " |\n")
+        lines.append(f"| {v} | " + " | ".join(spread_cell([metric_of(r, m) for r in results[v][b]]) for m in METRICS) + " |\n")
     moe = [v for v in s.variants if v != "eqt_ft"]
     if moe:
         # The spread of the per-seed difference is the spread of the comparison itself.
         lines.append(f"\nIn-domain, paired by seed: variant minus eqt_ft on the same seed (mean ± std of the {len(s.seeds)} differences)\n\n")
         lines.append(head.replace("| model |", "| variant − eqt_ft |"))
         for v in moe:
-            lines.append(f"| {v} | " + " | ".join(_cell(paired_differences(results, v, b, m), signed=True) for m in METRICS) + " |\n")
+            lines.append(f"| {v} | " + " | ".join(spread_cell(paired_differences(results, v, b, m), signed=True) for m in METRICS) + " |\n")
         lines.append(
             f"\n95% confidence interval of the mean paired difference (Student t, {len(s.seeds) - 1} degrees of freedom) and the"
             " verdict: better/worse by 'spread' = |mean| > std of the differences as printed (the issue's goal), 'CI' = the"
@@ -257,13 +258,13 @@ def format_tables(s: QualitySettings, results: dict[str, dict[str, list[dict[str
         # The guide's recipe against its dense control: the same trunk frozen, experts vs one FFN.
         lines.append(f"\nIn-domain, paired by seed: moe_frozen minus eqt_ffn (only the FFN / MoE layers trained; mean ± std of the {len(s.seeds)} differences)\n\n")
         lines.append(head.replace("| model |", "| variant − eqt_ffn |"))
-        lines.append("| moe_frozen | " + " | ".join(_cell(paired_differences(results, "moe_frozen", b, m, "eqt_ffn"), signed=True) for m in METRICS) + " |\n")
+        lines.append("| moe_frozen | " + " | ".join(spread_cell(paired_differences(results, "moe_frozen", b, m, "eqt_ffn"), signed=True) for m in METRICS) + " |\n")
     for d in (a, c):
         lines.append(f"\nCross-domain: trained on {b}, tested on {d} (thresholds from {d} dev)\n\n")
         lines.append(head)
-        lines.append(f"| base EQTransformer (trained on {a}) | " + " | ".join(_cell([_get(base[d], m)]) for m in METRICS) + " |\n")
+        lines.append(f"| base EQTransformer (trained on {a}) | " + " | ".join(spread_cell([metric_of(base[d], m)]) for m in METRICS) + " |\n")
         for v in s.variants:
-            lines.append(f"| {v} | " + " | ".join(_cell([_get(r, m) for r in results[v][d]]) for m in METRICS) + " |\n")
+            lines.append(f"| {v} | " + " | ".join(spread_cell([metric_of(r, m) for r in results[v][d]]) for m in METRICS) + " |\n")
     return "".join(lines)
 
 
@@ -294,7 +295,7 @@ def run(s: QualitySettings, echo: Callable[[str], None] = print) -> str:
     base_raw = _config(s, "base_eqt", "EQTransformer", data[a], s.base_seed, s.base_epochs, {"base_model": None})
     base_ckpt = train(base_raw)
     base = score(base_raw, base_ckpt)
-    echo(f"base EQTransformer on {a}: " + "  ".join(f"{d}: " + " ".join(f"{m} {_get(base[d], m):.3f}" for m in METRICS) for d in (a, b, c)))
+    echo(f"base EQTransformer on {a}: " + "  ".join(f"{d}: " + " ".join(f"{m} {metric_of(base[d], m):.3f}" for m in METRICS) for d in (a, b, c)))
 
     results: dict[str, dict[str, list[dict[str, float]]]] = {v: {d: [] for d in (a, b, c)} for v in s.variants}
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()}
@@ -310,7 +311,7 @@ def run(s: QualitySettings, echo: Callable[[str], None] = print) -> str:
             stats = score(raw, train(raw))
             for d in (a, b, c):
                 results[v][d].append(stats[d])
-            echo(f"{v:<12} seed {seed}: {b} " + " ".join(f"{m} {_get(stats[b], m):.3f}" for m in METRICS))
+            echo(f"{v:<12} seed {seed}: {b} " + " ".join(f"{m} {metric_of(stats[b], m):.3f}" for m in METRICS))
         tables, last = write(list(s.seeds[: i + 1]))
     echo("\n" + tables)
     return last
