@@ -9,10 +9,11 @@ top-level CLI (which imports them).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from moelab.errors import MoelabError, TrainingInterrupted
 
@@ -51,3 +52,20 @@ def show_info_logs() -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+
+
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Keep Lightning's INFO banner (devices, tips) out of the output while a Trainer that is an
+    implementation detail runs -- the evaluation classifier's training, prediction over evaluation
+    windows -- so that a command prints its own results, not four banner lines per call.
+    Warnings still show."""
+    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "lightning")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)

@@ -10,7 +10,6 @@ so every evaluation of every checkpoint of one data set uses the very same judge
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import warnings
 from pathlib import Path
@@ -21,6 +20,7 @@ from torch import Tensor, nn
 
 from moelab.checkpoint import atomic_save, safe_load
 from moelab.errors import CheckpointError, DataError
+from moelab.guard import quiet_lightning
 
 ARCH_VERSION = 1  # bump when the classifier or its training recipe changes, so old caches are not reused
 
@@ -109,19 +109,12 @@ def train_classifier(
         TensorDataset(images.float(), labels.long()), batch_size=batch_size, shuffle=True,
         generator=torch.Generator().manual_seed(seed), drop_last=images.shape[0] > batch_size,
     )
-    quiet = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "lightning")]
-    levels = [lg.level for lg in quiet]
-    for lg in quiet:  # the judge's training is an implementation detail: keep Lightning's banner out of the output
-        lg.setLevel(logging.WARNING)
-    try:
+    with quiet_lightning():  # the judge's training is an implementation detail
         trainer = pl.Trainer(
             accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, deterministic=True,
         )
         trainer.fit(lit, loader)
-    finally:
-        for lg, lv in zip(quiet, levels, strict=True):
-            lg.setLevel(lv)
     return model.eval()
 
 

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from moelab.errors import ConfigError, DataError
+from moelab.guard import quiet_lightning
 from moelab.seismic.phases import PHASE_DICT  # metadata columns holding P or S onsets (pick-benchmark's)
 
 log = logging.getLogger(__name__)
@@ -181,11 +182,12 @@ def predict(module, split_ds, targets: pd.DataFrame, batch_size: int = 64, accel
     generator.add_augmentations(module.get_eval_augmentations())
     loader = DataLoader(generator, batch_size=batch_size, shuffle=False, num_workers=0)
     peaks = _PeakProbabilities(module.model)
-    trainer = pl.Trainer(
-        accelerator=accelerator, devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[peaks.callback]
-    )
     try:
-        batches = trainer.predict(module, loader)
+        with quiet_lightning():
+            trainer = pl.Trainer(
+                accelerator=accelerator, devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[peaks.callback]
+            )
+            batches = trainer.predict(module, loader)
     finally:
         peaks.remove()
     merged = [torch.cat([b[i].detach().cpu().reshape(-1) for b in batches]).double().numpy() for i in range(4)]
