@@ -36,7 +36,7 @@ def _module():
     return SeisMoELit(base_model=None, num_experts=4, num_experts_per_token=2, in_samples=1001)
 
 
-def test_counts_per_group_are_every_window_s_tokens_times_k(mixed):
+def test_counts_per_group_are_windows_times_tokens_times_k(mixed):
     """Each group's assignments are its windows x tokens per window x k: routing is per token, so the
     total over one group holding every trace fixes tokens x k, and each group's total must be a
     multiple of it by exactly its window count. The counters are left cleared."""
