@@ -88,30 +88,25 @@ def breakdown(out: str | Path, tag: str = "", by: str = "trace_domain", routing:
         lines.append(f"\nRouting of {headline} by {by} over the {b} test windows of tasks 2/3 (normalised mutual information "
                      "of group and expert per MoE layer: 0 = the routing ignores the group, 1 = the group determines the expert; "
                      "expert indices are not comparable across seeds)\n\n")
-        lines.append(_routing_section(folders[headline], seeds, data, groups, int(settings["in_samples"]), by, echo))
+        lines.append(_routing_section(folders[headline], seeds, data, int(settings["in_samples"]), by, echo))
     text = "".join(lines)
     atomic_write_bytes(text.encode(), out / f"by_{by}{tag}.md")
     return text
 
 
-def _routing_section(folders: dict[int, Path], seeds: list[int], data: Path, groups: dict[str, str], in_samples: int, by: str, echo) -> str:
-    from moelab.seismic.config import load_config
-    from moelab.seismic.data import open_dataset, resolve_data
-    from moelab.seismic.evaluate import load_targets
-    from moelab.seismic.harness import BEST_NAME, load_for_eval
+def _routing_section(folders: dict[int, Path], seeds: list[int], data: Path, in_samples: int, by: str, echo) -> str:
+    from moelab.seismic.config import load_config, validate
+    from moelab.seismic.harness import BEST_NAME
     from moelab.seismic.quality import spread_cell
-    from moelab.seismic.routing import format_routing_report, routing_report, usage_by_group
+    from moelab.seismic.routing import format_routing_report, routing
 
-    ds = open_dataset(resolve_data(str(data)), sampling_rate=100.0)
-    windows = load_targets(data / f"targets_{in_samples}")["task23"]
-    windows = windows[windows["trace_split"] == "test"]
-    test = ds.get_split("test")
     mis: list[list[float]] = []
     first = ""
     for seed in seeds:
-        cfg = load_config(folders[seed] / "config.json")
-        module = load_for_eval(cfg, folders[seed] / f"{BEST_NAME}.ckpt")
-        report = routing_report(usage_by_group(module, test, windows, groups, batch_size=cfg.batch_size))
+        # the run's own config, pointed at the data folder beside its record (the path it recorded
+        # may be relative to wherever the run was started), scored on the windows the run was
+        cfg = validate({**load_config(folders[seed] / "config.json").raw, "data": str(data)}, source=str(folders[seed] / "config.json"))
+        report = routing(cfg, folders[seed] / f"{BEST_NAME}.ckpt", by=by, split="test", task="task23", targets=data / f"targets_{in_samples}")
         mis.append([r["mutual_information"] for r in report.values()])
         echo(f"routing seed {seed}: " + " ".join(f"{layer} MI {r['mutual_information']:.3f}" for layer, r in report.items()))
         if not first:

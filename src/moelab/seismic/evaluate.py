@@ -378,13 +378,13 @@ def metrics_by_group(pred_dir: str | Path, groups: Mapping[str, str], dev: str =
             if not path.is_file():
                 raise DataError(f"'{path}' is missing: evaluate the model first (benchmark/eval.py writes its predictions there)")
             frames[split, task] = pd.read_csv(path)
-    names = pd.concat([frames[test, "task1"]["trace_name"], frames[test, "task23"]["trace_name"]])
-    missing = sorted(set(names) - set(groups))
+    labels = {task: frames[test, task]["trace_name"].map(groups) for task in ("task1", "task23")}
+    missing = sorted({n for task, lab in labels.items() for n in frames[test, task]["trace_name"][lab.isna()]})
     if missing:
         raise DataError(f"{len(missing)} predicted windows name traces without a group (e.g. '{missing[0]}'): the predictions are of another data set")
     out: dict[str, dict[str, float]] = {}
-    for g in sorted(set(names.map(groups))):
-        t1, t23 = (frames[test, task][frames[test, task]["trace_name"].map(groups) == g] for task in ("task1", "task23"))
+    for g in sorted(set(labels["task1"]) | set(labels["task23"])):
+        t1, t23 = (frames[test, task][labels[task] == g] for task in ("task1", "task23"))
         stats = {**task1_metrics(frames[dev, "task1"], t1), **task23_metrics(frames[dev, "task23"], t23)}
         out[g] = {k: v for k, v in stats.items() if k.startswith("test_")}
     return out
