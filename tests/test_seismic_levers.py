@@ -1,5 +1,6 @@
 """SeisMoE's upcycling levers: expert noise at upcycling, Drop-Upcycling (``upcycle_drop``), the
-shared always-on expert and wider experts (``expert_hidden``).
+shared always-on expert, wider experts (``expert_hidden``) and the trace-context router
+(``router_context``).
 
 Exact properties only: outputs at upcycling, parameter figures, what the noise touches, the model
 arguments and their save/load round trip, config checks. Whether a lever helps is measured by
@@ -256,6 +257,7 @@ def test_widen_into_copies_the_leading_block_and_zeroes_the_extra_inputs():
         ({"upcycle_noise": 1.0}, "upcycle_noise must be a number in \\[0, 1\\)"),
         ({"upcycle_noise": True}, "upcycle_noise must be a number in \\[0, 1\\)"),
         ({"shared_expert": 1}, "shared_expert must be true or false"),
+        ({"router_context": "yes"}, "router_context must be true or false"),
     ],
 )
 def test_bad_lever_values_raise_one_clear_error(args, match):
@@ -273,6 +275,7 @@ def test_bad_lever_values_raise_one_clear_error(args, match):
         ({"upcycle_drop": "half"}, "model_args.upcycle_drop must be a number"),
         ({"expert_hidden": 0}, "model_args.expert_hidden must be >= 1"),
         ({"expert_hidden": "wide"}, "model_args.expert_hidden must be"),
+        ({"router_context": 1}, "model_args.router_context must be true/false"),
     ],
 )
 def test_config_refuses_bad_lever_values(args, match):
@@ -280,3 +283,80 @@ def test_config_refuses_bad_lever_values(args, match):
         validate({"model": "SeisMoE", "data": "x", "model_args": args})
     with pytest.raises(ConfigError, match="it is a SeisMoE argument"):
         validate({"model": "EQTransformer", "data": "x", "model_args": {"shared_expert": True}})
+
+
+def _router_inputs(model: SeisMoE, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What each MoE layer's router network and experts receive in one forward of ``model``."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name in MOE_BLOCKS:
+        ff = getattr(model, name).ff
+        hooks.append(ff.router.net.register_forward_hook(lambda m, a, o, n=name: seen.__setitem__(f"{n}.router", a[0].detach())))
+        hooks.append(ff.register_forward_hook(lambda m, a, o, n=name: seen.__setitem__(f"{n}.input", a[0].detach())))
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def test_router_context_routes_on_the_token_and_its_traces_mean(dense):
+    torch.manual_seed(9)
+    moe = SeisMoE.from_eqtransformer(dense, router_context=True).eval()
+    for name in MOE_BLOCKS:
+        ff = getattr(moe, name).ff
+        assert ff.router_context is True and ff.router.net.in_features == 32 and ff.router.net.weight.shape == (4, 32)
+    x = _x()
+    seen = _router_inputs(moe, x)
+    for name in MOE_BLOCKS:
+        block_in = seen[f"{name}.input"]  # [B, 16, T]: the layer's input, channels first
+        tokens = block_in.transpose(1, 2).reshape(-1, 16)
+        context = block_in.mean(dim=2, keepdim=True).expand_as(block_in).transpose(1, 2).reshape(-1, 16)
+        assert torch.equal(seen[f"{name}.router"], torch.cat([tokens, context], dim=-1))
+    with torch.no_grad():  # the experts are still copies: whatever the router says, the dense output
+        assert _max_diff(moe(x), dense(x)) < 1e-6
+    plain = _router_inputs(SeisMoE.from_eqtransformer(dense).eval(), x)
+    assert all(plain[f"{n}.router"].shape[-1] == 16 for n in MOE_BLOCKS)
+
+
+def test_router_context_changes_a_tokens_routing_with_the_rest_of_its_trace(dense):
+    """Two traces equal in their first half and different in the second: with the context, the
+    router's input for a position in the common half differs; without it, it does not."""
+    torch.manual_seed(10)
+    moe = SeisMoE.from_eqtransformer(dense, router_context=True).eval()
+    ff = moe.transformer_d0.ff
+    x = torch.randn(1, 16, 40)
+    y = x.clone()
+    y[..., 20:] += 1.0
+    feats = {}
+    hook = ff.router.net.register_forward_hook(lambda m, a, o: feats.setdefault("f", []).append(a[0].detach()))
+    with torch.no_grad():
+        ff(x), ff(y)
+        ff.router_context = False
+        ff.router.net = torch.nn.Linear(16, 4)  # a plain router, to see its input
+        hook.remove()
+        hook = ff.router.net.register_forward_hook(lambda m, a, o: feats.setdefault("g", []).append(a[0].detach()))
+        ff(x), ff(y)
+    hook.remove()
+    (fx, fy), (gx, gy) = feats["f"], feats["g"]
+    assert torch.equal(fx[:20, :16], fy[:20, :16]) and not torch.equal(fx[:20, 16:], fy[:20, 16:])
+    assert torch.equal(gx[:20], gy[:20])
+
+
+def test_router_context_is_a_model_arg_and_survives_save_load_and_training_setup(tmp_path, dense):
+    torch.manual_seed(11)
+    moe = SeisMoE.from_eqtransformer(dense, router_context=True, upcycle_noise=0.05).eval()
+    assert moe.get_model_args()["router_context"] is True
+    assert SeisMoE(in_samples=N).get_model_args()["router_context"] is False
+    moe.save(tmp_path / "m")
+    back = SeisMoE.load(tmp_path / "m").eval()
+    assert back.router_context is True and back.get_model_args() == moe.get_model_args()
+    with torch.no_grad():
+        assert _max_diff(moe(_x()), back(_x())) == 0.0
+    with pytest.raises(CheckpointError, match="router_context=False"):  # the 32-input routers do not fit
+        SeisMoE.from_base(tmp_path / "m", router_context=False)
+    dense.save(tmp_path / "base")
+    lit = SeisMoELit(base_model=str(tmp_path / "base"), router_context=True, freeze_non_moe=True)
+    assert lit.model.transformer_d.ff.router.net.in_features == 32
+    assert lit.hparams["model_args"]["router_context"] is True
+    validate({"model": "SeisMoE", "data": "x", "model_args": {"router_context": True}})

@@ -69,6 +69,7 @@ _MOE_ARGS: dict[str, tuple[tuple[type, ...], str]] = {
     "upcycle_noise": ((int, float), "relative std of the noise added to upcycled expert copies, in [0, 1) (default 0: exact copies)"),
     "upcycle_drop": ((int, float), "fraction of each upcycled expert's hidden units re-initialised (Drop-Upcycling), in [0, 1) (default 0: none)"),
     "shared_expert": ((bool,), "add an always-on shared expert (a copy of the dense FFN) to each MoE layer (default false)"),
+    "router_context": ((bool,), "route each token on [token, mean of its trace's tokens], so the router knows the kind of window (default false: the token alone)"),
     "expert_hidden": ((int, type(None)), "hidden size of each expert FFN, >= 128 (default null: the dense FFN's 128; wider experts are upcycled without changing the output)"),
 }
 MODEL_ARGS: dict[str, dict[str, tuple[tuple[type, ...], str]]] = {

@@ -101,16 +101,29 @@ class ChannelsFirstTokenMoE(TokenMoE):
     picking heads read (measured at random initialisation, coefficient 0.01: its gradient into the
     trunk was ~8x that of the 0.05-weighted detection term). The task loss still trains the
     routers (through the combine weights) and the trunk (through the experts).
+
+    With ``router_context`` the router sees each token next to the mean of all tokens of its trace
+    (``[token, mean over time]``, twice the width): a summary of the whole window -- its noise,
+    its sampling rate's imprint on the features, whether an event is in it -- so tokens of
+    different kinds of record can go to different experts. A token alone is 16 numbers of one
+    position, and the routing of plain SeisMoE on pooled data told almost nothing about where a
+    record came from. Routing stays per token; the experts see the token only. (Measured on the
+    pooled data, six seeds: the routing stayed as blind to the source, because the trace means
+    themselves carry little of it -- docs/seismoe-quality.md.)
     """
 
     detach_router_input: bool = True
+    router_context: bool = False
 
     def forward(self, x: Tensor, router_features: Tensor | None = None) -> Tensor:
         tokens = x.transpose(1, 2)
         if router_features is not None:
             router_features = router_features.transpose(1, 2)
-        elif self.detach_router_input:
-            router_features = tokens.detach()
+        else:
+            router_features = tokens.detach() if self.detach_router_input else tokens
+            if self.router_context:
+                context = router_features.mean(dim=1, keepdim=True).expand_as(router_features)
+                router_features = torch.cat([router_features, context], dim=-1)
         return super().forward(tokens, router_features).transpose(1, 2)
 
 
@@ -122,6 +135,7 @@ def upcycle_feedforward(
     jitter: float = 0.0,
     shared_expert: bool = False,
     expert_hidden: int | None = None,
+    router_context: bool = False,
 ) -> ChannelsFirstTokenMoE:
     """MoE layer whose experts are copies of ``dense`` (core `MoELayer.upcycle`): same output at init.
 
@@ -129,11 +143,15 @@ def upcycle_feedforward(
     outputs ``0.5 * shared(x) + 0.5 * routed(x)``, still the dense output at init.
     ``expert_hidden``: hidden size of every expert (routed and shared), >= the dense FFN's; wider
     copies are widened without changing their output (`TokenFeedForward.from_dense`).
+    ``router_context``: the router sees ``[token, mean of the trace's tokens]`` (see
+    `ChannelsFirstTokenMoE`); its input is then twice the token width.
     """
     expert = TokenFeedForward.from_dense(dense, expert_hidden)
+    width = expert.lin1.in_features * (2 if router_context else 1)
     layer = ChannelsFirstTokenMoE.upcycle(
-        expert, num_experts, k, router_in_features=expert.lin1.in_features, gate=gate, jitter=jitter, shared_expert=shared_expert  # type: ignore[arg-type]
+        expert, num_experts, k, router_in_features=width, gate=gate, jitter=jitter, shared_expert=shared_expert  # type: ignore[arg-type]
     )
+    layer.router_context = router_context  # type: ignore[attr-defined]
     return layer  # type: ignore[return-value]
 
 
@@ -234,6 +252,10 @@ class SeisMoE(EQTransformer):
     :param expert_hidden: hidden size of every expert FFN (null/None: the dense FFN's, 128). Larger
         experts are upcycled from the dense FFN without changing the output (`widen_into`): more
         capacity per expert than copies of EQTransformer's 4,240-parameter FFN can give.
+    :param router_context: route each token on ``[token, mean of its trace's tokens]`` instead of
+        the token alone, so the router knows what kind of window the token belongs to (see
+        `ChannelsFirstTokenMoE`); the routers get twice as many inputs (+4 x 16 weights per layer
+        at 4 experts). False (default): the token alone, as SeisMoE always routed.
     :param eqt_kwargs: EQTransformer's own arguments (in_samples, original_compatible, norm, ...).
 
     ``SeisMoE.from_base("stead", ...)`` starts from pretrained EQTransformer weights (see
@@ -252,13 +274,15 @@ class SeisMoE(EQTransformer):
         shared_expert: bool = False,
         expert_hidden: int | None = None,
         upcycle_drop: float = 0.0,
+        router_context: bool = False,
         **eqt_kwargs: Any,
     ) -> None:
         _validate_moe_args(num_experts, num_experts_per_token, gate, router_jitter, aux_loss)
         _check_fraction("upcycle_noise", upcycle_noise, "relative std of the expert noise; 0 = exact copies")
         _check_fraction("upcycle_drop", upcycle_drop, "fraction of each expert's hidden units re-initialised; 0 = none")
-        if not isinstance(shared_expert, bool):
-            raise ConfigError(f"shared_expert must be true or false, got {shared_expert!r}")
+        for flag, value in (("shared_expert", shared_expert), ("router_context", router_context)):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{flag} must be true or false, got {value!r}")
         if expert_hidden is not None and (isinstance(expert_hidden, bool) or not isinstance(expert_hidden, int) or expert_hidden < 1):
             raise ConfigError(f"expert_hidden must be a positive integer or null (null: the dense FFN's 128), got {expert_hidden!r}")
         try:
@@ -282,6 +306,7 @@ class SeisMoE(EQTransformer):
         self.upcycle_drop = float(upcycle_drop)
         self.shared_expert = shared_expert
         self.expert_hidden = expert_hidden
+        self.router_context = router_context
         for name in MOE_BLOCKS:
             block = getattr(self, name)
             dense_hidden = block.ff.lin1.out_features
@@ -291,7 +316,7 @@ class SeisMoE(EQTransformer):
                     f"experts are upcycled from that FFN, so use expert_hidden >= {dense_hidden} (or null)"
                 )
             block.ff = upcycle_feedforward(
-                block.ff, num_experts, num_experts_per_token, gate, self.router_jitter, shared_expert, expert_hidden
+                block.ff, num_experts, num_experts_per_token, gate, self.router_jitter, shared_expert, expert_hidden, router_context
             )
             block.ff.detach_router_input = self.detach_router_input
 
@@ -336,7 +361,8 @@ class SeisMoE(EQTransformer):
             except RuntimeError as e:
                 raise CheckpointError(
                     f"SeisMoE weights from {base.source} do not fit num_experts={model.num_experts}, "
-                    f"expert_hidden={model.expert_hidden}, shared_expert={model.shared_expert}: {load_error_detail(e)}; "
+                    f"expert_hidden={model.expert_hidden}, shared_expert={model.shared_expert}, router_context={model.router_context}: "
+                    f"{load_error_detail(e)}; "
                     "use the MoE arguments they were trained with (their .json 'model_args')"
                 ) from None
         else:
@@ -423,6 +449,7 @@ class SeisMoE(EQTransformer):
             upcycle_drop=self.upcycle_drop,
             shared_expert=self.shared_expert,
             expert_hidden=self.expert_hidden,
+            router_context=self.router_context,
         )
         return args
 
