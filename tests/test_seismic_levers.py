@@ -319,26 +319,27 @@ def test_router_context_routes_on_the_token_and_its_traces_mean(dense):
     assert all(plain[f"{n}.router"].shape[-1] == 16 for n in MOE_BLOCKS)
 
 
+def _router_input(ff, x: torch.Tensor) -> torch.Tensor:
+    """What the router network of the MoE layer ``ff`` receives for its channels-first input ``x``."""
+    seen: list[torch.Tensor] = []
+    hook = ff.router.net.register_forward_hook(lambda m, a, o: seen.append(a[0].detach()))
+    with torch.no_grad():
+        ff(x)
+    hook.remove()
+    return seen[0]
+
+
 def test_router_context_changes_a_tokens_routing_with_the_rest_of_its_trace(dense):
     """Two traces equal in their first half and different in the second: with the context, the
     router's input for a position in the common half differs; without it, it does not."""
     torch.manual_seed(10)
-    moe = SeisMoE.from_eqtransformer(dense, router_context=True).eval()
-    ff = moe.transformer_d0.ff
+    context_ff = SeisMoE.from_eqtransformer(dense, router_context=True).eval().transformer_d0.ff
+    plain_ff = SeisMoE.from_eqtransformer(dense).eval().transformer_d0.ff
     x = torch.randn(1, 16, 40)
     y = x.clone()
     y[..., 20:] += 1.0
-    feats = {}
-    hook = ff.router.net.register_forward_hook(lambda m, a, o: feats.setdefault("f", []).append(a[0].detach()))
-    with torch.no_grad():
-        ff(x), ff(y)
-        ff.router_context = False
-        ff.router.net = torch.nn.Linear(16, 4)  # a plain router, to see its input
-        hook.remove()
-        hook = ff.router.net.register_forward_hook(lambda m, a, o: feats.setdefault("g", []).append(a[0].detach()))
-        ff(x), ff(y)
-    hook.remove()
-    (fx, fy), (gx, gy) = feats["f"], feats["g"]
+    fx, fy = _router_input(context_ff, x), _router_input(context_ff, y)
+    gx, gy = _router_input(plain_ff, x), _router_input(plain_ff, y)
     assert torch.equal(fx[:20, :16], fy[:20, :16]) and not torch.equal(fx[:20, 16:], fy[:20, 16:])
     assert torch.equal(gx[:20], gy[:20])
 
