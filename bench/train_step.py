@@ -1,6 +1,6 @@
 """Training-step cost of MoEFsDiC against the dense UNet2DModel it must beat, at three scales.
 
-For each scale the six models are built from the same config (only the architecture differs):
+For each scale the seven models are built from the same config (only the architecture differs):
   moe    : MoEFsDiC as configured
   dense  : diffusers' UNet2DModel (`moelab.diffusion.baseline`), width matched to MoEFsDiC's
            parameters *active per sample*
@@ -10,6 +10,8 @@ For each scale the six models are built from the same config (only the architect
            levels recomputed: most of the activations, half of the GEMMs' recompute)
   moe_plain: MoEFsDiC with ``train.lean_backward: false`` (experts as plain autograd ops, keeping
            every intermediate for backward: what `moe` cost before `moelab.diffusion.lean_backward`)
+  moe_aten: MoEFsDiC with the fused GroupNorm+GELU kernels off (`moelab.diffusion.fused_norm`;
+           PyTorch's kernels, as ``MOELAB_FUSED_NORM=0`` runs it: what `moe` cost before them)
 and measured on the same inputs (x, t, c, noise), with the same torch thread count:
 
 * time   : forward + loss (MSE, plus the load-balance loss for MoE) + backward, gradients reset
@@ -24,7 +26,7 @@ and measured on the same inputs (x, t, c, noise), with the same torch thread cou
            before its first step (interpreter, torch, the model) is printed too, so the step's own
            share can be read off. The same process times its last two steps (the faster one is
            printed, with its minor page faults, as "one model per process"): unlike the timing
-           process, which holds all six models, this is the allocator state of a real training
+           process, which holds all seven models, this is the allocator state of a real training
            run, where glibc's defaults page-fault MoEFsDiC's activations in again every step.
 * live memory: the same fresh processes with every block of 256 KiB or more its own ``mmap``
            (`moelab.hostmem.map_large_blocks`; ``--no-live-memory`` skips them): peak RSS then
@@ -85,6 +87,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from moelab.diffusion import fused_norm
 from moelab.diffusion.config import load_config, parse_override
 from moelab.diffusion.models import build_model, prepare_for_training
 from moelab.diffusion.sample import guided_eps
@@ -109,7 +112,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "moe_full": {"train.gradient_checkpointing": True},
     "moe_part": {"train.gradient_checkpointing": [0, 1]},
     "moe_plain": {"train.lean_backward": False},
+    "moe_aten": {},
 }
+#: variants run with `moelab.diffusion.fused_norm` off (PyTorch's GroupNorm and GELU kernels)
+FUSED_NORM_OFF = {"moe_aten"}
 GUIDANCE = 1.25
 #: ``--set SECTION.KEY=VALUE`` overrides, applied to every scale and variant (e.g. moe.k_active=1)
 EXTRA_OVERRIDES: dict[str, Any] = {}
@@ -168,7 +174,7 @@ def make_step(
     def step() -> None:
         for p in model.parameters():
             p.grad = None
-        with autocast(device, precision):
+        with fused_norm.enabled(fused_norm.is_enabled() and variant not in FUSED_NORM_OFF), autocast(device, precision):
             pred, logits = fwd(x, t, c)
             loss = F.mse_loss(pred.float(), noise)
             if logits:
@@ -314,6 +320,7 @@ def run_scale(
         "faults": {v: statistics.median(f) for v, f in faults.items()},
         "ratio": {v: paired_ratio(times[v], times["dense"]) for v in VARIANTS},
         "ratio_range": {v: ratio_range(times[v], times["dense"]) for v in VARIANTS},
+        "fused_gain": paired_ratio(times["moe"], times["moe_aten"]),
         "mem": mem,
         "live": live,
         "info": info,
@@ -444,7 +451,8 @@ def main() -> None:
     if args.malloc == "mmap":
         fail("--malloc mmap is for the memory processes only (the live-memory figures); time with retain or default")
     settings = ("moe_full", "moe_part", "moe_plain")  # MoEFsDiC with one train.* setting changed (VARIANTS)
-    worst: dict[str, list[float]] = {v: [0.0, 0.0, 0.0] for v in ("moe", *settings)}  # time, memory, live-memory ratios
+    worst: dict[str, list[float]] = {v: [0.0, 0.0, 0.0] for v in ("moe", *settings, "moe_aten")}  # time, memory, live-memory ratios
+    fused_gain: dict[str, float] = {}  # moe / moe_aten time per scale
     worst_range: tuple[str, float, float] = ("", 0.0, 0.0)  # the headline scale's per-round moe/dense time, lowest and highest
     for scale in args.scales:
         r = run_scale(scale, reps, warmup, args.threads, args.compile, args.malloc, not args.no_live_memory, args.device, args.precision)
@@ -473,6 +481,7 @@ def main() -> None:
             f"one model per process: step ms {alone} (minor faults/step {alone_faults}) moe/dense={alone_ratio:.2f}",
             flush=True,
         )
+        fused_gain[scale] = r["fused_gain"]
         live = r["live"]
         live_ratios = {v: live[v]["peak_mb"] / live["dense"]["peak_mb"] for v in live}
         if live:
@@ -492,6 +501,11 @@ def main() -> None:
         for v in settings:
             (key, value), = VARIANTS[v].items()
             print(f"{v} ({key}: {value}): {v}/dense time={worst[v][0]:.2f} mem={worst[v][1]:.2f}")
+        gains = " ".join(f"{k}={v:.3f}" for k, v in fused_gain.items())
+        print(
+            f"moe_aten (fused GroupNorm+GELU off): moe_aten/dense time={worst['moe_aten'][0]:.2f} mem={worst['moe_aten'][1]:.2f}; "
+            f"moe/moe_aten time {gains}"
+        )
         if worst["moe"][2]:
             print(
                 f"live memory (no heap fragmentation): moe/dense={worst['moe'][2]:.2f} moe_full/dense={worst['moe_full'][2]:.2f} "

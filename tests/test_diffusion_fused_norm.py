@@ -1,0 +1,241 @@
+"""`moelab.diffusion.fused_norm`: the compiled GroupNorm+GELU kernels against a float64 autograd
+reference (values and every gradient, 1 and 2 threads), the lean expert and output head on them
+against the composed ops, the fallback without a compiler and the kernel cache."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import moelab.diffusion.experts as experts_module
+from moelab.diffusion import fused_norm
+from moelab.diffusion.lean_backward import norm_act_conv
+from moelab.moe import MoELayer, TopKRouter
+
+CL = torch.channels_last
+needs_kernel = pytest.mark.skipif(fused_norm._library() is None, reason="no C compiler here: the fused kernels fall back")
+
+
+@pytest.fixture(autouse=True)
+def _fused_on():
+    with fused_norm.enabled(True):
+        yield
+
+
+@pytest.fixture
+def threads():
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def _reference(x, weight, bias, groups, mode, res, rows, grad):
+    """float64 autograd: ``y`` and the gradients of ``(x, weight, bias, res, rows)`` at ``grad``."""
+    leaves = [t.detach().double().requires_grad_(True) if t is not None else None for t in (x, weight, bias, res, rows)]
+    xx, ww, bb, rr, wr = leaves
+    y = F.group_norm(xx, groups, ww, bb)
+    if mode == fused_norm.NORM_GELU:
+        y = F.gelu(y)
+    elif mode == fused_norm.NORM_ADD_GELU_SCALE:
+        y = F.gelu(y + rr) * wr[:, None, None, None]
+    y.backward(grad.double())
+    return y.detach(), [t.grad if t is not None else None for t in leaves]
+
+
+def _close(actual, expected, scale=1.0):
+    # the kernels accumulate in double: well inside float32 rounding of these magnitudes
+    torch.testing.assert_close(actual.double(), expected, rtol=1e-5, atol=2e-6 * scale)
+
+
+@needs_kernel
+@pytest.mark.parametrize("mode", [fused_norm.NORM, fused_norm.NORM_GELU, fused_norm.NORM_ADD_GELU_SCALE])
+@pytest.mark.parametrize("shape,groups,affine", [((2, 32, 9, 7), 8, True), ((3, 64, 4, 4), 32, False), ((1, 12, 5, 6), 3, True)])
+@pytest.mark.parametrize("nthreads", [1, 2])
+def test_kernels_match_float64_autograd(mode, shape, groups, affine, nthreads, threads):
+    threads(nthreads)
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=g) * 3 + 1).contiguous(memory_format=CL)  # an offset mean: cancellation
+    weight = torch.rand(shape[1], generator=g) + 0.5 if affine else None
+    bias = torch.randn(shape[1], generator=g) if affine else None
+    res = torch.randn(shape, generator=g).contiguous(memory_format=CL)
+    rows = torch.rand(shape[0], generator=g)
+    grad = torch.randn(shape, generator=g).contiguous(memory_format=CL)
+    tail = mode == fused_norm.NORM_ADD_GELU_SCALE
+    kw = {"res": res, "rows_weight": rows} if tail else {}
+    y, mean, rstd = fused_norm.norm_act(x, weight, bias, groups, 1e-5, mode, **kw)
+    _, m_ref, r_ref = torch.ops.aten.native_group_norm(x.double(), None, None, shape[0], shape[1], shape[2] * shape[3], groups, 1e-5)
+    y_ref, (gx, gw, gb, gres, grows) = _reference(x, weight, bias, groups, mode, res if tail else None, rows if tail else None, grad)
+    assert y.shape == x.shape and y.is_contiguous(memory_format=CL) and mean.shape == rstd.shape == (shape[0], groups)
+    _close(y, y_ref)
+    _close(mean, m_ref)
+    _close(rstd, r_ref)
+    dx, dw, db, dres, drows = fused_norm.norm_act_backward(grad, x, mean, rstd, weight, bias, groups, mode, **kw)
+    n_per_channel = shape[0] * shape[2] * shape[3]  # dweight/dbias sum this many terms
+    _close(dx, gx)
+    if affine:
+        _close(dw, gw, n_per_channel)
+        _close(db, gb, n_per_channel)
+    else:
+        assert dw is None and db is None
+    if tail:
+        # the gradient at gn(x) + res is the residual's gradient
+        _close(dres, gres)
+        _close(drows, grows, shape[1] * shape[2] * shape[3])
+    else:
+        assert dres is None and drows is None
+    # deterministic for a given thread count
+    again = fused_norm.norm_act_backward(grad, x, mean, rstd, weight, bias, groups, mode, **kw)
+    assert torch.equal(again[0], dx)
+
+
+@needs_kernel
+def test_kernels_skip_gradients_not_asked_for():
+    x = torch.randn(2, 8, 4, 4).contiguous(memory_format=CL)
+    w, b = torch.ones(8), torch.zeros(8)
+    _, mean, rstd = fused_norm.norm_act(x, w, b, 4, 1e-5, fused_norm.NORM_GELU)
+    out = fused_norm.norm_act_backward(torch.ones_like(x), x, mean, rstd, w, b, 4, fused_norm.NORM_GELU, need_weight=False, need_bias=False)
+    assert out[1] is None and out[2] is None and out[0].shape == x.shape
+
+
+def test_supports_only_channels_last_float32_cpu_and_divisible_groups():
+    x = torch.randn(2, 8, 4, 4)
+    assert not fused_norm.supports(x, 4)  # NCHW
+    cl = x.contiguous(memory_format=CL)
+    assert not fused_norm.supports(cl.double(), 4)
+    assert not fused_norm.supports(cl, 3)
+    assert not fused_norm.supports(cl, 4, x)  # a companion tensor in another layout
+    with fused_norm.enabled(False):
+        assert not fused_norm.supports(cl, 4)
+    assert fused_norm.supports(cl, 4) == (fused_norm._library() is not None)
+
+
+def _expert_step(layer, x):
+    layer.zero_grad(set_to_none=True)
+    xi = x.clone().requires_grad_(True)
+    y = layer(xi, router_features=xi.mean((2, 3)))
+    (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    return [y.detach(), xi.grad.clone(), *(p.grad.clone() for _, p in sorted(layer.named_parameters()) if p.grad is not None)]
+
+
+def _no_less_accurate(fused, aten, ref64):
+    """Each fused result is as close to the float64 result as PyTorch's float32 kernels get (within
+    2x, or a float32 rounding of the values' scale)."""
+    assert len(fused) == len(aten) == len(ref64)
+    for f, a, r in zip(fused, aten, ref64, strict=True):
+        err_fused, err_aten = (f.double() - r).abs().max().item(), (a.double() - r).abs().max().item()
+        assert err_fused <= 2 * err_aten + 1e-6 * r.abs().max().item(), (err_fused, err_aten)
+
+
+@needs_kernel
+@pytest.mark.parametrize("k", [1, 2])
+def test_lean_expert_on_fused_kernels_equals_the_composed_expert(k, monkeypatch):
+    """Same routing, output and every gradient as the composed expert to float rounding -- as close
+    to a float64 run as the composed expert on PyTorch's kernels is; and the lean expert really ran
+    on the fused kernels."""
+    monkeypatch.setattr(experts_module, "LEAN_MIN_NUMEL", 0)
+    torch.manual_seed(0)
+    layer = MoELayer(TopKRouter(16, 4, k), experts_module.ResidualConvExperts(4, 16))
+    layer.experts.dispatch_mode = "grouped"
+    for p in layer.experts.parameters():
+        p.data.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(6, 16, 12, 12).contiguous(memory_format=CL)
+    layer.experts.lean_backward = False
+    composed = _expert_step(layer, x)
+    ref64 = _expert_step(layer.double(), x.double())
+    layer.float()
+    layer.experts.lean_backward = True
+    calls = []
+    real = fused_norm.norm_act_backward
+    monkeypatch.setattr(fused_norm, "norm_act_backward", lambda *a, **kw: calls.append(a[7]) or real(*a, **kw))
+    fused = _expert_step(layer, x)
+    assert sorted(set(calls)) == [fused_norm.NORM_GELU, fused_norm.NORM_ADD_GELU_SCALE]
+    _no_less_accurate(fused, composed, ref64)
+
+
+@needs_kernel
+def test_output_head_on_fused_kernels_equals_composed_ops():
+    from moelab.diffusion.activations import gelu
+
+    torch.manual_seed(2)
+    norm, conv = torch.nn.GroupNorm(4, 16), torch.nn.Conv2d(16, 3, 3, padding=1)
+    for p in norm.parameters():
+        p.data.add_(0.1 * torch.randn_like(p))
+    h = torch.randn(3, 16, 10, 10).contiguous(memory_format=CL)
+    assert fused_norm.supports(h, norm.num_groups)
+
+    def run(fn, h):
+        for p in (*norm.parameters(), *conv.parameters()):
+            p.grad = None
+        hi = h.clone().requires_grad_(True)
+        y = fn(hi)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+        return [y.detach(), hi.grad, *(p.grad.clone() for p in (*norm.parameters(), *conv.parameters()))]
+
+    composed = run(lambda z: conv(gelu(norm(z))), h)
+    fused = run(lambda z: norm_act_conv(z, norm, conv), h)
+    norm.double(), conv.double()
+    ref64 = run(lambda z: conv(gelu(norm(z))), h.double())
+    _no_less_accurate(fused, composed, ref64)
+
+
+def test_without_a_compiler_it_warns_once_and_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("MOELAB_CACHE", str(tmp_path))
+    fused_norm._library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="no C compiler"):
+            assert not fused_norm.supports(torch.randn(2, 8, 4, 4).contiguous(memory_format=CL), 4)
+        # the composed path still computes the head
+        norm, conv = torch.nn.GroupNorm(4, 8), torch.nn.Conv2d(8, 3, 3, padding=1)
+        h = torch.randn(2, 8, 5, 5).contiguous(memory_format=CL).requires_grad_(True)
+        norm_act_conv(h, norm, conv).sum().backward()
+        assert h.grad is not None
+    finally:
+        fused_norm._library.cache_clear()
+
+
+def test_a_failing_build_warns_and_falls_back(monkeypatch, tmp_path):
+    fake = tmp_path / "cc"
+    fake.write_text("#!/bin/sh\necho 'cc: error: this compiler always fails' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    monkeypatch.setenv("MOELAB_CACHE", str(tmp_path / "cache"))
+    fused_norm._library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="always fails"):
+            assert fused_norm._library() is None
+        assert not list((tmp_path / "cache").rglob("*.so"))  # nothing half-written left behind
+    finally:
+        fused_norm._library.cache_clear()
+
+
+@needs_kernel
+def test_kernel_is_built_once_and_then_loaded_from_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("MOELAB_CACHE", str(tmp_path))
+    fused_norm._library.cache_clear()
+    try:
+        assert fused_norm._library() is not None
+        built = list((tmp_path / "kernels").glob("fused_norm-*.so"))
+        assert len(built) == 1
+        fused_norm._library.cache_clear()
+
+        def no_compiler(*a, **kw):
+            raise AssertionError("rebuilt a cached kernel")
+
+        monkeypatch.setattr(fused_norm.subprocess, "run", no_compiler)
+        assert fused_norm._library() is not None
+        assert list((tmp_path / "kernels").glob("fused_norm-*.so")) == built
+    finally:
+        fused_norm._library.cache_clear()
+
+
+def test_environment_variable_turns_the_kernels_off():
+    code = "from moelab.diffusion import fused_norm; print(fused_norm.is_enabled())"
+    env = {**os.environ, "MOELAB_FUSED_NORM": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
