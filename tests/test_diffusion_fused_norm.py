@@ -74,9 +74,12 @@ def test_kernels_match_float64_autograd(mode, shape, groups, affine, nthreads, t
     _close(y, y_ref)
     _close(mean, m_ref)
     _close(rstd, r_ref)
-    dx, dw, db, dres, drows = fused_norm.norm_act_backward(grad, x, mean, rstd, weight, bias, groups, mode, **kw)
+    dx, dw, db, dres, drows, dx_sum = fused_norm.norm_act_backward(
+        grad, x, mean, rstd, weight, bias, groups, mode, need_dx_sum=True, **kw
+    )
     n_per_channel = shape[0] * shape[2] * shape[3]  # dweight/dbias sum this many terms
     _close(dx, gx)
+    _close(dx_sum, gx.sum((0, 2, 3)), n_per_channel)
     if affine:
         _close(dw, gw, n_per_channel)
         _close(db, gb, n_per_channel)
@@ -90,7 +93,7 @@ def test_kernels_match_float64_autograd(mode, shape, groups, affine, nthreads, t
         assert dres is None and drows is None
     # deterministic for a given thread count
     again = fused_norm.norm_act_backward(grad, x, mean, rstd, weight, bias, groups, mode, **kw)
-    assert torch.equal(again[0], dx)
+    assert torch.equal(again[0], dx) and again[5] is None
 
 
 @needs_kernel

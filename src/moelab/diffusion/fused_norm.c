@@ -155,20 +155,24 @@ int moelab_gn_act_forward(const float* x, const float* gamma, const float* beta,
   return 0;
 }
 
-/* Gradients of moelab_gn_act_forward. dx always; dgamma/dbeta/gres/gw where not NULL (gres: mode 2's
- * gradient at the residual input, gw: at wrow). mode 2 needs gres (it holds the gradient at gn's
- * output between the two passes). */
+/* Gradients of moelab_gn_act_forward. dx always; dgamma/dbeta/gres/gw/dxsum where not NULL (gres:
+ * mode 2's gradient at the residual input, gw: at wrow, dxsum: dx summed over samples and pixels,
+ * i.e. the bias gradient of a 1x1 conv whose output x is). mode 2 needs gres (it holds the gradient
+ * at gn's output between the two passes). */
 int moelab_gn_act_backward(const float* gy, const float* x, const float* mean, const float* rstd, const float* gamma,
                            const float* beta, int64_t N, int64_t HW, int64_t C, int64_t G, int mode, const float* res,
-                           const float* wrow, float* dx, float* dgamma, float* dbeta, float* gres, float* gw, int nt) {
+                           const float* wrow, float* dx, float* dgamma, float* dbeta, float* gres, float* gw,
+                           float* dxsum, int nt) {
   if (nt < 1) nt = 1;
   if (mode == 2 && !gres) return 2;
   int64_t cg = C / G;
   double M = (double)HW * (double)cg;
   double* part = malloc(sizeof(double) * (2 * C + 1) * nt);
-  double* sums = malloc(sizeof(double) * 2 * C);
+  double* sums = malloc(sizeof(double) * 3 * C); /* gradient sums, then dx's column sums */
   float* coef = malloc(sizeof(float) * 5 * C);
   if (!part || !sums || !coef) { free(part); free(sums); free(coef); return 1; }
+  double* colsum = sums + 2 * C;
+  memset(colsum, 0, sizeof(double) * C);
   float *scale = coef, *shift = coef + C, *c1 = coef + 2 * C, *c2 = coef + 3 * C, *c3 = coef + 4 * C;
   if (dgamma) memset(dgamma, 0, sizeof(float) * C);
   if (dbeta) memset(dbeta, 0, sizeof(float) * C);
@@ -252,8 +256,16 @@ int moelab_gn_act_backward(const float* gy, const float* x, const float* mean, c
     }
     if (gw) gw[n] = (float)gwn;
     float* dn = dx + n * HW * C;
-#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
-    for (int64_t i = 0; i < HW; ++i) {
+    if (dxsum) memset(part, 0, sizeof(double) * (2 * C + 1) * nt);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+      int t = 0, T = 1;
+#ifdef _OPENMP
+      t = omp_get_thread_num();
+      T = omp_get_num_threads();
+#endif
+      double* ps = part + (2 * C + 1) * t;
+    for (int64_t i = lo(HW, t, T); i < lo(HW, t + 1, T); ++i) {
       const float* xr = xn + i * C;
       float* d = dn + i * C;
       if (mode == 0) {
@@ -268,8 +280,18 @@ int moelab_gn_act_backward(const float* gy, const float* x, const float* mean, c
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) d[c] = gr[c] * c1[c] + xr[c] * c2[c] + c3[c];
       }
+      if (dxsum) {
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) ps[c] += d[c];
+      }
     }
+    }
+    if (dxsum)
+      for (int t = 0; t < nt; ++t)
+        for (int64_t c = 0; c < C; ++c) colsum[c] += part[(2 * C + 1) * t + c];
   }
+  if (dxsum)
+    for (int64_t c = 0; c < C; ++c) dxsum[c] = (float)colsum[c];
   free(part);
   free(sums);
   free(coef);

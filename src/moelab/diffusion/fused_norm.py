@@ -170,7 +170,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     lib.moelab_gn_act_forward.argtypes = [p, p, p, i64, i64, i64, i64, f32, i32, p, p, p, p, p, i32]
     lib.moelab_gn_act_forward.restype = i32
-    lib.moelab_gn_act_backward.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i32, p, p, p, p, p, p, p, i32]
+    lib.moelab_gn_act_backward.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i32, p, p, p, p, p, p, p, p, i32]
     lib.moelab_gn_act_backward.restype = i32
 
 
@@ -233,12 +233,14 @@ def norm_act(
 def norm_act_backward(
     grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int,
     mode: int, res: Tensor | None = None, rows_weight: Tensor | None = None,
-    need_weight: bool = True, need_bias: bool = True,
-) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients of `norm_act` at ``grad``: ``(dx, dweight, dbias, dres, drows_weight)``; ``dweight``/
-    ``dbias`` None where not asked for or where there is no weight/bias; ``dres`` and
+    need_weight: bool = True, need_bias: bool = True, need_dx_sum: bool = False,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of `norm_act` at ``grad``: ``(dx, dweight, dbias, dres, drows_weight, dx_sum)``;
+    ``dweight``/``dbias`` None where not asked for or where there is no weight/bias; ``dres`` and
     ``drows_weight`` only for `NORM_ADD_GELU_SCALE` (``dres`` is the gradient at ``gn(x) + res``,
-    which is also the residual's)."""
+    which is also the residual's); ``dx_sum`` (``need_dx_sum``) ``dx`` summed over samples and
+    pixels, ``[C]``: the bias gradient of the 1x1 conv that produced ``x``, taken while ``dx`` is
+    written instead of in another pass over it."""
     n, c, h, w = x.shape
     grad = grad.contiguous(memory_format=torch.channels_last)
     lib = _library()
@@ -248,13 +250,14 @@ def norm_act_backward(
     tail = mode == NORM_ADD_GELU_SCALE
     dres = torch.empty_like(x) if tail else None
     drows = x.new_empty(n) if tail else None
+    dx_sum = x.new_empty(c) if need_dx_sum else None
     weight, bias, rows_weight = _vector(weight, c), _vector(bias, c), _vector(rows_weight, n)
     mean, rstd = mean.contiguous(), rstd.contiguous()  # named: a temporary would be freed before the call
     rc = lib.moelab_gn_act_backward(
         _ptr(grad), _ptr(x), _ptr(mean), _ptr(rstd), _ptr(weight), _ptr(bias),
         n, h * w, c, groups, mode, _ptr(res if tail else None), _ptr(rows_weight if tail else None),
-        _ptr(dx), _ptr(dweight), _ptr(dbias), _ptr(dres), _ptr(drows), torch.get_num_threads(),
+        _ptr(dx), _ptr(dweight), _ptr(dbias), _ptr(dres), _ptr(drows), _ptr(dx_sum), torch.get_num_threads(),
     )
     if rc:
         raise MemoryError("fused GroupNorm backward: out of memory for its per-channel buffers")
-    return dx, dweight, dbias, dres, drows
+    return dx, dweight, dbias, dres, drows, dx_sum

@@ -126,17 +126,17 @@ class _LeanDSExpert(torch.autograd.Function):
         c = x.shape[1]
         fused = ctx.fused  # the kernels forward used
         g_w = None
+        g_pw2b = g_pw1b = None  # the pointwise biases' gradients: from the fused kernels, or below
         if fused:
-            g_b2, g_n2w, g_n2b, g_s, g_rows = fused_norm.norm_act_backward(
+            g_b2, g_n2w, g_n2b, g_s, g_rows, g_pw2b = fused_norm.norm_act_backward(
                 grad, b2, m2, r2, n2w, n2b, groups, fused_norm.NORM_ADD_GELU_SCALE,
                 res=x.contiguous(memory_format=torch.channels_last), rows_weight=w,
-                need_weight=need[15], need_bias=need[16],
+                need_weight=need[15], need_bias=need[16], need_dx_sum=need[14],
             )
             if need[1]:
                 g_w = g_rows.view(w.shape).to(w.dtype)
             del g_rows
             # pw2(dw2(d1)): recompute d1 (the first norm's output, not kept) and the depthwise output
-            h1 = None
             d1 = fused_norm.norm_act(b1, n1w, n1b, groups, GN_EPS, fused_norm.NORM_GELU)[0]
         else:
             s = _gn(b2, n2w, n2b, groups)[0].add_(x)
@@ -150,16 +150,18 @@ class _LeanDSExpert(torch.autograd.Function):
             h1 = _gn(b1, n1w, n1b, groups)[0]
             d1 = gelu(h1)
         a2 = F.conv2d(d1, dw2w, dw2b, padding=pad, groups=c)
-        _, g_pw2w, g_pw2b = pointwise_rows_backward(g_b2, a2, pw2w, False, need[13], need[14])
+        _, g_pw2w, g_b = pointwise_rows_backward(g_b2, a2, pw2w, False, need[13], need[14] and not fused)
+        g_pw2b = g_pw2b if fused else g_b
         del a2
         g_a2 = pointwise_input_grad(g_b2, pw2w)
         del g_b2
         g_d1, g_dw2w, g_dw2b = _depthwise_backward(g_a2, d1, dw2w, True, pad, [True, need[11], need[12]])
         del d1, g_a2
         if fused:
-            g_b1, g_n1w, g_n1b = fused_norm.norm_act_backward(
-                g_d1, b1, m1, r1, n1w, n1b, groups, fused_norm.NORM_GELU, need_weight=need[9], need_bias=need[10]
-            )[:3]
+            g_b1, g_n1w, g_n1b, _, _, g_pw1b = fused_norm.norm_act_backward(
+                g_d1, b1, m1, r1, n1w, n1b, groups, fused_norm.NORM_GELU, need_weight=need[9], need_bias=need[10],
+                need_dx_sum=need[8],
+            )
             del g_d1
         else:
             g_h1 = gelu_backward(g_d1, h1)
@@ -167,7 +169,8 @@ class _LeanDSExpert(torch.autograd.Function):
             g_b1, g_n1w, g_n1b = _gn_backward(g_h1, b1, m1, r1, n1w, groups, [True, need[9], need[10]])
             del g_h1
         a1 = F.conv2d(x, dw1w, dw1b, padding=pad, groups=c)
-        _, g_pw1w, g_pw1b = pointwise_rows_backward(g_b1, a1, pw1w, False, need[7], need[8])
+        _, g_pw1w, g_b = pointwise_rows_backward(g_b1, a1, pw1w, False, need[7], need[8] and not fused)
+        g_pw1b = g_pw1b if fused else g_b
         del a1
         g_a1 = pointwise_input_grad(g_b1, pw1w)
         del g_b1
