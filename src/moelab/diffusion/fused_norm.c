@@ -73,6 +73,17 @@ static inline float gelu_fd(float s, float* d) {
 
 static inline int64_t lo(int64_t total, int t, int nt) { return total * t / nt; }
 
+/* this thread's number and the team's size (0 and 1 outside OpenMP) */
+static inline void thread_in_team(int* t, int* T) {
+#ifdef _OPENMP
+  *t = omp_get_thread_num();
+  *T = omp_get_num_threads();
+#else
+  *t = 0;
+  *T = 1;
+#endif
+}
+
 /* per-channel scale and shift of sample n: y = x * scale + shift */
 static void affine(const float* mean, const float* rstd, const float* gamma, const float* beta, int64_t n, int64_t C,
                    int64_t G, float* scale, float* shift) {
@@ -101,11 +112,8 @@ int moelab_gn_act_forward(const float* x, const float* gamma, const float* beta,
     memset(part, 0, sizeof(double) * 2 * C * nt); /* slots of threads the team did not get stay 0 */
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
-      int t = 0, T = 1;
-#ifdef _OPENMP
-      t = omp_get_thread_num();
-      T = omp_get_num_threads();
-#endif
+      int t, T;
+      thread_in_team(&t, &T);
       double* s = part + 2 * C * t;
       double* q = s + C;
       for (int64_t i = lo(HW, t, T); i < lo(HW, t + 1, T); ++i) {
@@ -186,11 +194,8 @@ int moelab_gn_act_backward(const float* gy, const float* x, const float* mean, c
     memset(part, 0, sizeof(double) * (2 * C + 1) * nt);
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
-      int t = 0, T = 1;
-#ifdef _OPENMP
-      t = omp_get_thread_num();
-      T = omp_get_num_threads();
-#endif
+      int t, T;
+      thread_in_team(&t, &T);
       double* sg = part + (2 * C + 1) * t;
       double* sgx = sg + C;
       double acc = 0;
@@ -259,11 +264,8 @@ int moelab_gn_act_backward(const float* gy, const float* x, const float* mean, c
     if (dxsum) memset(part, 0, sizeof(double) * (2 * C + 1) * nt);
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
-      int t = 0, T = 1;
-#ifdef _OPENMP
-      t = omp_get_thread_num();
-      T = omp_get_num_threads();
-#endif
+      int t, T;
+      thread_in_team(&t, &T);
       double* ps = part + (2 * C + 1) * t;
     for (int64_t i = lo(HW, t, T); i < lo(HW, t + 1, T); ++i) {
       const float* xr = xn + i * C;

@@ -27,7 +27,7 @@ layout) and adding it to the channels-last gradient the experts return is a mixe
 On channels-last float32 CPU tensors the expert's and the head's norm-and-GELU steps run on
 `moelab.diffusion.fused_norm`'s compiled kernels (one pass for ``gelu(gn(.))``, one for the tail
 ``gelu(gn(.) + x) * w``, and their gradients; the first norm's output is no longer kept between
-backward's recompute and its use): the 64x64 training step 8% shorter on a 2-core Xeon. Values and
+backward's recompute and its use): the 64x64 training step 7-8% shorter on a 2-core Xeon. Values and
 gradients are then those of the composed ops to float rounding (as close to a float64 run as
 PyTorch's kernels are: ``tests/test_diffusion_fused_norm.py``). With those kernels off
 (``MOELAB_FUSED_NORM=0``, `moelab.diffusion.fused_norm.set_enabled`, or no C compiler) they are the
