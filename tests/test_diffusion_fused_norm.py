@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -213,6 +214,26 @@ def test_a_failing_build_warns_and_falls_back(monkeypatch, tmp_path):
         with pytest.warns(UserWarning, match="always fails"):
             assert fused_norm._library() is None
         assert not list((tmp_path / "cache").rglob("*.so"))  # nothing half-written left behind
+    finally:
+        fused_norm._library.cache_clear()
+
+
+@needs_kernel
+def test_a_compiler_without_openmp_still_builds_the_kernel(monkeypatch, tmp_path):
+    real = fused_norm._compiler()
+    fake = tmp_path / "cc"
+    fake.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && {{ echo "no OpenMP here" >&2; exit 1; }}; done\nexec {real} "$@"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    monkeypatch.setenv("MOELAB_CACHE", str(tmp_path / "cache"))
+    fused_norm._library.cache_clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a flag set that works is no reason to warn
+            assert fused_norm._library() is not None
+        x = torch.randn(2, 8, 4, 4).contiguous(memory_format=CL)
+        y, _, _ = fused_norm.norm_act(x, None, None, 4, 1e-5, fused_norm.NORM)
+        torch.testing.assert_close(y, F.group_norm(x, 4))
     finally:
         fused_norm._library.cache_clear()
 

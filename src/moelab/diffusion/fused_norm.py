@@ -106,10 +106,13 @@ def _cache_dir() -> Path:
 
 
 def _flag_sets() -> list[list[str]]:
-    base = ["-O3", "-fPIC", "-shared", "-fno-math-errno", "-march=native"]
+    """Compiler flags to try in turn: this CPU's vector instructions with OpenMP, without OpenMP
+    (e.g. Apple's clang), then portable code (a compiler that knows no ``-march=native``)."""
+    portable = ["-O3", "-fPIC", "-shared", "-fno-math-errno"]
+    native = [*portable, "-march=native"]
     if platform.machine().lower() in ("x86_64", "amd64"):
-        base.append("-mprefer-vector-width=512")  # gcc keeps 256-bit vectors on AVX-512 unless told
-    return [base + ["-fopenmp"], base]
+        native.append("-mprefer-vector-width=512")  # gcc keeps 256-bit vectors on AVX-512 unless told
+    return [[*native, "-fopenmp"], [*native, "-fopenmp-simd"], [*portable, "-fopenmp-simd"], portable]
 
 
 def _build(cc: str, flags: list[str], target: Path) -> str | None:
