@@ -75,6 +75,9 @@ def test_kernels_match_float64_autograd(mode, shape, groups, affine, nthreads, t
     _close(y, y_ref)
     _close(mean, m_ref)
     _close(rstd, r_ref)
+    # backward's recomputation: the statistics given, no statistics pass, the same output to the bit
+    y_given, m_given, r_given = fused_norm.norm_act(x, weight, bias, groups, 1e-5, mode, stats=(mean, rstd), **kw)
+    assert torch.equal(y_given, y) and torch.equal(m_given, mean) and torch.equal(r_given, rstd)
     dx, dw, db, dres, drows, dx_sum = fused_norm.norm_act_backward(
         grad, x, mean, rstd, weight, bias, groups, mode, need_dx_sum=True, **kw
     )

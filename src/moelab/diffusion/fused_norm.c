@@ -96,12 +96,48 @@ static void affine(const float* mean, const float* rstd, const float* gamma, con
   }
 }
 
-int moelab_gn_act_forward(const float* x, const float* gamma, const float* beta, int64_t N, int64_t HW, int64_t C,
-                          int64_t G, float eps, int mode, const float* res, const float* wrow, float* out, float* mean,
-                          float* rstd, int nt) {
-  if (nt < 1) nt = 1;
+/* mean and rstd of sample xn's groups (double sums over fixed per-thread row ranges, reduced in
+ * thread order); part: 2 * C * nt doubles of scratch */
+static void group_stats(const float* xn, int64_t HW, int64_t C, int64_t G, float eps, double* part, int nt, float* mean,
+                        float* rstd) {
   int64_t cg = C / G;
   double M = (double)HW * (double)cg;
+  memset(part, 0, sizeof(double) * 2 * C * nt); /* slots of threads the team did not get stay 0 */
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    int t, T;
+    thread_in_team(&t, &T);
+    double* s = part + 2 * C * t;
+    double* q = s + C;
+    for (int64_t i = lo(HW, t, T); i < lo(HW, t + 1, T); ++i) {
+      const float* xr = xn + i * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        double v = xr[c];
+        s[c] += v;
+        q[c] += v * v;
+      }
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    double ss = 0, qq = 0;
+    for (int t = 0; t < nt; ++t) {
+      const double* s = part + 2 * C * t;
+      for (int64_t c = g * cg; c < (g + 1) * cg; ++c) { ss += s[c]; qq += s[C + c]; }
+    }
+    double m = ss / M, var = qq / M - m * m;
+    if (var < 0) var = 0;
+    mean[g] = (float)m;
+    rstd[g] = (float)(1.0 / __builtin_sqrt(var + (double)eps));
+  }
+}
+
+/* have_stats: mean and rstd are given (as an earlier call returned them), not computed: the
+ * recomputation in backward needs no statistics pass. */
+int moelab_gn_act_forward(const float* x, const float* gamma, const float* beta, int64_t N, int64_t HW, int64_t C,
+                          int64_t G, float eps, int mode, const float* res, const float* wrow, float* out, float* mean,
+                          float* rstd, int have_stats, int nt) {
+  if (nt < 1) nt = 1;
   double* part = malloc(sizeof(double) * 2 * C * nt);
   float* coef = malloc(sizeof(float) * 2 * C);
   if (!part || !coef) { free(part); free(coef); return 1; }
@@ -109,34 +145,7 @@ int moelab_gn_act_forward(const float* x, const float* gamma, const float* beta,
   float* shift = coef + C;
   for (int64_t n = 0; n < N; ++n) {
     const float* xn = x + n * HW * C;
-    memset(part, 0, sizeof(double) * 2 * C * nt); /* slots of threads the team did not get stay 0 */
-#pragma omp parallel num_threads(nt) if (nt > 1)
-    {
-      int t, T;
-      thread_in_team(&t, &T);
-      double* s = part + 2 * C * t;
-      double* q = s + C;
-      for (int64_t i = lo(HW, t, T); i < lo(HW, t + 1, T); ++i) {
-        const float* xr = xn + i * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          double v = xr[c];
-          s[c] += v;
-          q[c] += v * v;
-        }
-      }
-    }
-    for (int64_t g = 0; g < G; ++g) {
-      double ss = 0, qq = 0;
-      for (int t = 0; t < nt; ++t) {
-        const double* s = part + 2 * C * t;
-        for (int64_t c = g * cg; c < (g + 1) * cg; ++c) { ss += s[c]; qq += s[C + c]; }
-      }
-      double m = ss / M, var = qq / M - m * m;
-      if (var < 0) var = 0;
-      mean[n * G + g] = (float)m;
-      rstd[n * G + g] = (float)(1.0 / __builtin_sqrt(var + (double)eps));
-    }
+    if (!have_stats) group_stats(xn, HW, C, G, eps, part, nt, mean + n * G, rstd + n * G);
     affine(mean, rstd, gamma, beta, n, C, G, scale, shift);
     float* on = out + n * HW * C;
     const float* rn = res ? res + n * HW * C : 0;

@@ -171,7 +171,7 @@ def _library() -> ctypes.CDLL | None:
 
 def _declare(lib: ctypes.CDLL) -> None:
     p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-    lib.moelab_gn_act_forward.argtypes = [p, p, p, i64, i64, i64, i64, f32, i32, p, p, p, p, p, i32]
+    lib.moelab_gn_act_forward.argtypes = [p, p, p, i64, i64, i64, i64, f32, i32, p, p, p, p, p, i32, i32]
     lib.moelab_gn_act_forward.restype = i32
     lib.moelab_gn_act_backward.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i32, p, p, p, p, p, p, p, p, i32]
     lib.moelab_gn_act_backward.restype = i32
@@ -210,23 +210,27 @@ def _vector(t: Tensor | None, n: int) -> Tensor | None:
 
 def norm_act(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float, mode: int,
-    res: Tensor | None = None, rows_weight: Tensor | None = None,
+    res: Tensor | None = None, rows_weight: Tensor | None = None, stats: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(y, mean, rstd)`` for ``mode`` (`NORM`, `NORM_GELU`, `NORM_ADD_GELU_SCALE`): ``mean`` and
-    ``rstd`` ``[N, groups]`` as `torch.native_group_norm` returns them. No autograd: the caller's
-    Function keeps what backward needs. Only for inputs `supports` accepts."""
+    ``rstd`` ``[N, groups]`` as `torch.native_group_norm` returns them. ``stats``: ``(mean, rstd)``
+    of an earlier call on the same ``x``, used instead of a statistics pass (backward's
+    recomputation). No autograd: the caller's Function keeps what backward needs. Only for inputs
+    `supports` accepts."""
     n, c, h, w = x.shape
     if mode == NORM_ADD_GELU_SCALE and (res is None or rows_weight is None):
         raise ValueError("NORM_ADD_GELU_SCALE needs res and rows_weight")
     lib = _library()
     out = torch.empty_like(x)
-    mean = x.new_empty(n, groups)
-    rstd = x.new_empty(n, groups)
+    if stats is None:
+        mean, rstd = x.new_empty(n, groups), x.new_empty(n, groups)
+    else:
+        mean, rstd = (t.contiguous() for t in stats)
     weight, bias, rows_weight = _vector(weight, c), _vector(bias, c), _vector(rows_weight, n)
     rc = lib.moelab_gn_act_forward(
         _ptr(x), _ptr(weight), _ptr(bias), n, h * w, c, groups, eps, mode,
         _ptr(res if mode == NORM_ADD_GELU_SCALE else None), _ptr(rows_weight if mode == NORM_ADD_GELU_SCALE else None),
-        _ptr(out), _ptr(mean), _ptr(rstd), torch.get_num_threads(),
+        _ptr(out), _ptr(mean), _ptr(rstd), int(stats is not None), torch.get_num_threads(),
     )
     if rc:
         raise MemoryError("fused GroupNorm: out of memory for its per-channel buffers")

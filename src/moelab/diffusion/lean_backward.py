@@ -137,7 +137,7 @@ class _LeanDSExpert(torch.autograd.Function):
                 g_w = g_rows.view(w.shape).to(w.dtype)
             del g_rows
             # pw2(dw2(d1)): recompute d1 (the first norm's output, not kept) and the depthwise output
-            d1 = fused_norm.norm_act(b1, n1w, n1b, groups, GN_EPS, fused_norm.NORM_GELU)[0]
+            d1 = fused_norm.norm_act(b1, n1w, n1b, groups, GN_EPS, fused_norm.NORM_GELU, stats=(m1, r1))[0]
         else:
             s = _gn(b2, n2w, n2b, groups)[0].add_(x)
             if need[1]:
@@ -318,7 +318,7 @@ class _NormActConv(torch.autograd.Function):
         h, mean, rstd, norm_weight, norm_bias, conv_weight = ctx.saved_tensors
         need = ctx.needs_input_grad
         if ctx.fused:
-            z, d = None, fused_norm.norm_act(h, norm_weight, norm_bias, ctx.groups, ctx.eps, fused_norm.NORM_GELU)[0]
+            z, d = None, fused_norm.norm_act(h, norm_weight, norm_bias, ctx.groups, ctx.eps, fused_norm.NORM_GELU, stats=(mean, rstd))[0]
         else:
             z = _gn(h, norm_weight, norm_bias, ctx.groups, ctx.eps)[0]
             d = gelu(z)
