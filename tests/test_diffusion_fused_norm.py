@@ -1,6 +1,7 @@
 """`moelab.diffusion.fused_norm`: the compiled GroupNorm+GELU kernels against a float64 autograd
-reference (values and every gradient, 1 and 2 threads), the lean expert and output head on them
-against the composed ops, the fallback without a compiler and the kernel cache."""
+reference (values and every gradient, 1 and 2 threads), the fallback without a compiler and the
+kernel cache. The lean expert and output head on them, against the composed ops:
+tests/test_diffusion_lean_backward.py."""
 
 from __future__ import annotations
 
@@ -13,10 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import moelab.diffusion.experts as experts_module
 from moelab.diffusion import fused_norm
 from moelab.diffusion.lean_backward import norm_act_conv
-from moelab.moe import MoELayer, TopKRouter
 
 CL = torch.channels_last
 needs_kernel = pytest.mark.skipif(fused_norm._library() is None, reason="no C compiler here: the fused kernels fall back")
@@ -119,75 +118,6 @@ def test_supports_only_channels_last_float32_cpu_and_divisible_groups():
     with fused_norm.enabled(False):
         assert not fused_norm.supports(cl, 4)
     assert fused_norm.supports(cl, 4) == (fused_norm._library() is not None)
-
-
-def _expert_step(layer, x):
-    layer.zero_grad(set_to_none=True)
-    xi = x.clone().requires_grad_(True)
-    y = layer(xi, router_features=xi.mean((2, 3)))
-    (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
-    return [y.detach(), xi.grad.clone(), *(p.grad.clone() for _, p in sorted(layer.named_parameters()) if p.grad is not None)]
-
-
-def _no_less_accurate(fused, aten, ref64):
-    """Each fused result is as close to the float64 result as PyTorch's float32 kernels get (within
-    2x, or a float32 rounding of the values' scale)."""
-    assert len(fused) == len(aten) == len(ref64)
-    for f, a, r in zip(fused, aten, ref64, strict=True):
-        err_fused, err_aten = (f.double() - r).abs().max().item(), (a.double() - r).abs().max().item()
-        assert err_fused <= 2 * err_aten + 1e-6 * r.abs().max().item(), (err_fused, err_aten)
-
-
-@needs_kernel
-@pytest.mark.parametrize("k", [1, 2])
-def test_lean_expert_on_fused_kernels_equals_the_composed_expert(k, monkeypatch):
-    """Same routing, output and every gradient as the composed expert to float rounding -- as close
-    to a float64 run as the composed expert on PyTorch's kernels is; and the lean expert really ran
-    on the fused kernels."""
-    monkeypatch.setattr(experts_module, "LEAN_MIN_NUMEL", 0)
-    torch.manual_seed(0)
-    layer = MoELayer(TopKRouter(16, 4, k), experts_module.ResidualConvExperts(4, 16))
-    layer.experts.dispatch_mode = "grouped"
-    for p in layer.experts.parameters():
-        p.data.add_(0.1 * torch.randn_like(p))
-    x = torch.randn(6, 16, 12, 12).contiguous(memory_format=CL)
-    layer.experts.lean_backward = False
-    composed = _expert_step(layer, x)
-    ref64 = _expert_step(layer.double(), x.double())
-    layer.float()
-    layer.experts.lean_backward = True
-    calls = []
-    real = fused_norm.norm_act_backward
-    monkeypatch.setattr(fused_norm, "norm_act_backward", lambda *a, **kw: calls.append(a[7]) or real(*a, **kw))
-    fused = _expert_step(layer, x)
-    assert sorted(set(calls)) == [fused_norm.NORM_GELU, fused_norm.NORM_ADD_GELU_SCALE]
-    _no_less_accurate(fused, composed, ref64)
-
-
-@needs_kernel
-def test_output_head_on_fused_kernels_equals_composed_ops():
-    from moelab.diffusion.activations import gelu
-
-    torch.manual_seed(2)
-    norm, conv = torch.nn.GroupNorm(4, 16), torch.nn.Conv2d(16, 3, 3, padding=1)
-    for p in norm.parameters():
-        p.data.add_(0.1 * torch.randn_like(p))
-    h = torch.randn(3, 16, 10, 10).contiguous(memory_format=CL)
-    assert fused_norm.supports(h, norm.num_groups)
-
-    def run(fn, h):
-        for p in (*norm.parameters(), *conv.parameters()):
-            p.grad = None
-        hi = h.clone().requires_grad_(True)
-        y = fn(hi)
-        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
-        return [y.detach(), hi.grad, *(p.grad.clone() for p in (*norm.parameters(), *conv.parameters()))]
-
-    composed = run(lambda z: conv(gelu(norm(z))), h)
-    fused = run(lambda z: norm_act_conv(z, norm, conv), h)
-    norm.double(), conv.double()
-    ref64 = run(lambda z: conv(gelu(norm(z))), h.double())
-    _no_less_accurate(fused, composed, ref64)
 
 
 def test_without_a_compiler_it_warns_once_and_falls_back(monkeypatch, tmp_path):

@@ -167,6 +167,26 @@ def test_lean_upsample_is_bit_identical_and_keeps_only_its_input(channels_last):
         assert saved_plain - saved_lean == 3 * x.numel()
 
 
+def _head(channels_last: bool):
+    """The output head's norm and conv (non-trivial norm affine parameters) and an input for it."""
+    torch.manual_seed(2)
+    norm, conv = torch.nn.GroupNorm(4, 16), torch.nn.Conv2d(16, 3, 3, padding=1)
+    for p in norm.parameters():
+        p.data.add_(0.1 * torch.randn_like(p))
+    h = torch.randn(3, 16, 10, 10)
+    return norm, conv, h.contiguous(memory_format=torch.channels_last) if channels_last else h
+
+
+def _head_step(fn, h, norm, conv):
+    """Output, input gradient and every parameter gradient of ``fn(h)``, and the elements it saved."""
+    for p in (*norm.parameters(), *conv.parameters()):
+        p.grad = None
+    hi = h.clone().requires_grad_(True)
+    y, saved = _saved_numel(fn, hi)
+    (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+    return [y.detach(), hi.grad, *(p.grad.clone() for p in (*norm.parameters(), *conv.parameters()))], saved
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_lean_output_head_is_bit_identical_and_keeps_only_its_input(channels_last):
     """`norm_act_conv` = conv(gelu(group_norm(h))) to the bit, values and every gradient; it keeps
@@ -174,25 +194,64 @@ def test_lean_output_head_is_bit_identical_and_keeps_only_its_input(channels_las
     from moelab.diffusion.activations import gelu
     from moelab.diffusion.lean_backward import norm_act_conv
 
-    torch.manual_seed(2)
-    norm, conv = torch.nn.GroupNorm(4, 16), torch.nn.Conv2d(16, 3, 3, padding=1)
-    for p in norm.parameters():
-        p.data.add_(0.1 * torch.randn_like(p))
-    h = torch.randn(3, 16, 10, 10)
-    if channels_last:
-        h = h.contiguous(memory_format=torch.channels_last)
-    results = []
-    for fn in (lambda z: conv(gelu(norm(z))), lambda z: norm_act_conv(z, norm, conv)):
-        norm.zero_grad(set_to_none=True)
-        conv.zero_grad(set_to_none=True)
-        hi = h.clone().requires_grad_(True)
-        y, saved = _saved_numel(fn, hi)
-        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
-        results.append((y.detach(), hi.grad, *(p.grad.clone() for p in (*norm.parameters(), *conv.parameters())), saved))
-    (*plain, saved_plain), (*lean, saved_lean) = results
+    norm, conv, h = _head(channels_last)
+    plain, saved_plain = _head_step(lambda z: conv(gelu(norm(z))), h, norm, conv)
+    lean, saved_lean = _head_step(lambda z: norm_act_conv(z, norm, conv), h, norm, conv)
     for a, b in zip(plain, lean, strict=True):
         assert torch.equal(a, b)
     assert saved_plain - saved_lean == 2 * h.numel() - norm.bias.numel()
+
+
+def _no_less_accurate(fused, aten, ref64):
+    """Each fused result is as close to the float64 result as PyTorch's float32 kernels get (within
+    2x, or a float32 rounding of the values' scale)."""
+    assert len(fused) == len(aten) == len(ref64)
+    for f, a, r in zip(fused, aten, ref64, strict=True):
+        err_fused, err_aten = (f.double() - r).abs().max().item(), (a.double() - r).abs().max().item()
+        assert err_fused <= 2 * err_aten + 1e-6 * r.abs().max().item(), (err_fused, err_aten)
+
+
+needs_kernel = pytest.mark.skipif(fused_norm._library() is None, reason="no C compiler here: the fused kernels fall back")
+
+
+@needs_kernel
+@pytest.mark.parametrize("k", [1, 2])
+def test_lean_expert_on_fused_kernels_equals_the_composed_expert(k, monkeypatch):
+    """With `moelab.diffusion.fused_norm` on: same routing, output and every gradient as the
+    composed expert to float rounding -- as close to a float64 run as the composed expert on
+    PyTorch's kernels is; and the lean expert really ran on the fused kernels."""
+
+    def results(layer, x, lean):
+        y, gx, grads, _ = _step(layer, x, lean)
+        return [y, gx, *(grads[n] for n in sorted(grads))]
+
+    layer = _layer(k=k)
+    x = torch.randn(6, 16, 12, 12).contiguous(memory_format=torch.channels_last)
+    composed = results(layer, x, lean=False)
+    ref64 = results(layer.double(), x.double(), lean=False)
+    layer.float()
+    calls = []
+    real = fused_norm.norm_act_backward
+    monkeypatch.setattr(fused_norm, "norm_act_backward", lambda *a, **kw: calls.append(a[7]) or real(*a, **kw))
+    with fused_norm.enabled(True):
+        fused = results(layer, x, lean=True)
+    assert sorted(set(calls)) == [fused_norm.NORM_GELU, fused_norm.NORM_ADD_GELU_SCALE]
+    _no_less_accurate(fused, composed, ref64)
+
+
+@needs_kernel
+def test_output_head_on_fused_kernels_equals_composed_ops():
+    from moelab.diffusion.activations import gelu
+    from moelab.diffusion.lean_backward import norm_act_conv
+
+    norm, conv, h = _head(channels_last=True)
+    with fused_norm.enabled(True):
+        assert fused_norm.supports(h, norm.num_groups)
+        fused = _head_step(lambda z: norm_act_conv(z, norm, conv), h, norm, conv)[0]
+    composed = _head_step(lambda z: conv(gelu(norm(z))), h, norm, conv)[0]
+    norm.double(), conv.double()
+    ref64 = _head_step(lambda z: conv(gelu(norm(z))), h.double(), norm, conv)[0]
+    _no_less_accurate(fused, composed, ref64)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
