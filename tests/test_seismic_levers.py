@@ -285,18 +285,30 @@ def test_config_refuses_bad_lever_values(args, match):
         validate({"model": "EQTransformer", "data": "x", "model_args": {"shared_expert": True}})
 
 
+def _router_input(ff, x: torch.Tensor) -> torch.Tensor:
+    """What the router network of the MoE layer ``ff`` receives for its channels-first input ``x``."""
+    seen: list[torch.Tensor] = []
+    hook = ff.router.net.register_forward_hook(lambda m, a, o: seen.append(a[0].detach()))
+    with torch.no_grad():
+        ff(x)
+    hook.remove()
+    return seen[0]
+
+
 def _router_inputs(model: SeisMoE, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """What each MoE layer's router network and experts receive in one forward of ``model``."""
+    """Each MoE layer's input in one forward of ``model`` (``"<block>.input"``) and what its router
+    network receives for that input (``"<block>.router"``, through `_router_input`)."""
     seen: dict[str, torch.Tensor] = {}
-    hooks = []
-    for name in MOE_BLOCKS:
-        ff = getattr(model, name).ff
-        hooks.append(ff.router.net.register_forward_hook(lambda m, a, o, n=name: seen.__setitem__(f"{n}.router", a[0].detach())))
-        hooks.append(ff.register_forward_hook(lambda m, a, o, n=name: seen.__setitem__(f"{n}.input", a[0].detach())))
+    hooks = [
+        getattr(model, name).ff.register_forward_hook(lambda m, a, o, n=name: seen.__setitem__(f"{n}.input", a[0].detach()))
+        for name in MOE_BLOCKS
+    ]
     with torch.no_grad():
         model(x)
     for h in hooks:
         h.remove()
+    for name in MOE_BLOCKS:
+        seen[f"{name}.router"] = _router_input(getattr(model, name).ff, seen[f"{name}.input"])
     return seen
 
 
@@ -317,16 +329,6 @@ def test_router_context_routes_on_the_token_and_its_traces_mean(dense):
         assert _max_diff(moe(x), dense(x)) < 1e-6
     plain = _router_inputs(SeisMoE.from_eqtransformer(dense).eval(), x)
     assert all(plain[f"{n}.router"].shape[-1] == 16 for n in MOE_BLOCKS)
-
-
-def _router_input(ff, x: torch.Tensor) -> torch.Tensor:
-    """What the router network of the MoE layer ``ff`` receives for its channels-first input ``x``."""
-    seen: list[torch.Tensor] = []
-    hook = ff.router.net.register_forward_hook(lambda m, a, o: seen.append(a[0].detach()))
-    with torch.no_grad():
-        ff(x)
-    hook.remove()
-    return seen[0]
 
 
 def test_router_context_changes_a_tokens_routing_with_the_rest_of_its_trace(dense):
