@@ -10,8 +10,9 @@ For each scale the seven models are built from the same config (only the archite
            levels recomputed: most of the activations, half of the GEMMs' recompute)
   moe_plain: MoEFsDiC with ``train.lean_backward: false`` (experts as plain autograd ops, keeping
            every intermediate for backward: what `moe` cost before `moelab.diffusion.lean_backward`)
-  moe_aten: MoEFsDiC with the fused GroupNorm+GELU kernels off (`moelab.diffusion.fused_norm`;
-           PyTorch's kernels, as ``MOELAB_FUSED_NORM=0`` runs it: what `moe` cost before them)
+  moe_aten: MoEFsDiC with moelab's C kernels off (`moelab.diffusion.kernels`: the fused
+           GroupNorm+GELU and the depthwise-conv backward; PyTorch's kernels, as
+           ``MOELAB_CPU_KERNELS=0`` runs it: what `moe` cost before them)
 and measured on the same inputs (x, t, c, noise), with the same torch thread count:
 
 * time   : forward + loss (MSE, plus the load-balance loss for MoE) + backward, gradients reset
@@ -87,7 +88,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from moelab.diffusion import fused_norm
+from moelab.diffusion import kernels
 from moelab.diffusion.config import load_config, parse_override
 from moelab.diffusion.models import build_model, prepare_for_training
 from moelab.diffusion.sample import guided_eps
@@ -114,8 +115,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "moe_plain": {"train.lean_backward": False},
     "moe_aten": {},
 }
-#: variants run with `moelab.diffusion.fused_norm` off (PyTorch's GroupNorm and GELU kernels)
-FUSED_NORM_OFF = {"moe_aten"}
+#: variants run with moelab's C kernels off (`moelab.diffusion.kernels`: PyTorch's kernels throughout)
+KERNELS_OFF = {"moe_aten"}
 GUIDANCE = 1.25
 #: ``--set SECTION.KEY=VALUE`` overrides, applied to every scale and variant (e.g. moe.k_active=1)
 EXTRA_OVERRIDES: dict[str, Any] = {}
@@ -174,7 +175,7 @@ def make_step(
     def step() -> None:
         for p in model.parameters():
             p.grad = None
-        with fused_norm.enabled(fused_norm.is_enabled() and variant not in FUSED_NORM_OFF), autocast(device, precision):
+        with kernels.enabled(kernels.is_enabled() and variant not in KERNELS_OFF), autocast(device, precision):
             pred, logits = fwd(x, t, c)
             loss = F.mse_loss(pred.float(), noise)
             if logits:
@@ -503,7 +504,7 @@ def main() -> None:
             print(f"{v} ({key}: {value}): {v}/dense time={worst[v][0]:.2f} mem={worst[v][1]:.2f}")
         gains = " ".join(f"{k}={v:.3f}" for k, v in fused_gain.items())
         print(
-            f"moe_aten (fused GroupNorm+GELU off): moe_aten/dense time={worst['moe_aten'][0]:.2f} mem={worst['moe_aten'][1]:.2f}; "
+            f"moe_aten (moelab's C kernels off): moe_aten/dense time={worst['moe_aten'][0]:.2f} mem={worst['moe_aten'][1]:.2f}; "
             f"moe/moe_aten time {gains}"
         )
         if worst["moe"][2]:

@@ -1,21 +1,15 @@
 """`moelab.diffusion.fused_norm`: the compiled GroupNorm+GELU kernels against a float64 autograd
-reference (values and every gradient, 1 and 2 threads), the fallback without a compiler and the
-kernel cache. The lean expert and output head on them, against the composed ops:
-tests/test_diffusion_lean_backward.py."""
+reference (values and every gradient, 1 and 2 threads) and where they run. Building, caching and
+the fallback without a compiler: tests/test_diffusion_kernels.py. The lean expert and output head
+on them, against the composed ops: tests/test_diffusion_lean_backward.py."""
 
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
-import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from moelab.diffusion import fused_norm
-from moelab.diffusion.lean_backward import norm_act_conv
+from moelab.diffusion import fused_norm, kernels
 
 CL = torch.channels_last
 needs_kernel = pytest.mark.skipif(fused_norm._library() is None, reason="no C compiler here: the fused kernels fall back")
@@ -23,7 +17,7 @@ needs_kernel = pytest.mark.skipif(fused_norm._library() is None, reason="no C co
 
 @pytest.fixture(autouse=True)
 def _fused_on():
-    with fused_norm.enabled(True):
+    with kernels.enabled(True):
         yield
 
 
@@ -115,84 +109,6 @@ def test_supports_only_channels_last_float32_cpu_and_divisible_groups():
     assert not fused_norm.supports(cl.double(), 4)
     assert not fused_norm.supports(cl, 3)
     assert not fused_norm.supports(cl, 4, x)  # a companion tensor in another layout
-    with fused_norm.enabled(False):
+    with kernels.enabled(False):
         assert not fused_norm.supports(cl, 4)
     assert fused_norm.supports(cl, 4) == (fused_norm._library() is not None)
-
-
-def test_without_a_compiler_it_warns_once_and_falls_back(monkeypatch, tmp_path):
-    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setenv("MOELAB_CACHE", str(tmp_path))
-    fused_norm._library.cache_clear()
-    try:
-        with pytest.warns(UserWarning, match="no C compiler"):
-            assert not fused_norm.supports(torch.randn(2, 8, 4, 4).contiguous(memory_format=CL), 4)
-        # the composed path still computes the head
-        norm, conv = torch.nn.GroupNorm(4, 8), torch.nn.Conv2d(8, 3, 3, padding=1)
-        h = torch.randn(2, 8, 5, 5).contiguous(memory_format=CL).requires_grad_(True)
-        norm_act_conv(h, norm, conv).sum().backward()
-        assert h.grad is not None
-    finally:
-        fused_norm._library.cache_clear()
-
-
-def test_a_failing_build_warns_and_falls_back(monkeypatch, tmp_path):
-    fake = tmp_path / "cc"
-    fake.write_text("#!/bin/sh\necho 'cc: error: this compiler always fails' >&2\nexit 1\n")
-    fake.chmod(0o755)
-    monkeypatch.setenv("CC", str(fake))
-    monkeypatch.setenv("MOELAB_CACHE", str(tmp_path / "cache"))
-    fused_norm._library.cache_clear()
-    try:
-        with pytest.warns(UserWarning, match="always fails"):
-            assert fused_norm._library() is None
-        assert not list((tmp_path / "cache").rglob("*.so"))  # nothing half-written left behind
-    finally:
-        fused_norm._library.cache_clear()
-
-
-@needs_kernel
-def test_a_compiler_without_openmp_still_builds_the_kernel(monkeypatch, tmp_path):
-    real = fused_norm._compiler()
-    fake = tmp_path / "cc"
-    fake.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && {{ echo "no OpenMP here" >&2; exit 1; }}; done\nexec {real} "$@"\n')
-    fake.chmod(0o755)
-    monkeypatch.setenv("CC", str(fake))
-    monkeypatch.setenv("MOELAB_CACHE", str(tmp_path / "cache"))
-    fused_norm._library.cache_clear()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # a flag set that works is no reason to warn
-            assert fused_norm._library() is not None
-        x = torch.randn(2, 8, 4, 4).contiguous(memory_format=CL)
-        y, _, _ = fused_norm.norm_act(x, None, None, 4, 1e-5, fused_norm.NORM)
-        torch.testing.assert_close(y, F.group_norm(x, 4))
-    finally:
-        fused_norm._library.cache_clear()
-
-
-@needs_kernel
-def test_kernel_is_built_once_and_then_loaded_from_the_cache(monkeypatch, tmp_path):
-    monkeypatch.setenv("MOELAB_CACHE", str(tmp_path))
-    fused_norm._library.cache_clear()
-    try:
-        assert fused_norm._library() is not None
-        built = list((tmp_path / "kernels").glob("fused_norm-*.so"))
-        assert len(built) == 1
-        fused_norm._library.cache_clear()
-
-        def no_compiler(*a, **kw):
-            raise AssertionError("rebuilt a cached kernel")
-
-        monkeypatch.setattr(fused_norm.subprocess, "run", no_compiler)
-        assert fused_norm._library() is not None
-        assert list((tmp_path / "kernels").glob("fused_norm-*.so")) == built
-    finally:
-        fused_norm._library.cache_clear()
-
-
-def test_environment_variable_turns_the_kernels_off():
-    code = "from moelab.diffusion import fused_norm; print(fused_norm.is_enabled())"
-    env = {**os.environ, "MOELAB_FUSED_NORM": "0"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"

@@ -1,8 +1,9 @@
 """`moelab.diffusion.lean_backward`: the lean expert, upsampling conv and output head are
 bit-identical to the composed ops in outputs and every gradient, keeping far fewer activations for
-backward; the router's pooling hands back a broadcast gradient. With the fused GroupNorm+GELU
-kernels off: with them on the lean ops equal the composed ones to float rounding
-(tests/test_diffusion_fused_norm.py)."""
+backward; the router's pooling hands back a broadcast gradient. With moelab's compiled CPU kernels
+off; with them on (the fused GroupNorm+GELU, the depthwise-conv backward) the lean ops equal the
+composed ones to float rounding, as close to a float64 run as PyTorch's kernels are (the tests at
+the end; the kernels alone: tests/test_diffusion_fused_norm.py, tests/test_diffusion_depthwise.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 from moelab.diffusion.blocks import Upsample
 import moelab.diffusion.experts as experts_module
-from moelab.diffusion import fused_norm
+from moelab.diffusion import depthwise, fused_norm, kernels
 from moelab.diffusion.experts import ResidualConvExperts
 from moelab.moe import MoELayer, TopKRouter
 
@@ -24,8 +25,8 @@ def _lean_at_any_size(monkeypatch):
 
 @pytest.fixture(autouse=True)
 def _aten_kernels():
-    """Bit-identity holds on PyTorch's kernels; the fused ones are checked to rounding elsewhere."""
-    with fused_norm.enabled(False):
+    """Bit-identity holds on PyTorch's kernels; moelab's are checked to rounding below."""
+    with kernels.enabled(False):
         yield
 
 
@@ -211,15 +212,18 @@ def _no_less_accurate(fused, aten, ref64):
         assert err_fused <= 2 * err_aten + 1e-6 * r.abs().max().item(), (err_fused, err_aten)
 
 
-needs_kernel = pytest.mark.skipif(fused_norm._library() is None, reason="no C compiler here: the fused kernels fall back")
+needs_kernel = pytest.mark.skipif(
+    fused_norm._library() is None or depthwise._library() is None, reason="no C compiler here: the kernels fall back"
+)
 
 
 @needs_kernel
 @pytest.mark.parametrize("k", [1, 2])
 def test_lean_expert_on_fused_kernels_equals_the_composed_expert(k, monkeypatch):
-    """With `moelab.diffusion.fused_norm` on: same routing, output and every gradient as the
-    composed expert to float rounding -- as close to a float64 run as the composed expert on
-    PyTorch's kernels is; and the lean expert really ran on the fused kernels."""
+    """With moelab's kernels on: same routing, output and every gradient as the composed expert to
+    float rounding -- as close to a float64 run as the composed expert on PyTorch's kernels is; and
+    the lean expert really ran on the fused norm and depthwise kernels (both depthwise convs, the
+    first with the residual's gradient added by the kernel)."""
 
     def results(layer, x, lean):
         y, gx, grads, _ = _step(layer, x, lean)
@@ -233,9 +237,13 @@ def test_lean_expert_on_fused_kernels_equals_the_composed_expert(k, monkeypatch)
     calls = []
     real = fused_norm.norm_act_backward
     monkeypatch.setattr(fused_norm, "norm_act_backward", lambda *a, **kw: calls.append(a[7]) or real(*a, **kw))
-    with fused_norm.enabled(True):
+    dw_calls = []
+    real_dw = depthwise.backward
+    monkeypatch.setattr(depthwise, "backward", lambda *a, **kw: dw_calls.append(kw.get("add") is not None) or real_dw(*a, **kw))
+    with kernels.enabled(True):
         fused = results(layer, x, lean=True)
     assert sorted(set(calls)) == [fused_norm.NORM_GELU, fused_norm.NORM_ADD_GELU_SCALE]
+    assert sorted(set(dw_calls)) == [False, True]
     _no_less_accurate(fused, composed, ref64)
 
 
@@ -245,12 +253,40 @@ def test_output_head_on_fused_kernels_equals_composed_ops():
     from moelab.diffusion.lean_backward import norm_act_conv
 
     norm, conv, h = _head(channels_last=True)
-    with fused_norm.enabled(True):
+    with kernels.enabled(True):
         assert fused_norm.supports(h, norm.num_groups)
         fused = _head_step(lambda z: norm_act_conv(z, norm, conv), h, norm, conv)[0]
     composed = _head_step(lambda z: conv(gelu(norm(z))), h, norm, conv)[0]
     norm.double(), conv.double()
     ref64 = _head_step(lambda z: conv(gelu(norm(z))), h.double(), norm, conv)[0]
+    _no_less_accurate(fused, composed, ref64)
+
+
+@needs_kernel
+def test_lean_upsample_on_the_depthwise_kernel_equals_composed_ops(monkeypatch):
+    """The upsampling conv's depthwise gradient on `moelab.diffusion.depthwise`'s kernel: output and
+    every gradient as close to a float64 run as the composed ops on PyTorch's kernels are."""
+
+    def results(up, x, lean):
+        up.lean_backward = lean
+        up.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        y = up(xi)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+        return [y.detach(), xi.grad, *(p.grad.clone() for p in up.parameters())]
+
+    torch.manual_seed(1)
+    up = Upsample(16, 32, use_dsconv=True)
+    x = torch.randn(3, 16, 6, 6).contiguous(memory_format=torch.channels_last)
+    composed = results(up, x, lean=False)
+    ref64 = results(up.double(), x.double(), lean=False)
+    up.float()
+    calls = []
+    real = depthwise.backward
+    monkeypatch.setattr(depthwise, "backward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    with kernels.enabled(True):
+        fused = results(up, x, lean=True)
+    assert calls == [1]
     _no_less_accurate(fused, composed, ref64)
 
 

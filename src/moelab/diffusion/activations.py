@@ -14,7 +14,7 @@ model's values move by float rounding against the earlier ATen path, and every p
 (lean backward, the composed experts, the gathered dispatch, the head, dilated fusion) uses these functions so
 that they stay equal to one another to the bit -- except that in training the lean backward's
 norm-and-GELU steps run on `moelab.diffusion.fused_norm`'s kernels where they apply, equal to these
-to float rounding (``MOELAB_FUSED_NORM=0`` restores bit-equality).
+to float rounding (``MOELAB_CPU_KERNELS=0`` restores bit-equality).
 
 Other layouts, and tensors that are both NCHW- and channels-last-contiguous, go to PyTorch as
 they are. Under autograd `gelu` is differentiable (its backward is PyTorch's on the same view).

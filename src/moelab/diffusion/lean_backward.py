@@ -27,11 +27,13 @@ layout) and adding it to the channels-last gradient the experts return is a mixe
 On channels-last float32 CPU tensors the expert's and the head's norm-and-GELU steps run on
 `moelab.diffusion.fused_norm`'s compiled kernels (one pass for ``gelu(gn(.))``, one for the tail
 ``gelu(gn(.) + x) * w``, and their gradients; the first norm's output is no longer kept between
-backward's recompute and its use): the 64x64 training step 7-8% shorter on a 2-core Xeon. Values and
-gradients are then those of the composed ops to float rounding (as close to a float64 run as
-PyTorch's kernels are: ``tests/test_diffusion_fused_norm.py``). With those kernels off
-(``MOELAB_FUSED_NORM=0``, `moelab.diffusion.fused_norm.set_enabled`, or no C compiler) they are the
-composed ops' to the bit: every backward is the aten kernel autograd would call
+backward's recompute and its use): the 64x64 training step 7-8% shorter on a 2-core Xeon. The
+3x3 depthwise convs' gradients run on `moelab.diffusion.depthwise`'s kernel (input, weight and bias
+gradients in one pass; the expert's residual gradient added as the input gradient is written):
+2-3% shorter again. Values and gradients are then those of the composed ops to float rounding (as
+close to a float64 run as PyTorch's kernels are: the tests at the end of
+``tests/test_diffusion_lean_backward.py``). With those kernels off (``MOELAB_CPU_KERNELS=0``,
+`moelab.diffusion.kernels.set_enabled`, or no C compiler) they are the composed ops' to the bit: every backward is the aten kernel autograd would call
 (``convolution_backward``, ``native_group_norm_backward``, ``gelu_backward``,
 ``upsample_nearest2d_backward`` and the pointwise GEMMs of `moelab.diffusion.convs`) on
 bit-identical recomputed inputs (``tests/test_diffusion_lean_backward.py`` checks with
@@ -48,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from moelab.diffusion import fused_norm
+from moelab.diffusion import depthwise, fused_norm
 from moelab.diffusion.activations import gelu, gelu_, gelu_backward
 from moelab.diffusion.convs import autocast_enabled, is_channels_last, pointwise_forward, pointwise_input_grad, pointwise_rows_backward
 from moelab.moe.dispatch import Regather, broadcast_rows
@@ -174,10 +176,9 @@ class _LeanDSExpert(torch.autograd.Function):
         del a1
         g_a1 = pointwise_input_grad(g_b1, pw1w)
         del g_b1
-        g_x, g_dw1w, g_dw1b = _depthwise_backward(g_a1, x, dw1w, True, pad, [need[0], need[5], need[6]])
+        # the residual's gradient is added to the input gradient as the kernel writes it
+        g_x, g_dw1w, g_dw1b = _depthwise_backward(g_a1, x, dw1w, True, pad, [need[0], need[5], need[6]], add=g_s)
         del x, g_a1
-        if g_x is not None:
-            g_x.add_(g_s)  # a fresh tensor: the residual's gradient is added in place
         return (g_x, g_w, None, None, None, g_dw1w, g_dw1b, g_pw1w, g_pw1b, g_n1w, g_n1b, g_dw2w, g_dw2b, g_pw2w, g_pw2b, g_n2w, g_n2b)
 
 
@@ -195,15 +196,22 @@ def lean_ds_expert(x: Tensor, w: Tensor, regather: Regather, groups: int, pad: i
 
 
 def _depthwise_backward(
-    grad: Tensor, x: Tensor, weight: Tensor, has_bias: bool, pad: int, mask: list[bool]
+    grad: Tensor, x: Tensor, weight: Tensor, has_bias: bool, pad: int, mask: list[bool], add: Tensor | None = None
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients ``(x, weight, bias)`` of the stride-1 depthwise conv ``F.conv2d(x, weight, bias,
-    padding=pad, groups=C)``, each None where ``mask`` does not ask for it: autograd's kernel."""
+    padding=pad, groups=C)``, each None where ``mask`` does not ask for it, ``add`` (if given) added
+    to the input gradient: `moelab.diffusion.depthwise`'s kernel where it runs (3x3, channels-last
+    float32 CPU), else autograd's."""
     c = x.shape[1]
-    return _aten.convolution_backward(
-        grad, x, weight, [c] if has_bias else None, [1, 1], [pad, pad], [1, 1], False, [0, 0], c,
-        [mask[0], mask[1], has_bias and mask[2]],
+    mask = [mask[0], mask[1], has_bias and mask[2]]
+    if depthwise.supports(x, weight, pad):
+        return depthwise.backward(grad, x, weight, mask, add=add)
+    g_x, g_w, g_b = _aten.convolution_backward(
+        grad, x, weight, [c] if has_bias else None, [1, 1], [pad, pad], [1, 1], False, [0, 0], c, mask
     )
+    if add is not None and g_x is not None:
+        g_x.add_(add)  # a fresh tensor: added in place
+    return g_x, g_w, g_b
 
 
 def _nearest_x2_backward(grad: Tensor, x: Tensor) -> Tensor:

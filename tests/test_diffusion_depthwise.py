@@ -1,0 +1,109 @@
+"""`moelab.diffusion.depthwise`: the compiled 3x3 depthwise-conv backward against float64 autograd
+(input, weight and bias gradients, any subset, with and without an added residual gradient, image
+edges, 1 and 2 threads), its determinism and where it runs. In the lean expert:
+tests/test_diffusion_lean_backward.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moelab.diffusion import depthwise, kernels
+
+CL = torch.channels_last
+needs_kernel = pytest.mark.skipif(depthwise._library() is None, reason="no C compiler here: the kernel falls back")
+
+
+@pytest.fixture(autouse=True)
+def _kernels_on():
+    with kernels.enabled(True):
+        yield
+
+
+@pytest.fixture
+def threads():
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def _inputs(shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n, c, h, w = shape
+    x = torch.randn(shape, generator=g).contiguous(memory_format=CL)
+    grad = torch.randn(shape, generator=g).contiguous(memory_format=CL)
+    weight, bias = torch.randn(c, 1, 3, 3, generator=g), torch.randn(c, generator=g)
+    add = torch.randn(shape, generator=g).contiguous(memory_format=CL)
+    return x, grad, weight, bias, add
+
+
+def _reference(x, grad, weight, bias):
+    """float64 autograd of ``F.conv2d(x, weight, bias, padding=1, groups=C)`` at ``grad``."""
+    xx, ww, bb = (t.detach().double().requires_grad_(True) for t in (x, weight, bias))
+    F.conv2d(xx, ww, bb, padding=1, groups=x.shape[1]).backward(grad.double())
+    return xx.grad, ww.grad, bb.grad
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(2, 16, 9, 7), (3, 32, 1, 5), (1, 48, 6, 1), (2, 16, 1, 1), (4, 64, 2, 3)])
+@pytest.mark.parametrize("nthreads", [1, 2])
+def test_backward_matches_float64_autograd(shape, nthreads, threads):
+    threads(nthreads)
+    x, grad, weight, bias, add = _inputs(shape)
+    gx64, gw64, gb64 = _reference(x, grad, weight, bias)
+    gx, gw, gb = depthwise.backward(grad, x, weight, [True, True, True])
+    n_terms = shape[0] * shape[2] * shape[3]  # pixels summed into each weight and bias gradient
+    for got, ref in ((gx, gx64), (gw, gw64), (gb, gb64)):
+        assert got.dtype == torch.float32 and got.shape == ref.shape
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6 * max(1.0, n_terms**0.5))
+    assert gx.is_contiguous(memory_format=CL)
+    # the residual's gradient is added as the input gradient is written
+    gx_add = depthwise.backward(grad, x, weight, [True, False, False], add=add)[0]
+    torch.testing.assert_close(gx_add.double(), gx64 + add.double(), rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
+@pytest.mark.parametrize("mask", [[True, False, False], [False, True, False], [False, False, True], [False, True, True]])
+def test_backward_computes_only_what_is_asked_for(mask):
+    x, grad, weight, bias, _ = _inputs((2, 16, 5, 4))
+    full = depthwise.backward(grad, x, weight, [True, True, True])
+    got = depthwise.backward(grad, x, weight, mask)
+    for want, a, b in zip(mask, got, full, strict=True):
+        assert (a is None) != want
+        if want:
+            assert torch.equal(a, b)  # the same sums whichever others are made
+
+
+@needs_kernel
+def test_backward_takes_a_non_channels_last_gradient_and_residual():
+    x, grad, weight, bias, add = _inputs((2, 32, 6, 6))
+    a = depthwise.backward(grad, x, weight, [True, True, True], add=add)
+    b = depthwise.backward(grad.contiguous(), x, weight, [True, True, True], add=add.contiguous())
+    for u, v in zip(a, b, strict=True):
+        assert torch.equal(u, v)
+
+
+@needs_kernel
+def test_backward_is_deterministic_for_a_thread_count(threads):
+    threads(2)
+    x, grad, weight, bias, _ = _inputs((3, 32, 16, 16))
+    first = depthwise.backward(grad, x, weight, [True, True, True])
+    for _ in range(3):
+        again = depthwise.backward(grad, x, weight, [True, True, True])
+        assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+
+
+def test_supports_only_3x3_padding_1_channels_in_sixteens_on_channels_last_float32():
+    x = torch.randn(2, 16, 5, 5).contiguous(memory_format=CL)
+    w = torch.randn(16, 1, 3, 3)
+    built = depthwise._library() is not None
+    assert depthwise.supports(x, w, 1) == built
+    assert not depthwise.supports(x, w, 2)  # another padding (a dilated conv's)
+    assert not depthwise.supports(x, torch.randn(16, 1, 5, 5), 2)
+    assert not depthwise.supports(x.contiguous(), w, 1)  # NCHW
+    assert not depthwise.supports(x.double(), w.double(), 1)
+    x24 = torch.randn(2, 24, 5, 5).contiguous(memory_format=CL)
+    assert not depthwise.supports(x24, torch.randn(24, 1, 3, 3), 1)
+    with kernels.enabled(False):
+        assert not depthwise.supports(x, w, 1)
