@@ -30,7 +30,7 @@ On channels-last float32 CPU tensors the expert's and the head's norm-and-GELU s
 backward's recompute and its use): the 64x64 training step 7-8% shorter on a 2-core Xeon. The
 3x3 depthwise convs' gradients run on `moelab.diffusion.depthwise`'s kernel (input, weight and bias
 gradients in one pass; the expert's residual gradient added as the input gradient is written):
-2-3% shorter again. Values and gradients are then those of the composed ops to float rounding (as
+1-1.7% shorter again (Xeon VM, one and two threads). Values and gradients are then those of the composed ops to float rounding (as
 close to a float64 run as PyTorch's kernels are: the tests at the end of
 ``tests/test_diffusion_lean_backward.py``). With those kernels off (``MOELAB_CPU_KERNELS=0``,
 `moelab.diffusion.kernels.set_enabled`, or no C compiler) they are the composed ops' to the bit: every backward is the aten kernel autograd would call
