@@ -15,17 +15,7 @@ CL = torch.channels_last
 needs_kernel = pytest.mark.skipif(depthwise._library() is None, reason="no C compiler here: the kernel falls back")
 
 
-@pytest.fixture(autouse=True)
-def _kernels_on():
-    with kernels.enabled(True):
-        yield
-
-
-@pytest.fixture
-def threads():
-    before = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("kernels_on")
 
 
 def _inputs(shape, seed=0):

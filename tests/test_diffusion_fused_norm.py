@@ -15,17 +15,7 @@ CL = torch.channels_last
 needs_kernel = pytest.mark.skipif(fused_norm._library() is None, reason="no C compiler here: the fused kernels fall back")
 
 
-@pytest.fixture(autouse=True)
-def _fused_on():
-    with kernels.enabled(True):
-        yield
-
-
-@pytest.fixture
-def threads():
-    before = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("kernels_on")
 
 
 def _reference(x, weight, bias, groups, mode, res, rows, grad):

@@ -92,6 +92,23 @@ def test_kernels_are_built_once_and_then_loaded_from_the_cache(monkeypatch, fres
     assert sorted(fresh.glob("*.so")) == built
 
 
+@needs_compiler
+def test_a_changed_header_rebuilds_the_kernels(monkeypatch, fresh, tmp_path):
+    """The cache key covers the shared header: a kernel built against an older header is not reused."""
+    import shutil
+
+    for f in list(kernels._HERE.glob("*.c")) + list(kernels._HERE.glob("*.h")):
+        shutil.copy(f, tmp_path / f.name)
+    monkeypatch.setattr(kernels, "_HERE", tmp_path)
+    assert depthwise._library() is not None
+    first = set(fresh.glob("depthwise-*.so"))
+    kernels.load.cache_clear()
+    header = tmp_path / "moelab_kernels.h"
+    header.write_text(header.read_text() + "\n/* changed */\n")
+    assert depthwise._library() is not None
+    assert len(set(fresh.glob("depthwise-*.so")) - first) == 1
+
+
 def test_a_missing_source_warns_and_falls_back(monkeypatch, fresh, tmp_path):
     monkeypatch.setattr(kernels, "_HERE", tmp_path)  # no .c files there
     with pytest.warns(UserWarning, match="source is missing"):

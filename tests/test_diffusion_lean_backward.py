@@ -212,6 +212,23 @@ def _no_less_accurate(fused, aten, ref64):
         assert err_fused <= 2 * err_aten + 1e-6 * r.abs().max().item(), (err_fused, err_aten)
 
 
+def _composed_and_float64(results, module, x):
+    """``results(module, x, lean=False)`` in float32 and in float64 (the reference); ``module`` is
+    left in float32."""
+    composed = results(module, x, lean=False)
+    ref64 = results(module.double(), x.double(), lean=False)
+    module.float()
+    return composed, ref64
+
+
+def _spy(monkeypatch, owner, name, note):
+    """Wrap ``owner.name`` for the test; the list it returns gets ``note(*args, **kwargs)`` per call."""
+    calls = []
+    real = getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda *a, **kw: calls.append(note(*a, **kw)) or real(*a, **kw))
+    return calls
+
+
 needs_kernel = pytest.mark.skipif(
     fused_norm._library() is None or depthwise._library() is None, reason="no C compiler here: the kernels fall back"
 )
@@ -231,15 +248,9 @@ def test_lean_expert_on_fused_kernels_equals_the_composed_expert(k, monkeypatch)
 
     layer = _layer(k=k)
     x = torch.randn(6, 16, 12, 12).contiguous(memory_format=torch.channels_last)
-    composed = results(layer, x, lean=False)
-    ref64 = results(layer.double(), x.double(), lean=False)
-    layer.float()
-    calls = []
-    real = fused_norm.norm_act_backward
-    monkeypatch.setattr(fused_norm, "norm_act_backward", lambda *a, **kw: calls.append(a[7]) or real(*a, **kw))
-    dw_calls = []
-    real_dw = depthwise.backward
-    monkeypatch.setattr(depthwise, "backward", lambda *a, **kw: dw_calls.append(kw.get("add") is not None) or real_dw(*a, **kw))
+    composed, ref64 = _composed_and_float64(results, layer, x)
+    calls = _spy(monkeypatch, fused_norm, "norm_act_backward", lambda *a, **kw: a[7])
+    dw_calls = _spy(monkeypatch, depthwise, "backward", lambda *a, **kw: kw.get("add") is not None)
     with kernels.enabled(True):
         fused = results(layer, x, lean=True)
     assert sorted(set(calls)) == [fused_norm.NORM_GELU, fused_norm.NORM_ADD_GELU_SCALE]
@@ -278,12 +289,8 @@ def test_lean_upsample_on_the_depthwise_kernel_equals_composed_ops(monkeypatch):
     torch.manual_seed(1)
     up = Upsample(16, 32, use_dsconv=True)
     x = torch.randn(3, 16, 6, 6).contiguous(memory_format=torch.channels_last)
-    composed = results(up, x, lean=False)
-    ref64 = results(up.double(), x.double(), lean=False)
-    up.float()
-    calls = []
-    real = depthwise.backward
-    monkeypatch.setattr(depthwise, "backward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    composed, ref64 = _composed_and_float64(results, up, x)
+    calls = _spy(monkeypatch, depthwise, "backward", lambda *a, **kw: 1)
     with kernels.enabled(True):
         fused = results(up, x, lean=True)
     assert calls == [1]

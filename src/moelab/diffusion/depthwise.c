@@ -21,9 +21,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+
+#include "moelab_kernels.h"
 
 #define VL 16 /* channels per vector */
 typedef float vf __attribute__((vector_size(VL * sizeof(float))));
@@ -37,18 +36,6 @@ static inline void st(float* p, vf v) { memcpy(p, &v, sizeof(v)); }
 
 /* what a row or column outside the image reads (with stride 0) */
 static const float ZERO[VL] __attribute__((aligned(64)));
-
-static inline int64_t lo(int64_t total, int t, int nt) { return total * t / nt; }
-
-static inline void thread_in_team(int* t, int* T) {
-#ifdef _OPENMP
-  *t = omp_get_thread_num();
-  *T = omp_get_num_threads();
-#else
-  *t = 0;
-  *T = 1;
-#endif
-}
 
 /* Row h of one sample (gn, xn, gxn, addn: its [H][W][C] planes), channels [c0, c0 + VL).
  * acc: 10 x VL floats, the 9 weight-gradient taps and the bias gradient, added to (NULL: no sums).

@@ -19,9 +19,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+
+#include "moelab_kernels.h"
 
 #define INV_SQRT2 0.70710678118654752f
 #define INV_SQRT2PI 0.39894228040143268f
@@ -69,19 +68,6 @@ static inline float gelu_fd(float s, float* d) {
   float cdf = 0.5f * (1.0f + erf_half(s, e));
   *d = cdf + s * INV_SQRT2PI * e;
   return s * cdf;
-}
-
-static inline int64_t lo(int64_t total, int t, int nt) { return total * t / nt; }
-
-/* this thread's number and the team's size (0 and 1 outside OpenMP) */
-static inline void thread_in_team(int* t, int* T) {
-#ifdef _OPENMP
-  *t = omp_get_thread_num();
-  *T = omp_get_num_threads();
-#else
-  *t = 0;
-  *T = 1;
-#endif
 }
 
 /* per-channel scale and shift of sample n: y = x * scale + shift */

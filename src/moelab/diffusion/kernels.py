@@ -2,14 +2,14 @@
 
 MoEFsDiC's experts spend much of a CPU training step in memory-bound passes over channels-last
 activations (GroupNorm with GELU, depthwise-conv gradients) where PyTorch's CPU kernels for that
-layout are slow. The C sources beside this module (``fused_norm.c``, ``depthwise.c``) do those
-passes along the channel axis; `moelab.diffusion.fused_norm` and `moelab.diffusion.depthwise`
+layout are slow. The C sources beside this module (``fused_norm.c``, ``depthwise.c``, sharing
+``moelab_kernels.h``) do those passes along the channel axis; `moelab.diffusion.fused_norm` and `moelab.diffusion.depthwise`
 call them through ctypes. This module holds what they share.
 
 Each source is compiled with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``) with
 ``-O3 -march=native`` (OpenMP where the compiler has it, sharing PyTorch's OpenMP runtime and
 thread count) into ``$MOELAB_CACHE/kernels`` (default ``~/.cache/moelab/kernels``), keyed by the
-source, the flags, the compiler and this CPU's model and instruction-set flags, so that a shared
+source and the headers, the flags, the compiler and this CPU's model and instruction-set flags, so that a shared
 home directory never hands one machine's binary to another CPU. Written to a temporary name and
 renamed: ranks that build at once never load a half-written file. Without a compiler (or on a
 platform other than POSIX) every caller falls back to PyTorch's kernels, with one warning per kernel.
@@ -150,7 +150,8 @@ def load(name: str, what: str, declare: Callable[[ctypes.CDLL], None]) -> ctypes
         return None
     path = _HERE / f"{name}.c"
     try:
-        source = path.read_bytes()
+        # the headers beside it too: a changed header must rebuild every kernel that includes it
+        source = b"\0".join([path.read_bytes(), *(h.read_bytes() for h in sorted(_HERE.glob("*.h")))])
     except OSError as e:
         warnings.warn(f"moelab: the {what} kernel's source is missing ({e}); using PyTorch's kernels", stacklevel=4)
         return None
