@@ -1,6 +1,6 @@
 """SeisMoE's upcycling levers: expert noise at upcycling, Drop-Upcycling (``upcycle_drop``), the
-shared always-on expert, wider experts (``expert_hidden``) and the trace-context router
-(``router_context``).
+shared always-on expert, wider experts (``expert_hidden``), the trace-context router
+(``router_context``) and the source-aware router (``router_sources``, Task-MoE's task id).
 
 Exact properties only: outputs at upcycling, parameter figures, what the noise touches, the model
 arguments and their save/load round trip, config checks. Whether a lever helps is measured by
@@ -258,6 +258,10 @@ def test_widen_into_copies_the_leading_block_and_zeroes_the_extra_inputs():
         ({"upcycle_noise": True}, "upcycle_noise must be a number in \\[0, 1\\)"),
         ({"shared_expert": 1}, "shared_expert must be true or false"),
         ({"router_context": "yes"}, "router_context must be true or false"),
+        ({"router_sources": "stead_like"}, "router_sources must be a non-empty list of distinct source names"),
+        ({"router_sources": []}, "router_sources must be a non-empty list"),
+        ({"router_sources": ["a", "a"]}, "router_sources must be a non-empty list of distinct"),
+        ({"router_sources": ["a", 3]}, "router_sources must be a non-empty list of distinct source names"),
     ],
 )
 def test_bad_lever_values_raise_one_clear_error(args, match):
@@ -276,6 +280,8 @@ def test_bad_lever_values_raise_one_clear_error(args, match):
         ({"expert_hidden": 0}, "model_args.expert_hidden must be >= 1"),
         ({"expert_hidden": "wide"}, "model_args.expert_hidden must be"),
         ({"router_context": 1}, "model_args.router_context must be true/false"),
+        ({"router_sources": "a"}, "model_args.router_sources must be"),
+        ({"router_sources": ["a", "a"]}, "model_args.router_sources must be a non-empty list of distinct"),
     ],
 )
 def test_config_refuses_bad_lever_values(args, match):
@@ -363,3 +369,93 @@ def test_router_context_is_a_model_arg_and_survives_save_load_and_training_setup
     assert lit.model.transformer_d.ff.router.net.in_features == 32
     assert lit.hparams["model_args"]["router_context"] is True
     validate({"model": "SeisMoE", "data": "x", "model_args": {"router_context": True}})
+
+
+SOURCES = ["stead_like", "ethz_like", "ethz_like_weak_p"]
+
+
+def test_router_sources_give_each_router_a_one_hot_of_the_traces_source(dense):
+    torch.manual_seed(12)
+    moe = SeisMoE.from_eqtransformer(dense, router_sources=SOURCES).eval()
+    x = _x()
+    for name in MOE_BLOCKS:
+        ff = getattr(moe, name).ff
+        assert ff.num_sources == 3 and ff.router.net.in_features == 16 + 3
+        assert ff.router.net.weight[:, 16:].abs().sum() > 0  # sources start with preferences of their own
+    with moe.routed_by_source(torch.tensor([1, -1])):
+        seen = _router_inputs(moe, x)
+        with torch.no_grad():  # upcycled copies: whatever the router says, the dense output
+            assert _max_diff(moe(x), dense(x)) < 1e-6
+    for name in MOE_BLOCKS:
+        tokens = seen[f"{name}.input"].transpose(1, 2)  # [B, T, 16]
+        router = seen[f"{name}.router"].reshape(2, tokens.shape[1], 19)
+        assert torch.equal(router[..., :16], tokens)
+        assert torch.equal(router[0, :, 16:], torch.tensor([0.0, 1.0, 0.0]).expand(tokens.shape[1], 3))
+        assert torch.equal(router[1, :, 16:], torch.zeros(tokens.shape[1], 3))  # unknown source
+    unknown = _router_inputs(moe, x)  # no source given: every trace unknown
+    assert all(torch.equal(unknown[f"{n}.router"][:, 16:], torch.zeros(unknown[f"{n}.router"].shape[0], 3)) for n in MOE_BLOCKS)
+    assert all(getattr(moe, n).ff.source_onehot is None for n in MOE_BLOCKS)  # nothing left set after the block
+    with pytest.raises(ValueError, match="source indices must be in \\[-1, 2\\]"):
+        with moe.routed_by_source(torch.tensor([3, 0])):
+            pass
+
+
+def test_router_sources_route_the_same_trace_differently_by_source(dense):
+    torch.manual_seed(13)
+    ff = SeisMoE.from_eqtransformer(dense, router_sources=SOURCES).eval().transformer_d0.ff
+    x = torch.randn(1, 16, 40)
+    chosen = []
+    for source in range(3):
+        ff.source_onehot = torch.nn.functional.one_hot(torch.tensor([source]), 3).float()
+        with torch.no_grad():
+            chosen.append(ff.router(_router_input(ff, x)).indices)
+    ff.source_onehot = None
+    assert not (torch.equal(chosen[0], chosen[1]) and torch.equal(chosen[1], chosen[2]))
+
+
+def test_router_sources_are_a_model_arg_that_survives_save_load_and_reach_the_batches(tmp_path, dense):
+    import numpy as np
+
+    from moelab.seismic.augment import SourceIndex
+
+    torch.manual_seed(14)
+    moe = SeisMoE.from_eqtransformer(dense, router_sources=SOURCES, upcycle_noise=0.05).eval()
+    assert moe.get_model_args()["router_sources"] == SOURCES and SeisMoE(in_samples=N).router_sources is None
+    moe.save(tmp_path / "m")
+    back = SeisMoE.load(tmp_path / "m").eval()
+    assert back.router_sources == SOURCES and back.get_model_args() == moe.get_model_args()
+    source = moe.source_index(["ethz_like", None, "geofon_like"])
+    assert source.tolist() == [1, -1, -1]
+    x = torch.randn(3, 3, N, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad(), moe.routed_by_source(source), back.routed_by_source(source):
+        assert _max_diff(moe(x), back(x)) == 0.0
+    with pytest.raises(CheckpointError, match="router_sources=None"):  # the 19-input routers do not fit
+        SeisMoE.from_base(tmp_path / "m", router_sources=None)
+    # the batches: an augmentation reads the trace's trace_domain; unknown or missing -> -1
+    aug = SourceIndex(SOURCES)
+    for domain, want in (("ethz_like_weak_p", 2), ("geofon_like", -1), (None, -1)):
+        state = {"X": (np.zeros((3, 10)), {} if domain is None else {"trace_domain": domain})}
+        aug(state)
+        assert state["source"][0] == want
+    dense.save(tmp_path / "base")
+    lit = SeisMoELit(base_model=str(tmp_path / "base"), router_sources=SOURCES, in_samples=N)
+    assert lit.hparams["model_args"]["router_sources"] == SOURCES
+    for augs in (lit.get_train_augmentations(), lit.get_val_augmentations(), lit.get_eval_augmentations()):
+        assert isinstance(augs[-1], SourceIndex)
+    plain = SeisMoELit(base_model=str(tmp_path / "base"), in_samples=N)
+    assert not any(isinstance(a, SourceIndex) for a in plain.get_eval_augmentations())
+    # a training step with the batch's sources, and one without (every trace unknown)
+    batch = {
+        "X": torch.randn(2, 3, N), "y": torch.rand(2, 3, N), "detections": torch.rand(2, 1, N),
+        "source": torch.tensor([0, 2]),
+    }
+    seen = []
+    hook = lit.model.transformer_d0.ff.router.net.register_forward_hook(lambda m, a, o: seen.append(a[0][:, 16:].detach()))
+    lit.shared_step(batch, "val")
+    lit.shared_step({k: v for k, v in batch.items() if k != "source"}, "val")
+    hook.remove()
+    t = seen[0].shape[0] // 2
+    assert torch.equal(seen[0][:t], torch.tensor([1.0, 0.0, 0.0]).expand(t, 3))
+    assert torch.equal(seen[0][t:], torch.tensor([0.0, 0.0, 1.0]).expand(t, 3))
+    assert torch.equal(seen[1], torch.zeros_like(seen[1]))
+    validate({"model": "SeisMoE", "data": "x", "model_args": {"router_sources": SOURCES}})

@@ -54,3 +54,23 @@ class DuplicateEvent:
             y = y.copy()
             y[:, shift:] += y[:, :-shift]
             state_dict[key] = (np.minimum(y, 1), meta)
+
+
+class SourceIndex:
+    """Put each trace's data source, as an index into ``names``, into the batch (``state[key]``).
+
+    The source is the trace's ``column`` metadata (``trace_domain`` in the data sets
+    `moelab.seismic.synth` pools from several presets); a trace whose source is missing or not in
+    ``names`` gets -1 (unknown). What a source-aware SeisMoE (``router_sources``) routes on.
+    """
+
+    def __init__(self, names: Sequence[str], column: str = "trace_domain", key: str = "source", data_key: str = "X") -> None:
+        self.index = {n: i for i, n in enumerate(names)}
+        self.column, self.key, self.data_key = column, key, data_key
+
+    def __call__(self, state_dict: dict) -> None:
+        _, metadata = state_dict[self.data_key]
+        name = metadata.get(self.column) if metadata is not None else None
+        if isinstance(name, (list, tuple, np.ndarray)):  # a metadata column kept per sample of a batch window
+            name = name[0] if len(name) else None
+        state_dict[self.key] = (np.int64(self.index.get(name, -1) if isinstance(name, str) else -1), None)

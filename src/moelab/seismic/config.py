@@ -70,6 +70,7 @@ _MOE_ARGS: dict[str, tuple[tuple[type, ...], str]] = {
     "upcycle_drop": ((int, float), "fraction of each upcycled expert's hidden units re-initialised (Drop-Upcycling), in [0, 1) (default 0: none)"),
     "shared_expert": ((bool,), "add an always-on shared expert (a copy of the dense FFN) to each MoE layer (default false)"),
     "router_context": ((bool,), "route each token on [token, mean of its trace's tokens], so the router knows the kind of window (default false: the token alone)"),
+    "router_sources": ((list, type(None)), "names of the data sources (trace_domain values) each router is told per trace, Task-MoE style (default null: none)"),
     "expert_hidden": ((int, type(None)), "hidden size of each expert FFN, >= 128 (default null: the dense FFN's 128; wider experts are upcycled without changing the output)"),
 }
 MODEL_ARGS: dict[str, dict[str, tuple[tuple[type, ...], str]]] = {
@@ -214,6 +215,10 @@ def _check_model_values(a: dict[str, Any], source: str) -> None:
     ):
         if key in a and not 0 <= a[key] < 1:
             raise ConfigError(f"{where}.{key} must be in [0, 1) ({meaning}), got {a[key]}")
+    if a.get("router_sources") is not None:
+        r = a["router_sources"]
+        if not r or not all(isinstance(n, str) and n.strip() for n in r) or len(set(r)) != len(r):
+            raise ConfigError(f"{where}.router_sources must be a non-empty list of distinct source names (trace_domain values) or null, got {r}")
     if "drop_rate" in a and not 0 <= a["drop_rate"] < 1:
         raise ConfigError(f"{where}.drop_rate must be in [0, 1), got {a['drop_rate']}")
     if "in_samples" in a and a["in_samples"] < 256:

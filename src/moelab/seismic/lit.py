@@ -21,6 +21,7 @@ GEOFON), and logs the detection loss separately.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from abc import ABC, abstractmethod
@@ -39,7 +40,7 @@ from moelab.errors import CheckpointError, ConfigError, check_finite_loss
 from moelab.moe import freeze_except
 from moelab.moe import freeze_non_moe as _freeze_non_moe
 from moelab.moe import MoELayer, moe_layers, moe_usage, reset_moe_stats, trainable_report
-from moelab.seismic.augment import DuplicateEvent
+from moelab.seismic.augment import DuplicateEvent, SourceIndex
 from moelab.seismic.phases import P_PHASES, PHASE_DICT, S_PHASES  # noqa: F401  (PHASE_DICT re-exported)
 from moelab.seismic.weights import read_lightning_checkpoint
 
@@ -162,9 +163,15 @@ class EQTransformerLit(SeisBenchModuleLit):
     def moe_loss_coef_value(self) -> float:
         return 0.0
 
+    def routing_context(self, batch: dict) -> contextlib.AbstractContextManager:
+        """What the model is told about a batch besides its waveforms while it runs (nothing for
+        EQTransformer; a source-aware SeisMoE's per-trace sources)."""
+        return contextlib.nullcontext()
+
     def shared_step(self, batch: dict, stage: str) -> Tensor:
         x = batch["X"]
-        det_logit, p_logit, s_logit = self.model(x, logits=True)
+        with self.routing_context(batch):
+            det_logit, p_logit, s_logit = self.model(x, logits=True)
         det = F.binary_cross_entropy_with_logits(det_logit, batch["detections"][:, 0])
         p = F.binary_cross_entropy_with_logits(p_logit, batch["y"][:, 0])
         s = F.binary_cross_entropy_with_logits(s_logit, batch["y"][:, 1])
@@ -306,7 +313,8 @@ class EQTransformerLit(SeisBenchModuleLit):
         ]
 
     def predict_step(self, batch: dict, batch_idx: int | None = None, dataloader_idx: int | None = None) -> tuple:
-        det, p, s = self.model(batch["X"])
+        with self.routing_context(batch):
+            det, p, s = self.model(batch["X"])
         borders = torch.as_tensor(batch["window_borders"], device=det.device).reshape(-1, 2).long()
         start, end = borders[:, :1], borders[:, 1:]
         idx = torch.arange(det.shape[-1], device=det.device)[None]
@@ -377,6 +385,24 @@ class SeisMoELit(EQTransformerLit):
         from moelab.seismic.model import SeisMoE
 
         return SeisMoE.from_base(base_model, **{**self._moe_args, **kwargs})
+
+    # a source-aware model (``router_sources``) gets each trace's source in every batch
+    def _source(self) -> list:
+        names = getattr(self.model, "router_sources", None)
+        return [SourceIndex(names)] if names else []
+
+    def get_train_augmentations(self) -> list:
+        return super().get_train_augmentations() + self._source()
+
+    def get_val_augmentations(self) -> list:
+        return super().get_val_augmentations() + self._source()
+
+    def get_eval_augmentations(self) -> list:
+        return super().get_eval_augmentations() + self._source()
+
+    def routing_context(self, batch: dict) -> contextlib.AbstractContextManager:
+        """A source-aware SeisMoE is told the batch's ``source`` (unknown for every trace without one)."""
+        return self.model.routed_by_source(batch.get("source"))
 
     def moe_loss(self) -> Tensor:
         return self.model.get_moe_loss()

@@ -14,6 +14,8 @@ import inspect
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -110,10 +112,17 @@ class ChannelsFirstTokenMoE(TokenMoE):
     record came from. Routing stays per token; the experts see the token only. (Measured on the
     pooled data, six seeds: the routing stayed as blind to the source, because the trace means
     themselves carry little of it -- docs/seismoe-quality.md.)
+
+    With ``num_sources`` > 0 (Task-MoE's task id) the router also sees which data source the trace
+    comes from: a one-hot of ``num_sources`` entries per trace (``source_onehot``, ``[B, S]``, set
+    for one forward by `SeisMoE.routed_by_source`; all zero for a trace of unknown source, or when
+    none is set), next to every token of the trace.
     """
 
     detach_router_input: bool = True
     router_context: bool = False
+    num_sources: int = 0
+    source_onehot: Tensor | None = None
 
     def forward(self, x: Tensor, router_features: Tensor | None = None) -> Tensor:
         tokens = x.transpose(1, 2)
@@ -124,6 +133,17 @@ class ChannelsFirstTokenMoE(TokenMoE):
             if self.router_context:
                 context = router_features.mean(dim=1, keepdim=True).expand_as(router_features)
                 router_features = torch.cat([router_features, context], dim=-1)
+            if self.num_sources:
+                b, t = tokens.shape[:2]
+                onehot = self.source_onehot
+                if onehot is None:
+                    onehot = tokens.new_zeros(b, self.num_sources)
+                elif onehot.shape != (b, self.num_sources):
+                    raise ValueError(
+                        f"source one-hot of shape {tuple(onehot.shape)} for a batch of {b} traces and {self.num_sources} sources"
+                    )
+                onehot = onehot.to(router_features.dtype)[:, None, :].expand(b, t, self.num_sources)
+                router_features = torch.cat([router_features, onehot], dim=-1)
         return super().forward(tokens, router_features).transpose(1, 2)
 
 
@@ -136,6 +156,7 @@ def upcycle_feedforward(
     shared_expert: bool = False,
     expert_hidden: int | None = None,
     router_context: bool = False,
+    num_sources: int = 0,
 ) -> ChannelsFirstTokenMoE:
     """MoE layer whose experts are copies of ``dense`` (core `MoELayer.upcycle`): same output at init.
 
@@ -145,14 +166,28 @@ def upcycle_feedforward(
     copies are widened without changing their output (`TokenFeedForward.from_dense`).
     ``router_context``: the router sees ``[token, mean of the trace's tokens]`` (see
     `ChannelsFirstTokenMoE`); its input is then twice the token width.
+    ``num_sources``: the router also sees a one-hot of the trace's data source (``num_sources``
+    more inputs). Their weights start at unit scale (N(0, 1)), so that each source starts with an
+    expert preference of its own: zero would leave the upcycled experts symmetric in the source
+    and nothing would push them apart by it (what the pooled runs found for the token features).
     """
     expert = TokenFeedForward.from_dense(dense, expert_hidden)
     width = expert.lin1.in_features * (2 if router_context else 1)
     layer = ChannelsFirstTokenMoE.upcycle(
-        expert, num_experts, k, router_in_features=width, gate=gate, jitter=jitter, shared_expert=shared_expert  # type: ignore[arg-type]
+        expert, num_experts, k, router_in_features=width + num_sources, gate=gate, jitter=jitter, shared_expert=shared_expert  # type: ignore[arg-type]
     )
     layer.router_context = router_context  # type: ignore[attr-defined]
+    layer.num_sources = num_sources  # type: ignore[attr-defined]
+    if num_sources:
+        with torch.no_grad():
+            _router_linear(layer).weight[:, width:].normal_(0.0, 1.0)
     return layer  # type: ignore[return-value]
+
+
+def _router_linear(layer: TokenMoE) -> nn.Linear:
+    """The router's input projection (its first linear layer)."""
+    net = layer.router.net
+    return net if isinstance(net, nn.Linear) else next(m for m in net.modules() if isinstance(m, nn.Linear))
 
 
 @torch.no_grad()
@@ -256,6 +291,12 @@ class SeisMoE(EQTransformer):
         the token alone, so the router knows what kind of window the token belongs to (see
         `ChannelsFirstTokenMoE`); the routers get twice as many inputs (+4 x 16 weights per layer
         at 4 experts). False (default): the token alone, as SeisMoE always routed.
+    :param router_sources: names of the data sources (e.g. the ``trace_domain`` values of a pooled
+        data set) the routers are told per trace, Task-MoE style: each router also sees a one-hot
+        of the trace's source (`routed_by_source`; SeisMoELit passes the batch's ``source``, made
+        from the metadata by `moelab.seismic.augment.SourceIndex`). A trace of another or unknown
+        source -- a real record at inference -- gets an all-zero one-hot and is routed on its
+        tokens alone. None (default): no source input.
     :param eqt_kwargs: EQTransformer's own arguments (in_samples, original_compatible, norm, ...).
 
     ``SeisMoE.from_base("stead", ...)`` starts from pretrained EQTransformer weights (see
@@ -275,6 +316,7 @@ class SeisMoE(EQTransformer):
         expert_hidden: int | None = None,
         upcycle_drop: float = 0.0,
         router_context: bool = False,
+        router_sources: list[str] | None = None,
         **eqt_kwargs: Any,
     ) -> None:
         _validate_moe_args(num_experts, num_experts_per_token, gate, router_jitter, aux_loss)
@@ -283,6 +325,18 @@ class SeisMoE(EQTransformer):
         for flag, value in (("shared_expert", shared_expert), ("router_context", router_context)):
             if not isinstance(value, bool):
                 raise ConfigError(f"{flag} must be true or false, got {value!r}")
+        if router_sources is not None:
+            if (
+                not isinstance(router_sources, (list, tuple))
+                or not router_sources
+                or not all(isinstance(n, str) and n.strip() for n in router_sources)
+                or len(set(router_sources)) != len(router_sources)
+            ):
+                raise ConfigError(
+                    f"router_sources must be a non-empty list of distinct source names (the trace_domain values of the data), "
+                    f"or null, got {router_sources!r}"
+                )
+            router_sources = list(router_sources)
         if expert_hidden is not None and (isinstance(expert_hidden, bool) or not isinstance(expert_hidden, int) or expert_hidden < 1):
             raise ConfigError(f"expert_hidden must be a positive integer or null (null: the dense FFN's 128), got {expert_hidden!r}")
         try:
@@ -307,6 +361,7 @@ class SeisMoE(EQTransformer):
         self.shared_expert = shared_expert
         self.expert_hidden = expert_hidden
         self.router_context = router_context
+        self.router_sources = router_sources
         for name in MOE_BLOCKS:
             block = getattr(self, name)
             dense_hidden = block.ff.lin1.out_features
@@ -316,7 +371,8 @@ class SeisMoE(EQTransformer):
                     f"experts are upcycled from that FFN, so use expert_hidden >= {dense_hidden} (or null)"
                 )
             block.ff = upcycle_feedforward(
-                block.ff, num_experts, num_experts_per_token, gate, self.router_jitter, shared_expert, expert_hidden, router_context
+                block.ff, num_experts, num_experts_per_token, gate, self.router_jitter, shared_expert, expert_hidden, router_context,
+                len(router_sources or ()),
             )
             block.ff.detach_router_input = self.detach_router_input
 
@@ -361,7 +417,8 @@ class SeisMoE(EQTransformer):
             except RuntimeError as e:
                 raise CheckpointError(
                     f"SeisMoE weights from {base.source} do not fit num_experts={model.num_experts}, "
-                    f"expert_hidden={model.expert_hidden}, shared_expert={model.shared_expert}, router_context={model.router_context}: "
+                    f"expert_hidden={model.expert_hidden}, shared_expert={model.shared_expert}, router_context={model.router_context}, "
+                    f"router_sources={model.router_sources}: "
                     f"{load_error_detail(e)}; "
                     "use the MoE arguments they were trained with (their .json 'model_args')"
                 ) from None
@@ -436,6 +493,36 @@ class SeisMoE(EQTransformer):
         return moe_layers(self)  # type: ignore[return-value]
 
     # ----------------------------------------------------------------- SeisBench model format
+    def source_index(self, names: list[str | None]) -> Tensor:
+        """Each name's position in ``router_sources`` (-1: unknown or None), as `routed_by_source` takes."""
+        known = {n: i for i, n in enumerate(self.router_sources or ())}
+        return torch.tensor([known.get(n, -1) if n is not None else -1 for n in names], dtype=torch.long)
+
+    @contextmanager
+    def routed_by_source(self, source: Tensor | None) -> Iterator[None]:
+        """Within the block, each MoE layer's router is told each trace's data source:
+        ``source`` ``[B]`` indices into ``router_sources`` (-1: unknown, an all-zero one-hot), or
+        None (every trace unknown). A model without ``router_sources`` ignores it."""
+        layers = [getattr(self, name).ff for name in MOE_BLOCKS]
+        if not self.router_sources or source is None:
+            yield
+            return
+        source = torch.as_tensor(source).reshape(-1).long()
+        n = len(self.router_sources)
+        if bool(((source < -1) | (source >= n)).any()):
+            raise ValueError(f"source indices must be in [-1, {n - 1}] (positions in router_sources; -1 unknown), got {source.tolist()}")
+        device = next(self.parameters()).device
+        onehot = torch.zeros(source.shape[0], n, device=device)
+        known = source >= 0
+        onehot[known.nonzero().reshape(-1).to(device), source[known].to(device)] = 1.0
+        for layer in layers:
+            layer.source_onehot = onehot
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.source_onehot = None
+
     def get_model_args(self) -> dict[str, Any]:
         args = super().get_model_args()
         args.update(
@@ -450,6 +537,7 @@ class SeisMoE(EQTransformer):
             shared_expert=self.shared_expert,
             expert_hidden=self.expert_hidden,
             router_context=self.router_context,
+            router_sources=self.router_sources,
         )
         return args
 

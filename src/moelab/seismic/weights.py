@@ -49,7 +49,7 @@ from moelab.errors import CheckpointError, ConfigError
 #: Model arguments a SeisMoE's weights carry besides EQTransformer's (``SeisMoE.get_model_args``).
 MOE_ARGS: tuple[str, ...] = (
     "num_experts", "num_experts_per_token", "gate", "router_jitter", "aux_loss", "detach_router_input", "upcycle_noise", "shared_expert",
-    "expert_hidden", "upcycle_drop", "router_context",
+    "expert_hidden", "upcycle_drop", "router_context", "router_sources",
 )
 NO_BASE = frozenset({"", "none", "null", "random", "scratch"})
 WEIGHT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
