@@ -66,6 +66,13 @@ def check_type(where: str, value: Any, types: tuple[type, ...], desc: str = "") 
         raise ConfigError(f"{where} must be {type_name(types)}{about}, got {json.dumps(value, default=repr)}")
 
 
+def distinct_names(value: Any) -> bool:
+    """Whether ``value`` is a non-empty list (or tuple) of distinct, non-blank strings."""
+    if not isinstance(value, (list, tuple)) or not value:
+        return False
+    return all(isinstance(n, str) and n.strip() for n in value) and len(set(value)) == len(value)
+
+
 def check_choice(where: str, value: Any, options: Iterable[str]) -> None:
     """Raise a `ConfigError` unless ``value`` is one of ``options`` (closest option suggested)."""
     options = [str(o) for o in options]

@@ -16,6 +16,7 @@ from typing import Any
 
 from moelab.errors import ConfigError
 from moelab.validation import check_type as _check_type
+from moelab.validation import distinct_names
 from moelab.validation import did_you_mean
 
 MODELS: tuple[str, ...] = ("SeisMoE", "EQTransformer")
@@ -217,7 +218,7 @@ def _check_model_values(a: dict[str, Any], source: str) -> None:
             raise ConfigError(f"{where}.{key} must be in [0, 1) ({meaning}), got {a[key]}")
     if a.get("router_sources") is not None:
         r = a["router_sources"]
-        if not r or not all(isinstance(n, str) and n.strip() for n in r) or len(set(r)) != len(r):
+        if not distinct_names(r):
             raise ConfigError(f"{where}.router_sources must be a non-empty list of distinct source names (trace_domain values) or null, got {r}")
     if "drop_rate" in a and not 0 <= a["drop_rate"] < 1:
         raise ConfigError(f"{where}.drop_rate must be in [0, 1), got {a['drop_rate']}")

@@ -30,7 +30,7 @@ from moelab.validation import unknown_key
 from moelab.moe import GATES, LOSS_KINDS, TokenMoE, model_aux_loss, moe_usage, reset_moe_stats
 from moelab.moe.layer import moe_layers
 from moelab.seismic.weights import MOE_ARGS, BaseWeights, apply_metadata, eqtransformer_from, holds_moe, load_base_weights, load_local
-from moelab.validation import is_instance
+from moelab.validation import distinct_names, is_instance
 
 __all__ = ["MOE_ARGS", "MOE_BLOCKS", "SeisMoE", "drop_upcycle", "load_trained", "widen_into", "window_annotate_args"]
 
@@ -326,12 +326,7 @@ class SeisMoE(EQTransformer):
             if not isinstance(value, bool):
                 raise ConfigError(f"{flag} must be true or false, got {value!r}")
         if router_sources is not None:
-            if (
-                not isinstance(router_sources, (list, tuple))
-                or not router_sources
-                or not all(isinstance(n, str) and n.strip() for n in router_sources)
-                or len(set(router_sources)) != len(router_sources)
-            ):
+            if not distinct_names(router_sources):
                 raise ConfigError(
                     f"router_sources must be a non-empty list of distinct source names (the trace_domain values of the data), "
                     f"or null, got {router_sources!r}"
