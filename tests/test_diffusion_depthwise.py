@@ -97,3 +97,25 @@ def test_supports_only_3x3_padding_1_channels_in_sixteens_on_channels_last_float
     assert not depthwise.supports(x24, torch.randn(24, 1, 3, 3), 1)
     with kernels.enabled(False):
         assert not depthwise.supports(x, w, 1)
+
+
+@needs_kernel
+@pytest.mark.parametrize("nthreads", [1, 2])
+def test_backward_adds_the_input_gradient_into_given_rows(nthreads, threads):
+    """``into``/``into_rows``: each sample's input gradient (plus ``add``) is added to its row of a
+    larger units-last tensor, to the bit ``index_add`` of the plain input gradient; the weight and
+    bias gradients are unchanged; bad rows are refused."""
+    threads(nthreads)
+    x, grad, weight, _, add = _inputs((3, 32, 6, 5), seed=4)
+    rows = torch.tensor([2, 5, 0])
+    base = torch.randn(6, 6, 5, 32)
+    gx, gw, gb = depthwise.backward(grad, x, weight, [True, True, True], add=add)
+    into = base.clone()
+    got, gw2, gb2 = depthwise.backward(grad, x, weight, [True, True, True], add=add, into=into, into_rows=rows)
+    assert got is into
+    assert torch.equal(into, base.clone().index_add_(0, rows, gx.permute(0, 2, 3, 1)))
+    assert torch.equal(gw, gw2) and torch.equal(gb, gb2)
+    with pytest.raises(ValueError, match="into and into_rows go together"):
+        depthwise.backward(grad, x, weight, [True, False, False], into=into)
+    with pytest.raises(ValueError, match="sample indices"):
+        depthwise.backward(grad, x, weight, [True, False, False], into=into, into_rows=torch.tensor([0, 1, -1]))

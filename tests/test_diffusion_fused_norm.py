@@ -102,3 +102,46 @@ def test_supports_only_channels_last_float32_cpu_and_divisible_groups():
     with kernels.enabled(False):
         assert not fused_norm.supports(cl, 4)
     assert fused_norm.supports(cl, 4) == (fused_norm._library() is not None)
+
+
+@needs_kernel
+def test_tail_adds_into_given_rows_and_reads_its_gradient_there():
+    """``out``/``out_rows``: the tail's result is added to the given samples of a larger units-last
+    tensor (grouped dispatch's sum over experts), as ``index_add`` of the plain result would; its
+    backward with ``grad_rows`` reads each sample's gradient there, to the bit what it computes from
+    the gathered rows. Wrong tensors or rows are refused with a clear error."""
+    torch.manual_seed(5)
+    n, c, h, w, g = 3, 32, 5, 4, 8
+    x, res, grad_rows_src = (torch.randn(n, c, h, w).contiguous(memory_format=CL) for _ in range(3))
+    weight, bias, rw = torch.randn(c), torch.randn(c), torch.rand(n)
+    rows = torch.tensor([4, 0, 2])
+    y0 = torch.randn(6, h, w, c)
+    tail = fused_norm.NORM_ADD_GELU_SCALE
+    out, mean, rstd = fused_norm.norm_act(x, weight, bias, g, 1e-5, tail, res=res, rows_weight=rw)
+    y = y0.clone()
+    got, mean2, rstd2 = fused_norm.norm_act(x, weight, bias, g, 1e-5, tail, res=res, rows_weight=rw, out=y, out_rows=rows)
+    assert got is y and torch.equal(mean, mean2) and torch.equal(rstd, rstd2)
+    torch.testing.assert_close(y, y0.clone().index_add_(0, rows, out.permute(0, 2, 3, 1)), rtol=1e-6, atol=1e-6)
+    assert torch.equal(y[[1, 3, 5]], y0[[1, 3, 5]])  # rows no sample goes to are untouched
+
+    big_grad = torch.randn(6, h, w, c)
+    plain = fused_norm.norm_act_backward(
+        big_grad.index_select(0, rows).permute(0, 3, 1, 2), x, mean, rstd, weight, bias, g, tail, res=res, rows_weight=rw,
+        need_dx_sum=True,
+    )
+    by_rows = fused_norm.norm_act_backward(
+        big_grad, x, mean, rstd, weight, bias, g, tail, res=res, rows_weight=rw, need_dx_sum=True, grad_rows=rows
+    )
+    for a, b in zip(plain, by_rows, strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+    with pytest.raises(ValueError, match="out and out_rows go together"):
+        fused_norm.norm_act(x, weight, bias, g, 1e-5, tail, res=res, rows_weight=rw, out=y)
+    with pytest.raises(ValueError, match="only with NORM_ADD_GELU_SCALE"):
+        fused_norm.norm_act(x, weight, bias, g, 1e-5, fused_norm.NORM_GELU, out=y, out_rows=rows)
+    with pytest.raises(ValueError, match="sample indices"):
+        fused_norm.norm_act(x, weight, bias, g, 1e-5, tail, res=res, rows_weight=rw, out=y, out_rows=torch.tensor([0, 6, 1]))
+    with pytest.raises(ValueError, match="contiguous float32"):
+        fused_norm.norm_act(x, weight, bias, g, 1e-5, tail, res=res, rows_weight=rw, out=y.permute(0, 3, 1, 2), out_rows=rows)
+    with pytest.raises(ValueError, match="sample indices"):
+        fused_norm.norm_act_backward(big_grad, x, mean, rstd, weight, bias, g, tail, res=res, rows_weight=rw, grad_rows=rows[:2])

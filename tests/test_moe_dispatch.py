@@ -242,7 +242,7 @@ def test_grouped_gather_backward_adds_parts_without_concatenating():
     x0 = x.clone().requires_grad_(True)
     parts0 = x0.index_select(0, index).split(counts)
     x1 = x.clone().requires_grad_(True)
-    parts1 = _GatherRows.apply(x1, *index.split(counts))
+    parts1 = _GatherRows.apply(x1, None, *index.split(counts))
     assert all(torch.equal(a, b) for a, b in zip(parts0, parts1, strict=True))
     (g0,) = torch.autograd.grad(parts0, x0, grads)
 
@@ -274,3 +274,38 @@ def test_regather_returns_the_rows_and_refuses_a_changed_input():
     x.add_(1.0)
     with pytest.raises(RuntimeError, match="modified in place"):
         regather()
+
+
+def test_grouped_gather_backward_adds_to_what_the_calls_added_to_its_sink():
+    """A part whose expert call added its gradient to the `GatherGrad` sink itself gets None from
+    autograd; the gather's backward adds the other parts to the sink's buffer (and takes it: nothing
+    is left on the sink), so the input gradient is the same as with every part returned."""
+    from moelab.moe.dispatch import GatherGrad, _GatherRows
+
+    torch.manual_seed(3)
+    x = torch.randn(5, 3, 4)
+    index = torch.tensor([0, 3, 3, 1, 4, 0, 2, 4, 1, 2])
+    counts = [3, 3, 4]
+    parts_idx = index.split(counts)
+    grads = [torch.randn(n, 3, 4) for n in counts]
+    x0 = x.clone().requires_grad_(True)
+    (g0,) = torch.autograd.grad(x0.index_select(0, index).split(counts), x0, grads)
+
+    class AddsToSink(torch.autograd.Function):  # what the lean expert does with its rows' gradient
+        @staticmethod
+        def forward(ctx, rows, idx, g, sink):
+            ctx.idx, ctx.g, ctx.sink = idx, g, sink
+            return rows.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            ctx.sink.buffer().index_add_(0, ctx.idx, ctx.g)
+            return None, None, None, None
+
+    x1 = x.clone().requires_grad_(True)
+    sink = GatherGrad(x1)
+    parts = _GatherRows.apply(x1, sink, *parts_idx)
+    outs = [AddsToSink.apply(parts[0], parts_idx[0], grads[0], sink), parts[1], AddsToSink.apply(parts[2], parts_idx[2], grads[2], sink)]
+    (g1,) = torch.autograd.grad(outs, x1, [grads[0], grads[1], grads[2]])
+    torch.testing.assert_close(g1, g0, rtol=0, atol=1e-6)
+    assert sink.grad is None

@@ -41,7 +41,7 @@ static const float ZERO[VL] __attribute__((aligned(64)));
  * acc: 10 x VL floats, the 9 weight-gradient taps and the bias gradient, added to (NULL: no sums).
  * gxn: the input gradient plane, or NULL. wt: the weights as [9][C]. */
 static void row_block(const float* gn, const float* xn, const float* wt, const float* addn, int64_t H, int64_t W,
-                      int64_t C, int64_t h, int64_t c0, float* acc, float* gxn) {
+                      int64_t C, int64_t h, int64_t c0, float* acc, float* gxn, int into) {
   const float *xr[3], *gr[3];
   int64_t s[3];
   for (int i = 0; i < 3; ++i) { /* rows h - 1, h, h + 1 */
@@ -103,6 +103,7 @@ static void row_block(const float* gn, const float* xn, const float* wt, const f
        * sum: nine chained additions would make each column wait on the previous one */
       vf o = ((r2 * w0 + m2 * w1) + (l2 * w2 + r1 * w3)) + ((m1 * w4 + l1 * w5) + (r0 * w6 + m0 * w7)) + l0 * w8;
       if (add) o += ld(add + w * C);
+      if (into) o = ld(out + w * C) + o;
       st(out + w * C, o);
       l0 = m0; l1 = m1; l2 = m2;
       m0 = r0; m1 = r1; m2 = r2;
@@ -111,10 +112,12 @@ static void row_block(const float* gn, const float* xn, const float* wt, const f
 }
 
 /* g, x (and add, if given): [N][H][W][C]; w: [C][3][3]. Writes gx ([N][H][W][C], the input
- * gradient plus add), gw ([C][3][3]) and gb ([C]), each only where not NULL.
+ * gradient plus add), gw ([C][3][3]) and gb ([C]), each only where not NULL. gx_rows (or NULL): gx
+ * is a larger [*][H][W][C] tensor and sample n's input gradient (plus add) is added to its sample
+ * gx_rows[n] (grouped dispatch's gradient at the gathered input; the rows must be distinct).
  * Returns 0; 1 when C is not a multiple of 16; 2 when out of memory. */
 int moelab_dw3_backward(const float* g, const float* x, const float* w, const float* add, int64_t N, int64_t H,
-                        int64_t W, int64_t C, float* gx, float* gw, float* gb, int nt) {
+                        int64_t W, int64_t C, float* gx, float* gw, float* gb, const int64_t* gx_rows, int nt) {
   if (C % VL) return 1;
   if (nt < 1) nt = 1;
   const int64_t A = 10 * C; /* one row's sums: [C / VL][10][VL] */
@@ -146,7 +149,7 @@ int moelab_dw3_backward(const float* g, const float* x, const float* w, const fl
         if (acc) memset(acc, 0, sizeof(float) * A);
         for (int64_t c0 = 0; c0 < C; c0 += VL)
           row_block(g + n * plane, x + n * plane, wt, add ? add + n * plane : NULL, H, W, C, h, c0,
-                    acc ? acc + 10 * c0 : NULL, gx ? gx + n * plane : NULL);
+                    acc ? acc + 10 * c0 : NULL, gx ? gx + (gx_rows ? gx_rows[n] : n) * plane : NULL, gx_rows != NULL);
         if (acc) {
 #pragma omp simd
           for (int64_t i = 0; i < A; ++i) d[i] += acc[i];

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from moelab.diffusion import kernels
-from moelab.diffusion.kernels import nhwc_contiguous, ptr
+from moelab.diffusion.kernels import nhwc_contiguous, ptr, sample_rows
 
 #: channels per vector in ``depthwise.c``: the channel count must be a multiple of it
 CHANNEL_MULTIPLE = 16
@@ -32,7 +32,7 @@ CHANNEL_MULTIPLE = 16
 
 def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.moelab_dw3_backward.argtypes = [p, p, p, p, i64, i64, i64, i64, p, p, p, i32]
+    lib.moelab_dw3_backward.argtypes = [p, p, p, p, i64, i64, i64, i64, p, p, p, p, i32]
     lib.moelab_dw3_backward.restype = i32
 
 
@@ -53,22 +53,33 @@ def supports(x: Tensor, weight: Tensor, padding: int | str) -> bool:
 
 
 def backward(
-    grad: Tensor, x: Tensor, weight: Tensor, mask: tuple[bool, bool, bool] | list[bool], add: Tensor | None = None
+    grad: Tensor, x: Tensor, weight: Tensor, mask: tuple[bool, bool, bool] | list[bool], add: Tensor | None = None,
+    into: Tensor | None = None, into_rows: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """``(grad_x, grad_weight, grad_bias)`` of ``F.conv2d(x, weight, bias, padding=1, groups=C)``
     at ``grad``, each None where ``mask`` does not ask for it; ``add`` (same shape as ``x``) is
-    added to ``grad_x`` as it is written. Only where `supports` holds."""
+    added to ``grad_x`` as it is written. ``into`` and ``into_rows``: instead of a new ``grad_x``,
+    sample ``i``'s is added to ``into[into_rows[i]]`` of a contiguous ``[*, H, W, C]`` tensor
+    (``into_rows`` distinct; grouped dispatch's input gradient), and ``grad_x`` is ``into``. Only
+    where `supports` holds."""
     n, c, h, w = x.shape
     grad = grad.contiguous(memory_format=torch.channels_last)
     if add is not None and not (add.shape == x.shape and add.dtype == x.dtype and nhwc_contiguous(add)):
         add = add.contiguous(memory_format=torch.channels_last).to(x.dtype)
-    gx = torch.empty_like(x, memory_format=torch.channels_last) if mask[0] else None
+    if (into is None) != (into_rows is None):
+        raise ValueError("into and into_rows go together")
+    if into is not None and mask[0]:
+        into_rows = sample_rows(into, into_rows, n, h, w, c)  # type: ignore[arg-type]
+        gx = into
+    else:
+        into_rows = None
+        gx = torch.empty_like(x, memory_format=torch.channels_last) if mask[0] else None
     gw = torch.empty_like(weight, memory_format=torch.contiguous_format) if mask[1] else None
     gb = x.new_empty(c) if mask[2] else None
     weight = weight.detach().contiguous()  # named: a temporary would be freed before the call
     rc = _library().moelab_dw3_backward(  # type: ignore[union-attr]
         ptr(grad), ptr(x), ptr(weight), ptr(add if mask[0] else None), n, h, w, c, ptr(gx), ptr(gw), ptr(gb),
-        torch.get_num_threads(),
+        ptr(into_rows), torch.get_num_threads(),
     )
     if rc:
         raise MemoryError("depthwise-conv backward: out of memory for its per-thread sums")

@@ -139,14 +139,16 @@ class ResidualConvExperts(ExpertBank):
         per_expert = self._per_expert_params()
         pad = self.kernel_size // 2
 
-        def run(e: int, rows: Tensor, w: Tensor, regather: Callable[[], Tensor]) -> Tensor:
+        def run(e: int, rows: Tensor, w: Tensor, regather: Callable[[], Tensor], into: Tensor | None = None) -> Tensor | None:
             # a `Regather`: the lean expert saves its tensors for backward, not the callable
             lean = self.lean_backward and self.use_dsconv and rows.numel() >= LEAN_MIN_NUMEL and isinstance(regather, Regather)
             if lean and rows.device.type == "cpu" and is_channels_last(rows) and not autocast_enabled("cpu"):
-                return lean_ds_expert(rows, w, regather, self.groups, pad, per_expert[e])
+                # adds into grouped dispatch's output (None returned); a composed call returns its output
+                return lean_ds_expert(rows, w, regather, self.groups, pad, per_expert[e], into=into)
             out = self._expert(rows, per_expert[e])
             return out * broadcast_rows(w, out)
 
+        run.adds_into = True  # type: ignore[attr-defined]  # residual experts: output shape = input shape
         return run
 
     def _expert(self, x: Tensor, p: dict[str, Tensor]) -> Tensor:

@@ -119,10 +119,13 @@ static void group_stats(const float* xn, int64_t HW, int64_t C, int64_t G, float
 }
 
 /* have_stats: mean and rstd are given (as an earlier call returned them), not computed: the
- * recomputation in backward needs no statistics pass. */
+ * recomputation in backward needs no statistics pass. out_rows (mode 2 only, else NULL): out is a
+ * larger [*][HW][C] accumulator and sample n's result is added to its sample out_rows[n] -- grouped
+ * dispatch's sum of the experts' weighted outputs, made without a fresh output per expert and a
+ * second pass to add it. */
 int moelab_gn_act_forward(const float* x, const float* gamma, const float* beta, int64_t N, int64_t HW, int64_t C,
                           int64_t G, float eps, int mode, const float* res, const float* wrow, float* out, float* mean,
-                          float* rstd, int have_stats, int nt) {
+                          float* rstd, int have_stats, const int64_t* out_rows, int nt) {
   if (nt < 1) nt = 1;
   double* part = malloc(sizeof(double) * 2 * C * nt);
   float* coef = malloc(sizeof(float) * 2 * C);
@@ -133,9 +136,10 @@ int moelab_gn_act_forward(const float* x, const float* gamma, const float* beta,
     const float* xn = x + n * HW * C;
     if (!have_stats) group_stats(xn, HW, C, G, eps, part, nt, mean + n * G, rstd + n * G);
     affine(mean, rstd, gamma, beta, n, C, G, scale, shift);
-    float* on = out + n * HW * C;
+    float* on = out + (out_rows ? out_rows[n] : n) * HW * C;
     const float* rn = res ? res + n * HW * C : 0;
     float wn = wrow ? wrow[n] : 1.f;
+    const int accumulate = out_rows != 0;
 #pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
     for (int64_t i = 0; i < HW; ++i) {
       const float* xr = xn + i * C;
@@ -146,6 +150,10 @@ int moelab_gn_act_forward(const float* x, const float* gamma, const float* beta,
       } else if (mode == 1) {
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) o[c] = gelu_f(xr[c] * scale[c] + shift[c]);
+      } else if (accumulate) {
+        const float* rr = rn + i * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) o[c] += gelu_f(xr[c] * scale[c] + shift[c] + rr[c]) * wn;
       } else {
         const float* rr = rn + i * C;
 #pragma omp simd
@@ -161,11 +169,12 @@ int moelab_gn_act_forward(const float* x, const float* gamma, const float* beta,
 /* Gradients of moelab_gn_act_forward. dx always; dgamma/dbeta/gres/gw/dxsum where not NULL (gres:
  * mode 2's gradient at the residual input, gw: at wrow, dxsum: dx summed over samples and pixels,
  * i.e. the bias gradient of a 1x1 conv whose output x is). mode 2 needs gres (it holds the gradient
- * at gn's output between the two passes). */
+ * at gn's output between the two passes). grad_rows (or NULL): gy is a larger [*][HW][C] tensor and
+ * sample n's output gradient is its sample grad_rows[n] (forward's out_rows). */
 int moelab_gn_act_backward(const float* gy, const float* x, const float* mean, const float* rstd, const float* gamma,
                            const float* beta, int64_t N, int64_t HW, int64_t C, int64_t G, int mode, const float* res,
                            const float* wrow, float* dx, float* dgamma, float* dbeta, float* gres, float* gw,
-                           float* dxsum, int nt) {
+                           float* dxsum, const int64_t* grad_rows, int nt) {
   if (nt < 1) nt = 1;
   if (mode == 2 && !gres) return 2;
   int64_t cg = C / G;
@@ -182,7 +191,7 @@ int moelab_gn_act_backward(const float* gy, const float* x, const float* mean, c
   for (int64_t n = 0; n < N; ++n) {
     affine(mean, rstd, gamma, beta, n, C, G, scale, shift);
     const float* xn = x + n * HW * C;
-    const float* gn = gy + n * HW * C;
+    const float* gn = gy + (grad_rows ? grad_rows[n] : n) * HW * C;
     const float* rn = res ? res + n * HW * C : 0;
     float* gsn = gres ? gres + n * HW * C : 0;
     float wn = wrow ? wrow[n] : 1.f;

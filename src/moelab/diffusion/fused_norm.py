@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from moelab.diffusion import kernels
-from moelab.diffusion.kernels import nhwc_contiguous, ptr
+from moelab.diffusion.kernels import nhwc_contiguous, ptr, sample_rows
 
 #: ``y = gn(x)``
 NORM = 0
@@ -47,9 +47,9 @@ def _library() -> ctypes.CDLL | None:
 
 def _declare(lib: ctypes.CDLL) -> None:
     p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-    lib.moelab_gn_act_forward.argtypes = [p, p, p, i64, i64, i64, i64, f32, i32, p, p, p, p, p, i32, i32]
+    lib.moelab_gn_act_forward.argtypes = [p, p, p, i64, i64, i64, i64, f32, i32, p, p, p, p, p, i32, p, i32]
     lib.moelab_gn_act_forward.restype = i32
-    lib.moelab_gn_act_backward.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i32, p, p, p, p, p, p, p, p, i32]
+    lib.moelab_gn_act_backward.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i32, p, p, p, p, p, p, p, p, p, i32]
     lib.moelab_gn_act_backward.restype = i32
 
 
@@ -75,17 +75,25 @@ def _vector(t: Tensor | None, n: int) -> Tensor | None:
 def norm_act(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float, mode: int,
     res: Tensor | None = None, rows_weight: Tensor | None = None, stats: tuple[Tensor, Tensor] | None = None,
+    out: Tensor | None = None, out_rows: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(y, mean, rstd)`` for ``mode`` (`NORM`, `NORM_GELU`, `NORM_ADD_GELU_SCALE`): ``mean`` and
     ``rstd`` ``[N, groups]`` as `torch.native_group_norm` returns them. ``stats``: ``(mean, rstd)``
     of an earlier call on the same ``x``, used instead of a statistics pass (backward's
-    recomputation). No autograd: the caller's Function keeps what backward needs. Only for inputs
-    `supports` accepts."""
+    recomputation). ``out`` and ``out_rows`` (`NORM_ADD_GELU_SCALE` only): add sample ``i``'s result
+    to ``out[out_rows[i]]`` of a contiguous ``[*, H, W, C]`` tensor (grouped dispatch's sum over
+    experts), which is then ``y``. No autograd: the caller's Function keeps what backward needs. Only
+    for inputs `supports` accepts."""
     n, c, h, w = x.shape
     if mode == NORM_ADD_GELU_SCALE and (res is None or rows_weight is None):
         raise ValueError("NORM_ADD_GELU_SCALE needs res and rows_weight")
+    if (out is None) != (out_rows is None) or (out is not None and mode != NORM_ADD_GELU_SCALE):
+        raise ValueError("out and out_rows go together, and only with NORM_ADD_GELU_SCALE")
     lib = _library()
-    out = torch.empty_like(x)
+    if out_rows is not None:
+        out_rows = sample_rows(out, out_rows, n, h, w, c)
+    else:
+        out = torch.empty_like(x)
     if stats is None:
         mean, rstd = x.new_empty(n, groups), x.new_empty(n, groups)
     else:
@@ -94,7 +102,7 @@ def norm_act(
     rc = lib.moelab_gn_act_forward(
         ptr(x), ptr(weight), ptr(bias), n, h * w, c, groups, eps, mode,
         ptr(res if mode == NORM_ADD_GELU_SCALE else None), ptr(rows_weight if mode == NORM_ADD_GELU_SCALE else None),
-        ptr(out), ptr(mean), ptr(rstd), int(stats is not None), torch.get_num_threads(),
+        ptr(out), ptr(mean), ptr(rstd), int(stats is not None), ptr(out_rows), torch.get_num_threads(),
     )
     if rc:
         raise MemoryError("fused GroupNorm: out of memory for its per-channel buffers")
@@ -104,16 +112,20 @@ def norm_act(
 def norm_act_backward(
     grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int,
     mode: int, res: Tensor | None = None, rows_weight: Tensor | None = None,
-    need_weight: bool = True, need_bias: bool = True, need_dx_sum: bool = False,
+    need_weight: bool = True, need_bias: bool = True, need_dx_sum: bool = False, grad_rows: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of `norm_act` at ``grad``: ``(dx, dweight, dbias, dres, drows_weight, dx_sum)``;
     ``dweight``/``dbias`` None where not asked for or where there is no weight/bias; ``dres`` and
     ``drows_weight`` only for `NORM_ADD_GELU_SCALE` (``dres`` is the gradient at ``gn(x) + res``,
     which is also the residual's); ``dx_sum`` (``need_dx_sum``) ``dx`` summed over samples and
     pixels, ``[C]``: the bias gradient of the 1x1 conv that produced ``x``, taken while ``dx`` is
-    written instead of in another pass over it."""
+    written instead of in another pass over it. ``grad_rows``: ``grad`` is a contiguous ``[*, H, W, C]``
+    tensor and sample ``i``'s gradient is ``grad[grad_rows[i]]`` (`norm_act`'s ``out_rows``)."""
     n, c, h, w = x.shape
-    grad = grad.contiguous(memory_format=torch.channels_last)
+    if grad_rows is not None:
+        grad_rows = sample_rows(grad, grad_rows, n, h, w, c)
+    else:
+        grad = grad.contiguous(memory_format=torch.channels_last)
     lib = _library()
     dx = torch.empty_like(x)
     dweight = x.new_empty(c) if need_weight and weight is not None else None
@@ -127,7 +139,7 @@ def norm_act_backward(
     rc = lib.moelab_gn_act_backward(
         ptr(grad), ptr(x), ptr(mean), ptr(rstd), ptr(weight), ptr(bias),
         n, h * w, c, groups, mode, ptr(res if tail else None), ptr(rows_weight if tail else None),
-        ptr(dx), ptr(dweight), ptr(dbias), ptr(dres), ptr(drows), ptr(dx_sum), torch.get_num_threads(),
+        ptr(dx), ptr(dweight), ptr(dbias), ptr(dres), ptr(drows), ptr(dx_sum), ptr(grad_rows), torch.get_num_threads(),
     )
     if rc:
         raise MemoryError("fused GroupNorm backward: out of memory for its per-channel buffers")

@@ -69,6 +69,18 @@ def ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def sample_rows(t: Tensor, rows: Tensor, n: int, h: int, w: int, c: int) -> Tensor:
+    """``rows`` as a kernel reads it (int64, contiguous), after checking that ``t`` is a contiguous
+    float32 CPU ``[*, H, W, C]`` tensor (grouped dispatch's units-last layout) holding a sample for
+    every one of the ``n`` indices: the kernels read or add sample ``i`` of a call at ``t[rows[i]]``."""
+    if tuple(t.shape[1:]) != (h, w, c) or not t.is_contiguous() or t.dtype != torch.float32 or t.device.type != "cpu":
+        raise ValueError(f"expected a contiguous float32 CPU [*, {h}, {w}, {c}] tensor, got {tuple(t.shape)} {t.dtype} on {t.device}")
+    rows = rows.to(torch.int64).contiguous()
+    if rows.dim() != 1 or rows.numel() != n or (n and (int(rows.min()) < 0 or int(rows.max()) >= t.shape[0])):
+        raise ValueError(f"expected {n} sample indices in [0, {t.shape[0]}), got {tuple(rows.shape)}")
+    return rows
+
+
 def nhwc_contiguous(x: Tensor) -> bool:
     """Whether a kernel can read ``x`` as ``[N][H][W][C]``: 4-d and channels-last-contiguous (also
     where that coincides with NCHW-contiguous, e.g. one channel or 1x1 images, which

@@ -84,7 +84,7 @@ class _LeanDSExpert(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx, x: Tensor, w: Tensor, regather: Regather, groups: int, pad: int,
         dw1w: Tensor, dw1b: Tensor, pw1w: Tensor, pw1b: Tensor, n1w: Tensor, n1b: Tensor,
-        dw2w: Tensor, dw2b: Tensor, pw2w: Tensor, pw2b: Tensor, n2w: Tensor, n2b: Tensor,
+        dw2w: Tensor, dw2b: Tensor, pw2w: Tensor, pw2b: Tensor, n2w: Tensor, n2b: Tensor, into: Tensor | None,
     ) -> Tensor:
         # elementwise steps in place: their inputs are not kept, and every temporary activation
         # of the last full-resolution block's forward adds to the training step's memory peak
@@ -100,16 +100,26 @@ class _LeanDSExpert(torch.autograd.Function):
         del d1
         b2 = pointwise_forward(a2, pw2w, pw2b)
         del a2
+        idx = regather.idx
         if fused:
-            out, m2, r2 = fused_norm.norm_act(b2, n2w, n2b, groups, GN_EPS, fused_norm.NORM_ADD_GELU_SCALE, res=x, rows_weight=w)
+            kw = {} if into is None else {"out": into, "out_rows": idx}  # added into grouped dispatch's output
+            out, m2, r2 = fused_norm.norm_act(
+                b2, n2w, n2b, groups, GN_EPS, fused_norm.NORM_ADD_GELU_SCALE, res=x, rows_weight=w, **kw
+            )
         else:
             out, m2, r2 = _gn(b2, n2w, n2b, groups)
             gelu_(out.add_(x))
             out.mul_(broadcast_rows(w, out))
+            if into is not None:  # what grouped dispatch's row-add would do (`_AddRows`)
+                out = into.index_add_(0, idx, out.permute(0, 2, 3, 1))
         ctx.save_for_backward(
-            w, b1, m1, r1, b2, m2, r2, dw1w, dw1b, pw1w, n1w, n1b, dw2w, dw2b, pw2w, n2w, n2b, regather.src, regather.idx
+            w, b1, m1, r1, b2, m2, r2, dw1w, dw1b, pw1w, n1w, n1b, dw2w, dw2b, pw2w, n2w, n2b, regather.src, idx
         )
-        ctx.back, ctx.groups, ctx.pad, ctx.fused = regather.back, groups, pad, fused
+        ctx.back, ctx.groups, ctx.pad, ctx.fused, ctx.into = regather.back, groups, pad, fused, into is not None
+        # the input rows' gradient goes to grouped dispatch's sink where the kernels add it in place
+        ctx.sink = regather.sink if fused and into is not None else None
+        if into is not None:
+            ctx.mark_dirty(into)
         return out
 
     @staticmethod
@@ -124,16 +134,21 @@ class _LeanDSExpert(torch.autograd.Function):
         need = ctx.needs_input_grad
         # out = o * w, o = gelu(h2 + x): the composed graph's MulBackward, GeluBackward, AddBackward
         x = Regather.gather(src, idx, ctx.back)
-        del src, idx
+        del src
         c = x.shape[1]
         fused = ctx.fused  # the kernels forward used
+        g_into = grad if ctx.into else None  # the layer output's gradient passes through to what was added to
+        if ctx.into and not fused:  # this call's rows of it, as `_AddRows` hands them on
+            grad = grad.index_select(0, idx).permute(0, 3, 1, 2)
+        elif ctx.into:  # the kernel reads this call's rows where they are
+            grad = grad.contiguous()
         g_w = None
         g_pw2b = g_pw1b = None  # the pointwise biases' gradients: from the fused kernels, or below
         if fused:
             g_b2, g_n2w, g_n2b, g_s, g_rows, g_pw2b = fused_norm.norm_act_backward(
                 grad, b2, m2, r2, n2w, n2b, groups, fused_norm.NORM_ADD_GELU_SCALE,
                 res=x.contiguous(memory_format=torch.channels_last), rows_weight=w,
-                need_weight=need[15], need_bias=need[16], need_dx_sum=need[14],
+                need_weight=need[15], need_bias=need[16], need_dx_sum=need[14], grad_rows=idx if ctx.into else None,
             )
             if need[1]:
                 g_w = g_rows.view(w.shape).to(w.dtype)
@@ -176,41 +191,62 @@ class _LeanDSExpert(torch.autograd.Function):
         del a1
         g_a1 = pointwise_input_grad(g_b1, pw1w)
         del g_b1
-        # the residual's gradient is added to the input gradient as the kernel writes it
-        g_x, g_dw1w, g_dw1b = _depthwise_backward(g_a1, x, dw1w, True, pad, [need[0], need[5], need[6]], add=g_s)
+        # the residual's gradient is added to the input gradient as the kernel writes it; with a
+        # sink, both are added to grouped dispatch's input gradient at this call's rows
+        sink = ctx.sink if need[0] else None
+        into = {} if sink is None else {"into": sink.buffer(), "into_rows": idx}
+        g_x, g_dw1w, g_dw1b = _depthwise_backward(g_a1, x, dw1w, True, pad, [need[0], need[5], need[6]], add=g_s, **into)
         del x, g_a1
-        return (g_x, g_w, None, None, None, g_dw1w, g_dw1b, g_pw1w, g_pw1b, g_n1w, g_n1b, g_dw2w, g_dw2b, g_pw2w, g_pw2b, g_n2w, g_n2b)
+        if sink is not None:
+            g_x = None
+        return (
+            g_x, g_w, None, None, None, g_dw1w, g_dw1b, g_pw1w, g_pw1b, g_n1w, g_n1b, g_dw2w, g_dw2b, g_pw2w, g_pw2b, g_n2w,
+            g_n2b, g_into,
+        )
 
 
-def lean_ds_expert(x: Tensor, w: Tensor, regather: Regather, groups: int, pad: int, p: dict[str, Tensor]) -> Tensor:
+def lean_ds_expert(
+    x: Tensor, w: Tensor, regather: Regather, groups: int, pad: int, p: dict[str, Tensor], into: Tensor | None = None
+) -> Tensor | None:
     """``gelu(gn2(ds2(gelu(gn1(ds1(x))))) + x) * w[:, None, None, None]`` for one expert with
     parameters ``p`` (``dw{i}_weight``/``_bias`` ``[C, 1, k, k]``/``[C]``, ``pw{i}_weight`` ``[C, C]``,
     ``pw{i}_bias``, ``norm{i}_weight``/``_bias``), keeping for backward only the pointwise outputs
     and norm statistics; ``regather`` (`moelab.moe.dispatch.Regather`) re-selects ``x`` from its
-    block input, which is saved for backward (once per block) and released after it."""
-    return _LeanDSExpert.apply(
+    block input, which is saved for backward (once per block) and released after it.
+
+    ``into`` (grouped dispatch's output so far, units-last ``[N, H, W, C]``): the result is added to
+    its rows ``regather.idx`` in place (recorded by autograd) and None returned. On the kernels the
+    tail writes it there directly, backward reads the output gradient there, and the input
+    gradient goes to ``regather.sink`` (`moelab.moe.dispatch.GatherGrad`): per call, no output
+    tensor, no copy of the output gradient's rows, no input-gradient tensor to add in another pass."""
+    out = _LeanDSExpert.apply(
         x, w, regather, groups, pad,
         p["dw1_weight"], p["dw1_bias"], p["pw1_weight"], p["pw1_bias"], p["norm1_weight"], p["norm1_bias"],
-        p["dw2_weight"], p["dw2_bias"], p["pw2_weight"], p["pw2_bias"], p["norm2_weight"], p["norm2_bias"],
+        p["dw2_weight"], p["dw2_bias"], p["pw2_weight"], p["pw2_bias"], p["norm2_weight"], p["norm2_bias"], into,
     )
+    return None if into is not None else out
 
 
 def _depthwise_backward(
-    grad: Tensor, x: Tensor, weight: Tensor, has_bias: bool, pad: int, mask: list[bool], add: Tensor | None = None
+    grad: Tensor, x: Tensor, weight: Tensor, has_bias: bool, pad: int, mask: list[bool], add: Tensor | None = None,
+    into: Tensor | None = None, into_rows: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients ``(x, weight, bias)`` of the stride-1 depthwise conv ``F.conv2d(x, weight, bias,
     padding=pad, groups=C)``, each None where ``mask`` does not ask for it, ``add`` (if given) added
     to the input gradient: `moelab.diffusion.depthwise`'s kernel where it runs (3x3, channels-last
-    float32 CPU), else autograd's."""
+    float32 CPU), else autograd's. ``into`` and ``into_rows``: the input gradient is added to
+    ``into[into_rows]`` (a contiguous ``[*, H, W, C]`` tensor) instead, and ``into`` returned."""
     c = x.shape[1]
     mask = [mask[0], mask[1], has_bias and mask[2]]
     if depthwise.supports(x, weight, pad):
-        return depthwise.backward(grad, x, weight, mask, add=add)
+        return depthwise.backward(grad, x, weight, mask, add=add, into=into, into_rows=into_rows)
     g_x, g_w, g_b = _aten.convolution_backward(
         grad, x, weight, [c] if has_bias else None, [1, 1], [pad, pad], [1, 1], False, [0, 0], c, mask
     )
     if add is not None and g_x is not None:
         g_x.add_(add)  # a fresh tensor: added in place
+    if into is not None and g_x is not None:
+        g_x = into.index_add_(0, into_rows, g_x.permute(0, 2, 3, 1))  # type: ignore[arg-type]
     return g_x, g_w, g_b
 
 

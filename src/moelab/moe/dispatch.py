@@ -73,11 +73,18 @@ class ExpertBank(nn.Module):
         tensor per expert and parameter, as indexing ``weight[e]`` E times would give)."""
         return lambda e, z: self.expert_forward(z, e)
 
-    def weighted_runner(self) -> Callable[[int, Tensor, Tensor, Callable[[], Tensor]], Tensor]:
+    def weighted_runner(self) -> Callable[..., Tensor | None]:
         """Grouped dispatch's ``run(e, rows, w, regather)`` while autograd records: expert ``e`` on
         ``rows``, each output row times its routing weight in ``w``. ``regather()`` (a `Regather`)
         returns ``rows`` again, so that a bank may recompute its input in backward instead of
-        keeping it (what `moelab.diffusion.lean_backward` does). Default: `expert_runner`'s output times ``w``."""
+        keeping it (what `moelab.diffusion.lean_backward` does). Default: `expert_runner`'s output times ``w``.
+
+        A runner with the attribute ``adds_into = True`` (its outputs have its inputs' shape) is
+        called as ``run(e, rows, w, regather, into)``, ``into`` the layer output so far in the
+        units-last layout (`_units_last`: ``[N, H, W, C]`` for channels-last images, contiguous); it
+        may add its weighted output rows to ``into`` at ``regather.idx`` in place, recorded by
+        autograd, and return None -- and in backward add its input rows' gradient to
+        ``regather.sink`` (`GatherGrad`) and return None for them -- or return the output as usual."""
         run = self.expert_runner()
 
         def weighted(e: int, rows: Tensor, w: Tensor, regather: Callable[[], Tensor]) -> Tensor:
@@ -105,12 +112,15 @@ class Regather:
     changes), while an object on ``ctx`` lives as long as the graph -- which each MoE layer's
     ``last_routing`` keeps until its next forward. Held that way, every MoE block's input stayed
     alive through the rest of backward and the next step: 44 MB at 64x64, batch 8.
+
+    ``sink`` (a `GatherGrad`, or None): where the call's backward may add its input rows' gradient
+    itself, at rows ``idx``, returning None for them.
     """
 
-    __slots__ = ("src", "idx", "back", "_version")
+    __slots__ = ("src", "idx", "back", "sink", "_version")
 
-    def __init__(self, src: Tensor, idx: Tensor, back: Callable[[Tensor], Tensor]) -> None:
-        self.src, self.idx, self.back = src, idx, back
+    def __init__(self, src: Tensor, idx: Tensor, back: Callable[[Tensor], Tensor], sink: GatherGrad | None = None) -> None:
+        self.src, self.idx, self.back, self.sink = src, idx, back, sink
         self._version = src._version
 
     @staticmethod
@@ -121,6 +131,35 @@ class Regather:
         if self.src._version != self._version:
             raise RuntimeError("grouped dispatch: the MoE input was modified in place before backward")
         return self.gather(self.src, self.idx, self.back)
+
+
+class GatherGrad:
+    """The gradient at grouped dispatch's layer input (its units-last view), shared by the layer's
+    expert calls: a call's backward may add its input rows' gradient here itself -- a kernel adding
+    each row as it makes it -- instead of returning a tensor of the rows for the gather's backward to
+    add (one copy of the rows and one pass over them less, per call).
+
+    Safe because of the graph's order: the gather's backward runs only after every expert call's
+    backward (they consume its outputs), and it takes the buffer (`take`), so nothing is left on
+    the object for a later backward.
+    """
+
+    __slots__ = ("shape", "like", "grad")
+
+    def __init__(self, like: Tensor) -> None:
+        self.shape = like.shape
+        self.like = like.new_empty(0)  # dtype and device only: the layer input is not kept here
+        self.grad: Tensor | None = None
+
+    def buffer(self) -> Tensor:
+        """The gradient so far (zeros before the first call adds to it), ``[N, ...]`` contiguous."""
+        if self.grad is None:
+            self.grad = self.like.new_zeros(self.shape)
+        return self.grad
+
+    def take(self) -> Tensor | None:
+        grad, self.grad = self.grad, None
+        return grad
 
 
 def broadcast_rows(w: Tensor, like: Tensor) -> Tensor:
@@ -159,7 +198,8 @@ class _AddRows(torch.autograd.Function):
 
 class _GatherRows(torch.autograd.Function):
     """``tuple(x.index_select(0, i) for i in indices)`` whose backward adds every part's gradient
-    into one zero-initialised input gradient (``index_add_``, part after part).
+    into one zero-initialised input gradient (``index_add_``, part after part) -- or into what the
+    expert calls have already added to ``sink`` (a `GatherGrad`), where a call returned None.
 
     Autograd's form of grouped dispatch's gather -- one ``index_select`` of all ``N*k`` rows, then
     ``split`` -- concatenates the parts' gradients in backward (k copies of the block's activations,
@@ -169,18 +209,28 @@ class _GatherRows(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor, *indices: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, x: Tensor, sink: GatherGrad | None, *indices: Tensor
+    ) -> tuple[Tensor, ...]:
         ctx.save_for_backward(*indices)
-        ctx.rows = x.shape[0]  # type: ignore[attr-defined]
+        ctx.rows, ctx.sink = x.shape[0], sink  # type: ignore[attr-defined]
+        ctx.set_materialize_grads(False)  # a part whose call added its gradient to the sink gets None
         return tuple(x.index_select(0, i) for i in indices)
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, *grads: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: torch.autograd.function.FunctionCtx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         indices = ctx.saved_tensors  # type: ignore[attr-defined]
-        gx = grads[0].new_zeros((ctx.rows, *grads[0].shape[1:]))  # type: ignore[attr-defined]
+        sink: GatherGrad | None = ctx.sink  # type: ignore[attr-defined]
+        gx = sink.take() if sink is not None else None
+        if gx is None:
+            given = next((g for g in grads if g is not None), None)
+            if given is None:
+                return (None, None, *(None for _ in indices))
+            gx = given.new_zeros((ctx.rows, *given.shape[1:]))  # type: ignore[attr-defined]
         for i, g in zip(indices, grads, strict=True):
-            gx.index_add_(0, i, g)
-        return (gx, *(None for _ in indices))
+            if g is not None:
+                gx.index_add_(0, i, g)
+        return (gx, None, *(None for _ in indices))
 
 
 def _grouped(
@@ -189,7 +239,7 @@ def _grouped(
     x: Tensor,
     routing: Routing,
     recompute: bool = False,
-    weighted_run: Callable[[int, Tensor, Tensor, Callable[[], Tensor]], Tensor] | None = None,
+    weighted_run: Callable[..., Tensor | None] | None = None,
 ) -> Tensor:
     n, k = routing.indices.shape
     flat = routing.indices.reshape(-1)
@@ -200,10 +250,17 @@ def _grouped(
     units = unit.split(counts)
     weights = routing.weights.reshape(-1).index_select(0, order).split(counts)
     grad = torch.is_grad_enabled()
+    # a runner that adds into the layer output itself (`ExpertBank.weighted_runner`'s ``adds_into``)
+    # gets it before its first call, and the input gradient to add to in backward
+    adds_into = weighted_run is not None and getattr(weighted_run, "adds_into", False)
+    sink = GatherGrad(xv) if adds_into else None
+    y: Tensor | None = xv.new_zeros(xv.shape) if adds_into else None
 
-    def weighted(e: int, rows: Tensor, w: Tensor) -> Tensor:
+    def weighted(e: int, rows: Tensor, w: Tensor) -> Tensor | None:
         if weighted_run is not None:  # only given while autograd records (grouped_dispatch)
-            return _units_last(weighted_run(e, back(rows), w, Regather(xv, units[e], back)))[0]
+            regather = Regather(xv, units[e], back, sink)
+            out = weighted_run(e, back(rows), w, regather, y) if adds_into else weighted_run(e, back(rows), w, regather)
+            return None if out is None else _units_last(out)[0]
         assert run is not None
         out, _ = _units_last(run(e, back(rows)))
         if not grad:  # sampling: weight the fresh output where it is
@@ -219,8 +276,7 @@ def _grouped(
     # instead of a copy of every block.
     chunks = None
     if not recompute:
-        chunks = list(_GatherRows.apply(xv, *units) if grad else xv.index_select(0, unit).split(counts))
-    y: Tensor | None = None
+        chunks = list(_GatherRows.apply(xv, sink, *units) if grad else xv.index_select(0, unit).split(counts))
     for e in range(num_experts):
         if counts[e] == 0:
             continue
@@ -230,6 +286,8 @@ def _grouped(
             rows, chunks[e] = chunks[e], None  # an expert that keeps no input (lean) frees its rows now
             out = weighted(e, rows, weights[e])
             del rows
+            if out is None:  # the call added its weighted output into ``y`` (in place, recorded)
+                continue
         if y is None:
             y = out.new_zeros((n, *out.shape[1:]))
         y = _AddRows.apply(y, units[e], out)  # in place, per expert: no concatenated copy of all outputs
