@@ -192,25 +192,31 @@ def test_wall_clock_budget_stops_training_with_a_checkpoint(tmp_path):
     assert 1 <= steps < 10_000 * 2
 
 
+@pytest.mark.parametrize("sizes", [(3, 5), (3, 5, 2)])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_pointwise_of_parts_equals_pointwise_of_concatenation(channels_last):
-    """The skip merge's concat-free 1x1 conv: values and gradients of conv1x1(cat(a, b))."""
+def test_pointwise_of_parts_equals_pointwise_of_concatenation(channels_last, sizes):
+    """The skip merge's concat-free 1x1 conv: values and gradients of conv1x1(cat(a, b, ...)); on
+    channels-last CPU input one autograd node (no in-place-on-view copies in backward)."""
     g = torch.Generator().manual_seed(3)
-    a = torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64)
-    b = torch.randn(2, 5, 5, 4, generator=g, dtype=torch.float64)
+    parts = [torch.randn(2, c, 5, 4, generator=g, dtype=torch.float64) for c in sizes]
     if channels_last:
-        a, b = (t.contiguous(memory_format=torch.channels_last) for t in (a, b))
-    merge = PointwiseConv2d(8, 6).double()
-    a1, b1, a2, b2 = (t.clone().requires_grad_(True) for t in (a, b, a, b))
-    y, ref = merge(a1, b1), F.conv2d(torch.cat([a2, b2], 1), merge.weight, merge.bias)
+        parts = [t.contiguous(memory_format=torch.channels_last) for t in parts]
+    merge = PointwiseConv2d(sum(sizes), 6).double()
+    mine, theirs = [t.clone().requires_grad_(True) for t in parts], [t.clone().requires_grad_(True) for t in parts]
+    y, ref = merge(*mine), F.conv2d(torch.cat(theirs, 1), merge.weight, merge.bias)
     torch.testing.assert_close(y, ref, **TOL)
     assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
+    if channels_last:
+        assert "PointwiseConcatRows" in type(y.grad_fn).__name__
     go = torch.randn(ref.shape, generator=g, dtype=torch.float64)
     params = list(merge.parameters())
-    got = torch.autograd.grad(y, [a1, b1, *params], go)
-    want = torch.autograd.grad(ref, [a2, b2, *params], go)
+    got = torch.autograd.grad(y, [*mine, *params], go)
+    want = torch.autograd.grad(ref, [*theirs, *params], go)
     for x, r in zip(got, want, strict=True):
         torch.testing.assert_close(x, r, **TOL)
+    # only some inputs asked for
+    (g_b,) = torch.autograd.grad(merge(*mine), [mine[1]], go)
+    torch.testing.assert_close(g_b, want[1], **TOL)
 
 
 def test_pointwise_of_parts_refuses_a_channel_mismatch():
