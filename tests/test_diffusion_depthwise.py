@@ -119,3 +119,49 @@ def test_backward_adds_the_input_gradient_into_given_rows(nthreads, threads):
         depthwise.backward(grad, x, weight, [True, False, False], into=into)
     with pytest.raises(ValueError, match="sample indices"):
         depthwise.backward(grad, x, weight, [True, False, False], into=into, into_rows=torch.tensor([0, 1, -1]))
+
+
+@needs_kernel
+@pytest.mark.parametrize("nthreads", [1, 2])
+def test_backward_through_gelu_matches_float64(nthreads, threads):
+    """`backward_through_gelu`: the input gradient of a depthwise conv whose input is
+    ``gelu(a * scale + shift)``, taken on through that GELU, and its per-sample channel sums (of it
+    and of it times ``a``), against float64 autograd; weight and bias gradients as `backward`'s;
+    then GroupNorm+GELU's backward from those sums equals the one that makes them itself."""
+    from moelab.diffusion import fused_norm
+
+    threads(nthreads)
+    g = torch.Generator().manual_seed(6)
+    n, c, h, w, groups = 3, 32, 6, 5, 8
+    a = torch.randn(n, c, h, w, generator=g).contiguous(memory_format=CL)
+    gamma, beta = torch.randn(c, generator=g), torch.randn(c, generator=g)
+    d, mean, rstd = fused_norm.norm_act(a, gamma, beta, groups, 1e-5, fused_norm.NORM_GELU)
+    rep = c // groups
+    scale = rstd.repeat_interleave(rep, 1) * gamma
+    shift = beta - mean.repeat_interleave(rep, 1) * scale
+    grad = torch.randn(n, c, h, w, generator=g).contiguous(memory_format=CL)
+    weight = torch.randn(c, 1, 3, 3, generator=g)
+    got, gw, gb, sums = depthwise.backward_through_gelu(grad, d, weight, [True, True], a, scale, shift)
+    gx, gw0, gb0 = depthwise.backward(grad, d, weight, [True, True, True])
+    assert torch.equal(gw, gw0) and torch.equal(gb, gb0)
+    s64 = a.double() * scale.double()[:, :, None, None] + shift.double()[:, :, None, None]
+    gd64 = 0.5 * (1 + torch.erf(s64 / 2**0.5)) + s64 * torch.exp(-0.5 * s64**2) / (2 * torch.pi) ** 0.5
+    want = _reference(d, grad, weight, torch.zeros(c))[0] * gd64
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert sums.shape == (n, 2, c) and sums.dtype == torch.float64
+    torch.testing.assert_close(sums[:, 0], want.sum((2, 3)), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(sums[:, 1], (want * a.double()).sum((2, 3)), rtol=1e-5, atol=1e-4)
+    # the norm's backward from these sums, against the one that takes gx through the GELU itself
+    plain = fused_norm.norm_act_backward(gx, a, mean, rstd, gamma, beta, groups, fused_norm.NORM_GELU, need_dx_sum=True)
+    from_sums = fused_norm.norm_act_backward(got, a, mean, rstd, gamma, beta, groups, fused_norm.NORM_GELU, need_dx_sum=True, sums=sums)
+    assert from_sums[0] is got  # written over the given gradient
+    for p, q in zip(plain, from_sums, strict=True):
+        assert (p is None) == (q is None)
+        if p is not None:
+            torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="act_x"):
+        depthwise.backward_through_gelu(grad, d, weight, [True, True], a[:2], scale, shift)
+    with pytest.raises(ValueError, match="scale and shift"):
+        depthwise.backward_through_gelu(grad, d, weight, [True, True], a, scale[:, :4], shift)
+    with pytest.raises(ValueError, match="NORM_GELU only"):
+        fused_norm.norm_act_backward(got, a, mean, rstd, gamma, beta, groups, fused_norm.NORM, sums=sums)

@@ -240,7 +240,8 @@ def test_lean_expert_on_fused_kernels_equals_the_composed_expert(k, monkeypatch)
     """With moelab's kernels on: same routing, output and every gradient as the composed expert to
     float rounding -- as close to a float64 run as the composed expert on PyTorch's kernels is; and
     the lean expert really ran on the fused norm and depthwise kernels (both depthwise convs, the
-    first with the residual's gradient added by the kernel), adding its output to grouped
+    first with the residual's gradient added by the kernel, the second taking its input gradient
+    on through the first GELU and the norm's first backward pass), adding its output to grouped
     dispatch's output, reading its output gradient there and adding its input gradient to the
     gather's (k = 3: three experts add to every row)."""
 
@@ -251,14 +252,19 @@ def test_lean_expert_on_fused_kernels_equals_the_composed_expert(k, monkeypatch)
     layer = _layer(k=k)
     x = torch.randn(6, 16, 12, 12).contiguous(memory_format=torch.channels_last)
     composed, ref64 = _composed_and_float64(results, layer, x)
-    calls = _spy(monkeypatch, fused_norm, "norm_act_backward", lambda *a, **kw: (a[7], kw.get("grad_rows") is not None))
+    calls = _spy(
+        monkeypatch, fused_norm, "norm_act_backward",
+        lambda *a, **kw: (a[7], kw.get("grad_rows") is not None, kw.get("sums") is not None),
+    )
     fwd_calls = _spy(monkeypatch, fused_norm, "norm_act", lambda *a, **kw: (a[5], kw.get("out") is not None))
     dw_calls = _spy(monkeypatch, depthwise, "backward", lambda *a, **kw: (kw.get("add") is not None, kw.get("into") is not None))
+    through = _spy(monkeypatch, depthwise, "backward_through_gelu", lambda *a, **kw: 1)
     with kernels.enabled(True):
         fused = results(layer, x, lean=True)
     gelu, tail = fused_norm.NORM_GELU, fused_norm.NORM_ADD_GELU_SCALE
-    assert sorted(set(calls)) == sorted(set(fwd_calls)) == [(gelu, False), (tail, True)]
-    assert sorted(set(dw_calls)) == [(False, False), (True, True)]
+    assert sorted(set(calls)) == [(gelu, False, True), (tail, True, False)]
+    assert sorted(set(fwd_calls)) == [(gelu, False), (tail, True)]
+    assert set(dw_calls) == {(True, True)} and len(through) == len(dw_calls)  # the second conv: through the GELU
     _no_less_accurate(fused, composed, ref64)
 
 

@@ -111,22 +111,54 @@ static void row_block(const float* gn, const float* xn, const float* wt, const f
   }
 }
 
+/* The input gradient of one row (h) of sample n, just written (gxr, [W][C], in cache), taken on
+ * through a GELU whose input is act_x * scale + shift (per channel): gxr = gxr * gelu'(.), and the
+ * row's sums of that gradient and of it times act_x, per channel, added to sg and sgx -- the first
+ * pass of fused_norm.c's GELU(GroupNorm) backward, made here instead of in a pass of its own. */
+static void through_gelu(float* gxr, const float* xr, const float* scale, const float* shift, int64_t W, int64_t C,
+                         float* rs, double* sg, double* sgx) {
+  memset(rs, 0, sizeof(float) * 2 * C);
+  for (int64_t w = 0; w < W; ++w) {
+    float* o = gxr + w * C;
+    const float* b = xr + w * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      float v = o[c] * gelu_d(b[c] * scale[c] + shift[c]);
+      o[c] = v;
+      rs[c] += v;
+      rs[C + c] += v * b[c];
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    sg[c] += rs[c];
+    sgx[c] += rs[C + c];
+  }
+}
+
 /* g, x (and add, if given): [N][H][W][C]; w: [C][3][3]. Writes gx ([N][H][W][C], the input
  * gradient plus add), gw ([C][3][3]) and gb ([C]), each only where not NULL. gx_rows (or NULL): gx
  * is a larger [*][H][W][C] tensor and sample n's input gradient (plus add) is added to its sample
  * gx_rows[n] (grouped dispatch's gradient at the gathered input; the rows must be distinct).
- * Returns 0; 1 when C is not a multiple of 16; 2 when out of memory. */
+ * act_x (or NULL; needs gx, no gx_rows): x was GELU(act_x * act_scale + act_shift) (per sample and
+ * channel: act_scale, act_shift [N][C]), and gx is taken on through that GELU as it is written
+ * (`through_gelu`), its per-sample sums going to act_sums ([N][2][C], double).
+ * Returns 0; 1 when C is not a multiple of 16; 2 when out of memory; 3 for act_x without gx or
+ * with gx_rows. */
 int moelab_dw3_backward(const float* g, const float* x, const float* w, const float* add, int64_t N, int64_t H,
-                        int64_t W, int64_t C, float* gx, float* gw, float* gb, const int64_t* gx_rows, int nt) {
+                        int64_t W, int64_t C, float* gx, float* gw, float* gb, const int64_t* gx_rows,
+                        const float* act_x, const float* act_scale, const float* act_shift, double* act_sums, int nt) {
   if (C % VL) return 1;
+  if (act_x && (!gx || gx_rows || !act_scale || !act_shift || !act_sums)) return 3;
   if (nt < 1) nt = 1;
   const int64_t A = 10 * C; /* one row's sums: [C / VL][10][VL] */
   const int sums = gw || gb;
   float* wt = gx ? malloc(sizeof(float) * 9 * C) : NULL;
   double* part = sums ? calloc((size_t)(A * nt), sizeof(double)) : NULL;
-  if ((gx && !wt) || (sums && !part)) {
+  double* apart = act_x ? calloc((size_t)(2 * C * N * nt), sizeof(double)) : NULL; /* [nt][N][2][C] */
+  if ((gx && !wt) || (sums && !part) || (act_x && !apart)) {
     free(wt);
     free(part);
+    free(apart);
     return 2;
   }
   if (wt)
@@ -138,7 +170,8 @@ int moelab_dw3_backward(const float* g, const float* x, const float* w, const fl
     int t, T;
     thread_in_team(&t, &T);
     float* acc = sums ? malloc(sizeof(float) * A) : NULL;
-    if (sums && !acc) {
+    float* rs = act_x ? malloc(sizeof(float) * 2 * C) : NULL;
+    if ((sums && !acc) || (act_x && !rs)) {
 #pragma omp atomic write
       fail = 1;
     } else {
@@ -154,10 +187,23 @@ int moelab_dw3_backward(const float* g, const float* x, const float* w, const fl
 #pragma omp simd
           for (int64_t i = 0; i < A; ++i) d[i] += acc[i];
         }
+        if (act_x) {
+          double* as = apart + 2 * C * (N * t + n);
+          through_gelu(gx + n * plane + h * W * C, act_x + n * plane + h * W * C, act_scale + n * C, act_shift + n * C, W,
+                       C, rs, as, as + C);
+        }
       }
-      free(acc);
     }
+    free(acc);
+    free(rs);
   }
+  if (act_x && !fail)
+    for (int64_t i = 0; i < 2 * C * N; ++i) {
+      double sum = 0;
+      for (int t = 0; t < nt; ++t) sum += apart[2 * C * N * t + i];
+      act_sums[i] = sum;
+    }
+  free(apart);
   if (sums && !fail)
     for (int64_t c0 = 0; c0 < C; c0 += VL)
       for (int64_t k = 0; k < 10; ++k)

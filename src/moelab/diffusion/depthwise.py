@@ -6,7 +6,9 @@ weight gradient in a pass of its own and is 2-5x slower than its forward. ``dept
 input gradient and the weight and bias gradients in one pass over the output gradient and the
 input, and adds a residual's gradient into the input gradient as it writes it (the expert's skip
 connection: one pass over the activations less). Measured alone, one thread: 0.6-0.85x oneDNN's
-time at MoEFsDiC's shapes.
+time at MoEFsDiC's shapes. It can also add each sample's input gradient into a row of grouped
+dispatch's input gradient (``into``), and take the gradient on through the GELU(GroupNorm) that made
+its input (`backward_through_gelu`: the first pass of that backward, made as the rows are written).
 
 Same function as ``torch.ops.aten.convolution_backward`` for ``F.conv2d(x, w, b, padding=1,
 groups=C)`` to float rounding: the weight and bias sums accumulate in double across rows (closer
@@ -32,7 +34,7 @@ CHANNEL_MULTIPLE = 16
 
 def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.moelab_dw3_backward.argtypes = [p, p, p, p, i64, i64, i64, i64, p, p, p, p, i32]
+    lib.moelab_dw3_backward.argtypes = [p, p, p, p, i64, i64, i64, i64, p, p, p, p, p, p, p, p, i32]
     lib.moelab_dw3_backward.restype = i32
 
 
@@ -76,11 +78,46 @@ def backward(
         gx = torch.empty_like(x, memory_format=torch.channels_last) if mask[0] else None
     gw = torch.empty_like(weight, memory_format=torch.contiguous_format) if mask[1] else None
     gb = x.new_empty(c) if mask[2] else None
-    weight = weight.detach().contiguous()  # named: a temporary would be freed before the call
-    rc = _library().moelab_dw3_backward(  # type: ignore[union-attr]
-        ptr(grad), ptr(x), ptr(weight), ptr(add if mask[0] else None), n, h, w, c, ptr(gx), ptr(gw), ptr(gb),
-        ptr(into_rows), torch.get_num_threads(),
-    )
-    if rc:
-        raise MemoryError("depthwise-conv backward: out of memory for its per-thread sums")
+    _call(grad, x, weight, add if mask[0] else None, gx, gw, gb, into_rows)
     return gx, gw, gb
+
+
+def _call(grad: Tensor, x: Tensor, weight: Tensor, add: Tensor | None, gx: Tensor | None, gw: Tensor | None,
+          gb: Tensor | None, into_rows: Tensor | None, act: tuple[Tensor, Tensor, Tensor, Tensor] | None = None) -> None:
+    n, c, h, w = x.shape
+    weight = weight.detach().contiguous()  # named: a temporary would be freed before the call
+    act_x, act_scale, act_shift, act_sums = act if act is not None else (None, None, None, None)
+    rc = _library().moelab_dw3_backward(  # type: ignore[union-attr]
+        ptr(grad), ptr(x), ptr(weight), ptr(add), n, h, w, c, ptr(gx), ptr(gw), ptr(gb),
+        ptr(into_rows), ptr(act_x), ptr(act_scale), ptr(act_shift), ptr(act_sums), torch.get_num_threads(),
+    )
+    if rc == 2:
+        raise MemoryError("depthwise-conv backward: out of memory for its per-thread sums")
+    if rc:
+        raise RuntimeError(f"depthwise-conv backward: the kernel refused its arguments (code {rc})")
+
+
+def backward_through_gelu(
+    grad: Tensor, x: Tensor, weight: Tensor, mask: tuple[bool, bool] | list[bool], act_x: Tensor, scale: Tensor, shift: Tensor
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
+    """`backward` of a depthwise conv whose input ``x`` is ``gelu(act_x * scale + shift)`` (``scale``,
+    ``shift``: ``[N, C]`` per sample and channel, a GroupNorm's affine form), taken on through the
+    GELU: ``(grad_act, grad_weight, grad_bias, sums)``, ``grad_act`` = input gradient x gelu'(.),
+    and ``sums`` ``[N, 2, C]`` (float64) its per-sample channel sums and those of it times ``act_x``
+    -- the first pass of the GroupNorm+GELU backward, made as the input gradient is written
+    (`moelab.diffusion.fused_norm.norm_act_backward` takes them as ``sums``). ``mask``: the weight
+    and bias gradients wanted. Why: one read of the input gradient and one of ``act_x`` less, and
+    no write of the gradient between the two. Only where `supports` holds, ``act_x`` like ``x``."""
+    n, c, h, w = x.shape
+    if act_x.shape != x.shape or act_x.dtype != x.dtype or not nhwc_contiguous(act_x):
+        raise ValueError(f"act_x: expected a channels-last {x.dtype} tensor shaped {tuple(x.shape)}")
+    if scale.shape != (n, c) or shift.shape != (n, c):
+        raise ValueError(f"scale and shift: expected [{n}, {c}], got {tuple(scale.shape)} and {tuple(shift.shape)}")
+    grad = grad.contiguous(memory_format=torch.channels_last)
+    scale, shift = (t.detach().to(torch.float32).contiguous() for t in (scale, shift))
+    gx = torch.empty_like(x, memory_format=torch.channels_last)
+    gw = torch.empty_like(weight, memory_format=torch.contiguous_format) if mask[0] else None
+    gb = x.new_empty(c) if mask[1] else None
+    sums = torch.empty(n, 2, c, dtype=torch.float64)
+    _call(grad, x, weight, None, gx, gw, gb, None, (act_x, scale, shift, sums))
+    return gx, gw, gb, sums

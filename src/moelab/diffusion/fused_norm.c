@@ -22,54 +22,6 @@
 
 #include "moelab_kernels.h"
 
-#define INV_SQRT2 0.70710678118654752f
-#define INV_SQRT2PI 0.39894228040143268f
-
-static inline float exp_f(float x) {
-  x = x < -87.3f ? -87.3f : x;
-  x = x > 88.3f ? 88.3f : x;
-  float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest */
-  float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float y = 1.9875691500E-4f;
-  y = y * r + 1.3981999507E-3f;
-  y = y * r + 8.3334519073E-3f;
-  y = y * r + 4.1665795894E-2f;
-  y = y * r + 1.6666665459E-1f;
-  y = y * r + 5.0000001201E-1f;
-  y = y * r * r + r + 1.0f;
-  int32_t bits = ((int32_t)n + 127) << 23;
-  float scale;
-  memcpy(&scale, &bits, 4);
-  return y * scale;
-}
-
-/* erf(s / sqrt(2)) given e = exp(-s^2 / 2) */
-static inline float erf_half(float s, float e) {
-  float z = (s < 0.f ? -s : s) * INV_SQRT2;
-  float t = 1.0f / (1.0f + 0.3275911f * z);
-  float p = ((((1.061405429f * t - 1.453152027f) * t + 1.421413741f) * t - 0.284496736f) * t + 0.254829592f) * t;
-  float v = 1.0f - p * e;
-  return s < 0.f ? -v : v;
-}
-
-static inline float gelu_f(float s) {
-  float e = exp_f(-0.5f * s * s);
-  return 0.5f * s * (1.0f + erf_half(s, e));
-}
-
-static inline float gelu_d(float s) {
-  float e = exp_f(-0.5f * s * s);
-  return 0.5f * (1.0f + erf_half(s, e)) + s * INV_SQRT2PI * e;
-}
-
-/* gelu(s) and gelu'(s) from one exp and one erf */
-static inline float gelu_fd(float s, float* d) {
-  float e = exp_f(-0.5f * s * s);
-  float cdf = 0.5f * (1.0f + erf_half(s, e));
-  *d = cdf + s * INV_SQRT2PI * e;
-  return s * cdf;
-}
-
 /* per-channel scale and shift of sample n: y = x * scale + shift */
 static void affine(const float* mean, const float* rstd, const float* gamma, const float* beta, int64_t n, int64_t C,
                    int64_t G, float* scale, float* shift) {
@@ -170,13 +122,16 @@ int moelab_gn_act_forward(const float* x, const float* gamma, const float* beta,
  * mode 2's gradient at the residual input, gw: at wrow, dxsum: dx summed over samples and pixels,
  * i.e. the bias gradient of a 1x1 conv whose output x is). mode 2 needs gres (it holds the gradient
  * at gn's output between the two passes). grad_rows (or NULL): gy is a larger [*][HW][C] tensor and
- * sample n's output gradient is its sample grad_rows[n] (forward's out_rows). */
+ * sample n's output gradient is its sample grad_rows[n] (forward's out_rows). given (mode 1 only, or
+ * NULL): the first pass was made elsewhere (depthwise.c's through_gelu): dx already holds the
+ * gradient taken through the GELU and given its per-sample sums ([N][2][C], double); gy is unused. */
 int moelab_gn_act_backward(const float* gy, const float* x, const float* mean, const float* rstd, const float* gamma,
                            const float* beta, int64_t N, int64_t HW, int64_t C, int64_t G, int mode, const float* res,
                            const float* wrow, float* dx, float* dgamma, float* dbeta, float* gres, float* gw,
-                           float* dxsum, const int64_t* grad_rows, int nt) {
+                           float* dxsum, const int64_t* grad_rows, const double* given, int nt) {
   if (nt < 1) nt = 1;
   if (mode == 2 && !gres) return 2;
+  if (given && mode != 1) return 3;
   int64_t cg = C / G;
   double M = (double)HW * (double)cg;
   double* part = malloc(sizeof(double) * (2 * C + 1) * nt);
@@ -196,8 +151,9 @@ int moelab_gn_act_backward(const float* gy, const float* x, const float* mean, c
     float* gsn = gres ? gres + n * HW * C : 0;
     float wn = wrow ? wrow[n] : 1.f;
     memset(part, 0, sizeof(double) * (2 * C + 1) * nt);
-#pragma omp parallel num_threads(nt) if (nt > 1)
-    {
+    if (given) memcpy(part, given + 2 * C * n, sizeof(double) * 2 * C); /* as thread 0's sums */
+#pragma omp parallel num_threads(nt) if (nt > 1 && !given)
+    if (!given) {
       int t, T;
       thread_in_team(&t, &T);
       double* sg = part + (2 * C + 1) * t;

@@ -49,7 +49,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     lib.moelab_gn_act_forward.argtypes = [p, p, p, i64, i64, i64, i64, f32, i32, p, p, p, p, p, i32, p, i32]
     lib.moelab_gn_act_forward.restype = i32
-    lib.moelab_gn_act_backward.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i32, p, p, p, p, p, p, p, p, p, i32]
+    lib.moelab_gn_act_backward.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i32, p, p, p, p, p, p, p, p, p, p, i32]
     lib.moelab_gn_act_backward.restype = i32
 
 
@@ -113,6 +113,7 @@ def norm_act_backward(
     grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int,
     mode: int, res: Tensor | None = None, rows_weight: Tensor | None = None,
     need_weight: bool = True, need_bias: bool = True, need_dx_sum: bool = False, grad_rows: Tensor | None = None,
+    sums: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of `norm_act` at ``grad``: ``(dx, dweight, dbias, dres, drows_weight, dx_sum)``;
     ``dweight``/``dbias`` None where not asked for or where there is no weight/bias; ``dres`` and
@@ -120,14 +121,24 @@ def norm_act_backward(
     which is also the residual's); ``dx_sum`` (``need_dx_sum``) ``dx`` summed over samples and
     pixels, ``[C]``: the bias gradient of the 1x1 conv that produced ``x``, taken while ``dx`` is
     written instead of in another pass over it. ``grad_rows``: ``grad`` is a contiguous ``[*, H, W, C]``
-    tensor and sample ``i``'s gradient is ``grad[grad_rows[i]]`` (`norm_act`'s ``out_rows``)."""
+    tensor and sample ``i``'s gradient is ``grad[grad_rows[i]]`` (`norm_act`'s ``out_rows``).
+    ``sums`` (`NORM_GELU` only): ``grad`` was already taken through the GELU, with these per-sample
+    sums ``[N, 2, C]`` (float64: of it, and of it times ``x``), by
+    `moelab.diffusion.depthwise.backward_through_gelu`; ``dx`` is then written over ``grad``."""
     n, c, h, w = x.shape
     if grad_rows is not None:
         grad_rows = sample_rows(grad, grad_rows, n, h, w, c)
     else:
         grad = grad.contiguous(memory_format=torch.channels_last)
     lib = _library()
-    dx = torch.empty_like(x)
+    if sums is not None:
+        if mode != NORM_GELU or tuple(sums.shape) != (n, 2, c) or sums.dtype != torch.float64 or not sums.is_contiguous():
+            raise ValueError(f"sums: NORM_GELU only, a contiguous float64 [{n}, 2, {c}] tensor")
+        if grad.shape != x.shape or grad.dtype != x.dtype or not nhwc_contiguous(grad):
+            raise ValueError("with sums, grad must be a channels-last float32 tensor shaped like x (dx is written over it)")
+        dx = grad
+    else:
+        dx = torch.empty_like(x)
     dweight = x.new_empty(c) if need_weight and weight is not None else None
     dbias = x.new_empty(c) if need_bias and bias is not None else None
     tail = mode == NORM_ADD_GELU_SCALE
@@ -139,7 +150,8 @@ def norm_act_backward(
     rc = lib.moelab_gn_act_backward(
         ptr(grad), ptr(x), ptr(mean), ptr(rstd), ptr(weight), ptr(bias),
         n, h * w, c, groups, mode, ptr(res if tail else None), ptr(rows_weight if tail else None),
-        ptr(dx), ptr(dweight), ptr(dbias), ptr(dres), ptr(drows), ptr(dx_sum), ptr(grad_rows), torch.get_num_threads(),
+        ptr(dx), ptr(dweight), ptr(dbias), ptr(dres), ptr(drows), ptr(dx_sum), ptr(grad_rows), ptr(sums),
+        torch.get_num_threads(),
     )
     if rc:
         raise MemoryError("fused GroupNorm backward: out of memory for its per-channel buffers")

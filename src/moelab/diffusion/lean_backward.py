@@ -30,7 +30,11 @@ On channels-last float32 CPU tensors the expert's and the head's norm-and-GELU s
 backward's recompute and its use): the 64x64 training step 7-8% shorter on a 2-core Xeon. The
 3x3 depthwise convs' gradients run on `moelab.diffusion.depthwise`'s kernel (input, weight and bias
 gradients in one pass; the expert's residual gradient added as the input gradient is written):
-1-1.7% shorter again (Xeon VM, one and two threads). Values and gradients are then those of the composed ops to float rounding (as
+1-1.7% shorter again (Xeon VM, one and two threads). Under grouped dispatch the expert adds its
+output into the layer output and its input gradient into the gather's, inside the kernels (no
+per-call output or input-gradient tensor, no copy of its rows of the output gradient: 4% of the
+step), and the second depthwise conv's input gradient is taken on through the first GELU and the
+first norm's statistics pass as the kernel writes it (0.5%). Values and gradients are then those of the composed ops to float rounding (as
 close to a float64 run as PyTorch's kernels are: the tests at the end of
 ``tests/test_diffusion_lean_backward.py``). With those kernels off (``MOELAB_CPU_KERNELS=0``,
 `moelab.diffusion.kernels.set_enabled`, or no C compiler) they are the composed ops' to the bit: every backward is the aten kernel autograd would call
@@ -172,19 +176,31 @@ class _LeanDSExpert(torch.autograd.Function):
         del a2
         g_a2 = pointwise_input_grad(g_b2, pw2w)
         del g_b2
-        g_d1, g_dw2w, g_dw2b = _depthwise_backward(g_a2, d1, dw2w, True, pad, [True, need[11], need[12]])
-        del d1, g_a2
-        if fused:
+        if fused and depthwise.supports(d1, dw2w, pad):
+            # the GELU's and the norm's first backward pass made as the depthwise kernel writes its
+            # input gradient (`depthwise.backward_through_gelu`), the norm's second pass over it
+            scale, shift = _norm_affine(m1, r1, n1w, n1b, groups, c)
+            g_h1, g_dw2w, g_dw2b, sums = depthwise.backward_through_gelu(g_a2, d1, dw2w, [need[11], need[12]], b1, scale, shift)
+            del d1, g_a2
             g_b1, g_n1w, g_n1b, _, _, g_pw1b = fused_norm.norm_act_backward(
-                g_d1, b1, m1, r1, n1w, n1b, groups, fused_norm.NORM_GELU, need_weight=need[9], need_bias=need[10],
-                need_dx_sum=need[8],
+                g_h1, b1, m1, r1, n1w, n1b, groups, fused_norm.NORM_GELU, need_weight=need[9], need_bias=need[10],
+                need_dx_sum=need[8], sums=sums,
             )
-            del g_d1
-        else:
-            g_h1 = gelu_backward(g_d1, h1)
-            del h1, g_d1
-            g_b1, g_n1w, g_n1b = _gn_backward(g_h1, b1, m1, r1, n1w, groups, [True, need[9], need[10]])
             del g_h1
+        else:
+            g_d1, g_dw2w, g_dw2b = _depthwise_backward(g_a2, d1, dw2w, True, pad, [True, need[11], need[12]])
+            del d1, g_a2
+            if fused:
+                g_b1, g_n1w, g_n1b, _, _, g_pw1b = fused_norm.norm_act_backward(
+                    g_d1, b1, m1, r1, n1w, n1b, groups, fused_norm.NORM_GELU, need_weight=need[9], need_bias=need[10],
+                    need_dx_sum=need[8],
+                )
+                del g_d1
+            else:
+                g_h1 = gelu_backward(g_d1, h1)
+                del h1, g_d1
+                g_b1, g_n1w, g_n1b = _gn_backward(g_h1, b1, m1, r1, n1w, groups, [True, need[9], need[10]])
+                del g_h1
         a1 = F.conv2d(x, dw1w, dw1b, padding=pad, groups=c)
         _, g_pw1w, g_b = pointwise_rows_backward(g_b1, a1, pw1w, False, need[7], need[8] and not fused)
         g_pw1b = g_pw1b if fused else g_b
@@ -203,6 +219,21 @@ class _LeanDSExpert(torch.autograd.Function):
             g_x, g_w, None, None, None, g_dw1w, g_dw1b, g_pw1w, g_pw1b, g_n1w, g_n1b, g_dw2w, g_dw2b, g_pw2w, g_pw2b, g_n2w,
             g_n2b, g_into,
         )
+
+
+def _norm_affine(
+    mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, channels: int
+) -> tuple[Tensor, Tensor]:
+    """A GroupNorm as ``x * scale + shift`` per sample and channel (``[N, C]`` each) from its
+    statistics ``[N, groups]`` and affine parameters, as the fused kernels compute it."""
+    rep = channels // groups
+    scale = rstd.repeat_interleave(rep, dim=1)
+    if weight is not None:
+        scale = scale * weight
+    shift = -mean.repeat_interleave(rep, dim=1) * scale
+    if bias is not None:
+        shift = shift + bias
+    return scale, shift
 
 
 def lean_ds_expert(
