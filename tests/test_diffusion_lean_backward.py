@@ -268,6 +268,35 @@ def test_lean_expert_on_fused_kernels_equals_the_composed_expert(k, monkeypatch)
     _no_less_accurate(fused, composed, ref64)
 
 
+@pytest.mark.parametrize("on", [False, True])
+def test_lean_and_composed_calls_in_one_block(on, monkeypatch):
+    """A block whose larger expert calls run lean (adding into grouped dispatch's output and, on the
+    kernels, into the gather's input gradient) and whose smaller ones run composed (returning their
+    output and input gradient): equal to the all-composed block -- to the bit with the kernels off,
+    as close to float64 as it with them on."""
+    if on and (fused_norm._library() is None or depthwise._library() is None):
+        pytest.skip("no C compiler here: the kernels fall back")
+
+    def results(layer, x, lean):
+        y, gx, grads, _ = _step(layer, x, lean)
+        return [y, gx, *(grads[n] for n in sorted(grads))]
+
+    layer = _layer(e=4, k=2, seed=2)
+    x = torch.randn(8, 16, 10, 10).contiguous(memory_format=torch.channels_last)
+    composed, ref64 = _composed_and_float64(results, layer, x)
+    monkeypatch.setattr(experts_module, "LEAN_MIN_NUMEL", 3 * x[0].numel())  # calls of 3+ samples run lean
+    lean_calls = _spy(monkeypatch, experts_module, "lean_ds_expert", lambda *a, **kw: a[0].shape[0])
+    composed_calls = _spy(monkeypatch, layer.experts, "_expert", lambda *a, **kw: a[0].shape[0])
+    with kernels.enabled(on):
+        mixed = results(layer, x, lean=True)
+    assert lean_calls and min(lean_calls) >= 3
+    assert any(n < 3 for n in composed_calls)  # (the reference runs above counted no calls: spied after)
+    if on:
+        _no_less_accurate(mixed, composed, ref64)
+    else:
+        assert all(torch.equal(a, b) for a, b in zip(mixed, composed, strict=True))
+
+
 @needs_kernel
 def test_output_head_on_fused_kernels_equals_composed_ops():
     from moelab.diffusion.activations import gelu
