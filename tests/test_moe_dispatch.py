@@ -309,3 +309,21 @@ def test_grouped_gather_backward_adds_to_what_the_calls_added_to_its_sink():
     (g1,) = torch.autograd.grad(outs, x1, [grads[0], grads[1], grads[2]])
     torch.testing.assert_close(g1, g0, rtol=0, atol=1e-6)
     assert sink.grad is None
+
+
+def test_grouped_dispatch_under_autocast_keeps_the_experts_output_dtype():
+    """Under CPU autocast the experts run composed (not lean): grouped dispatch sums their outputs
+    in the experts' dtype, as gathered dispatch does (the layer output is made from the first
+    output, not from the input), and back-propagates."""
+    torch.manual_seed(4)
+    layer = MoELayer(TopKRouter(16, 4, 2), ResidualConvExperts(4, 16))
+    x = torch.randn(6, 16, 8, 8).contiguous(memory_format=torch.channels_last).bfloat16().requires_grad_(True)
+    outs = {}
+    for mode in ("grouped", "gathered"):
+        layer.experts.dispatch_mode = mode
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs[mode] = layer(x, router_features=x.float().mean((2, 3)))
+    assert outs["grouped"].dtype == outs["gathered"].dtype
+    torch.testing.assert_close(outs["grouped"].float(), outs["gathered"].float(), rtol=2e-2, atol=2e-2)
+    outs["grouped"].float().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad.float()).all()

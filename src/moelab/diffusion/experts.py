@@ -139,12 +139,14 @@ class ResidualConvExperts(ExpertBank):
         per_expert = self._per_expert_params()
         pad = self.kernel_size // 2
 
-        def run(e: int, rows: Tensor, w: Tensor, regather: Callable[[], Tensor], into: Tensor | None = None) -> Tensor | None:
+        def run(
+            e: int, rows: Tensor, w: Tensor, regather: Callable[[], Tensor], into: Callable[[], Tensor] | None = None
+        ) -> Tensor | None:
             # a `Regather`: the lean expert saves its tensors for backward, not the callable
             lean = self.lean_backward and self.use_dsconv and rows.numel() >= LEAN_MIN_NUMEL and isinstance(regather, Regather)
             if lean and rows.device.type == "cpu" and is_channels_last(rows) and not autocast_enabled("cpu"):
                 # adds into grouped dispatch's output (None returned); a composed call returns its output
-                return lean_ds_expert(rows, w, regather, self.groups, pad, per_expert[e], into=into)
+                return lean_ds_expert(rows, w, regather, self.groups, pad, per_expert[e], into=None if into is None else into())
             out = self._expert(rows, per_expert[e])
             return out * broadcast_rows(w, out)
 

@@ -80,11 +80,12 @@ class ExpertBank(nn.Module):
         keeping it (what `moelab.diffusion.lean_backward` does). Default: `expert_runner`'s output times ``w``.
 
         A runner with the attribute ``adds_into = True`` (its outputs have its inputs' shape) is
-        called as ``run(e, rows, w, regather, into)``, ``into`` the layer output so far in the
-        units-last layout (`_units_last`: ``[N, H, W, C]`` for channels-last images, contiguous); it
-        may add its weighted output rows to ``into`` at ``regather.idx`` in place, recorded by
-        autograd, and return None -- and in backward add its input rows' gradient to
-        ``regather.sink`` (`GatherGrad`) and return None for them -- or return the output as usual."""
+        called as ``run(e, rows, w, regather, into)``; ``into()`` returns the layer output so far in
+        the units-last layout (`_units_last`: ``[N, H, W, C]`` for channels-last images, contiguous;
+        zeros in the input's dtype if no call has added to it yet). The runner may add its weighted
+        output rows to it at ``regather.idx`` in place, recorded by autograd, and return None -- and
+        in backward add its input rows' gradient to ``regather.sink`` (`GatherGrad`) and return None
+        for them -- or return the output as usual."""
         run = self.expert_runner()
 
         def weighted(e: int, rows: Tensor, w: Tensor, regather: Callable[[], Tensor]) -> Tensor:
@@ -254,12 +255,20 @@ def _grouped(
     # gets it before its first call, and the input gradient to add to in backward
     adds_into = weighted_run is not None and getattr(weighted_run, "adds_into", False)
     sink = GatherGrad(xv) if adds_into else None
-    y: Tensor | None = xv.new_zeros(xv.shape) if adds_into else None
+    acc: list[Tensor | None] = [None]  # the layer output so far (units-last), made by its first use
+
+    def layer_output() -> Tensor:  # for a call that adds into it: zeros shaped like the input
+        if acc[0] is None:
+            acc[0] = xv.new_zeros(xv.shape)
+        return acc[0]
 
     def weighted(e: int, rows: Tensor, w: Tensor) -> Tensor | None:
         if weighted_run is not None:  # only given while autograd records (grouped_dispatch)
             regather = Regather(xv, units[e], back, sink)
-            out = weighted_run(e, back(rows), w, regather, y) if adds_into else weighted_run(e, back(rows), w, regather)
+            if adds_into:
+                out = weighted_run(e, back(rows), w, regather, layer_output)
+            else:
+                out = weighted_run(e, back(rows), w, regather)
             return None if out is None else _units_last(out)[0]
         assert run is not None
         out, _ = _units_last(run(e, back(rows)))
@@ -286,13 +295,13 @@ def _grouped(
             rows, chunks[e] = chunks[e], None  # an expert that keeps no input (lean) frees its rows now
             out = weighted(e, rows, weights[e])
             del rows
-            if out is None:  # the call added its weighted output into ``y`` (in place, recorded)
+            if out is None:  # the call added its weighted output into the layer output (in place, recorded)
                 continue
-        if y is None:
-            y = out.new_zeros((n, *out.shape[1:]))
-        y = _AddRows.apply(y, units[e], out)  # in place, per expert: no concatenated copy of all outputs
-    assert y is not None
-    return back(y)
+        if acc[0] is None:
+            acc[0] = out.new_zeros((n, *out.shape[1:]))
+        acc[0] = _AddRows.apply(acc[0], units[e], out)  # in place, per expert: no concatenated copy of all outputs
+    assert acc[0] is not None
+    return back(acc[0])
 
 
 def grouped_dispatch(experts: Sequence[nn.Module] | ExpertBank, x: Tensor, routing: Routing, recompute: bool = False) -> Tensor:
