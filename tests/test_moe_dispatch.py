@@ -120,7 +120,7 @@ def test_auto_dispatch_groups_on_cpu_and_gathers_elsewhere(monkeypatch):
     calls = []
     monkeypatch.setattr(ResidualConvExperts, "forward_gathered", lambda self, z, idx: calls.append("gathered") or z)
     monkeypatch.setattr(ResidualConvExperts, "expert_runner", lambda self: lambda e, z: calls.append("grouped") or z)
-    monkeypatch.setattr(ResidualConvExperts, "weighted_runner", lambda self: lambda e, z, w, rg: calls.append("grouped") or z)
+    monkeypatch.setattr(ResidualConvExperts, "weighted_runner", lambda self: lambda e, z, w, rg, into: calls.append("grouped") or z)
     for grad in (True, False):  # training (weighted runner) and sampling (plain runner)
         with torch.set_grad_enabled(grad):
             dispatch(bank, x, r)

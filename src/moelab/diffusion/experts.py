@@ -66,6 +66,9 @@ class ResidualConvExperts(ExpertBank):
             all three compute the same outputs.
     """
 
+    #: residual experts keep their input's shape: lean calls add into grouped dispatch's output
+    adds_into = True
+
     def __init__(
         self, num_experts: int, channels: int, use_dsconv: bool = True, kernel_size: int = 3, dispatch_mode: str = "auto"
     ) -> None:
@@ -150,7 +153,6 @@ class ResidualConvExperts(ExpertBank):
             out = self._expert(rows, per_expert[e])
             return out * broadcast_rows(w, out)
 
-        run.adds_into = True  # type: ignore[attr-defined]  # residual experts: output shape = input shape
         return run
 
     def _expert(self, x: Tensor, p: dict[str, Tensor]) -> Tensor:

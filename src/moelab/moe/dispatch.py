@@ -58,6 +58,8 @@ class ExpertBank(nn.Module):
 
     num_experts: int
     dispatch_mode: DispatchMode = "auto"
+    #: whether `weighted_runner`'s calls may add into grouped dispatch's output themselves (see there)
+    adds_into: bool = False
 
     def forward_gathered(self, x: Tensor, expert_idx: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -79,8 +81,8 @@ class ExpertBank(nn.Module):
         returns ``rows`` again, so that a bank may recompute its input in backward instead of
         keeping it (what `moelab.diffusion.lean_backward` does). Default: `expert_runner`'s output times ``w``.
 
-        A runner with the attribute ``adds_into = True`` (its outputs have its inputs' shape) is
-        called as ``run(e, rows, w, regather, into)``; ``into()`` returns the layer output so far in
+        For a bank with ``adds_into = True`` (its experts' outputs have their inputs' shape) the
+        runner is called as ``run(e, rows, w, regather, into)``; ``into()`` returns the layer output so far in
         the units-last layout (`_units_last`: ``[N, H, W, C]`` for channels-last images, contiguous;
         zeros in the input's dtype if no call has added to it yet). The runner may add its weighted
         output rows to it at ``regather.idx`` in place, recorded by autograd, and return None -- and
@@ -241,6 +243,7 @@ def _grouped(
     routing: Routing,
     recompute: bool = False,
     weighted_run: Callable[..., Tensor | None] | None = None,
+    adds_into: bool = False,
 ) -> Tensor:
     n, k = routing.indices.shape
     flat = routing.indices.reshape(-1)
@@ -251,9 +254,9 @@ def _grouped(
     units = unit.split(counts)
     weights = routing.weights.reshape(-1).index_select(0, order).split(counts)
     grad = torch.is_grad_enabled()
-    # a runner that adds into the layer output itself (`ExpertBank.weighted_runner`'s ``adds_into``)
-    # gets it before its first call, and the input gradient to add to in backward
-    adds_into = weighted_run is not None and getattr(weighted_run, "adds_into", False)
+    # a runner that may add into the layer output itself (`ExpertBank.adds_into`) gets a way to
+    # it, and the input gradient to add to in backward
+    adds_into = adds_into and weighted_run is not None
     sink = GatherGrad(xv) if adds_into else None
     acc: list[Tensor | None] = [None]  # the layer output so far (units-last), made by its first use
 
@@ -312,7 +315,7 @@ def grouped_dispatch(experts: Sequence[nn.Module] | ExpertBank, x: Tensor, routi
     """
     if isinstance(experts, ExpertBank):
         if torch.is_grad_enabled() and not recompute:  # checkpointing recomputes the composed expert
-            return _grouped(None, experts.num_experts, x, routing, False, experts.weighted_runner())
+            return _grouped(None, experts.num_experts, x, routing, False, experts.weighted_runner(), experts.adds_into)
         return _grouped(experts.expert_runner(), experts.num_experts, x, routing, recompute)
     return _grouped(lambda e, z: experts[e](z), len(experts), x, routing, recompute)
 
