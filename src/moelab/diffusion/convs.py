@@ -178,14 +178,21 @@ def pointwise_conv_concat(xs: list[Tensor], weight: Tensor, bias: Tensor | None)
     # place: nothing in backward reads a GEMM's output, so autograd allows it, and it spares a copy
     # of the output per part
     out = pointwise_conv(xs[0], w2[:, :c0], bias).permute(0, 2, 3, 1).reshape(-1, w2.shape[0])  # a view
-    start = c0
+    return _add_parts(out, xs, w2, in_place=not autocast).view(n, h, w, -1).permute(0, 3, 1, 2)
+
+
+def _add_parts(rows: Tensor, xs: list[Tensor] | tuple[Tensor, ...], w2: Tensor, in_place: bool = True) -> Tensor:
+    """``rows`` (the first part's 1x1 conv, ``[N*H*W, C_out]``) plus every other part's GEMM with
+    its column block of ``w2``: in place (``addmm_``) or, where autocast must cast the inputs, as
+    new tensors (``addmm``)."""
+    start = xs[0].shape[1]
     for x in xs[1:]:
         c = x.shape[1]
-        rows = x.permute(0, 2, 3, 1).reshape(-1, c)  # a view: channels-last memory is [N*H*W, C]
+        part_rows = x.permute(0, 2, 3, 1).reshape(-1, c)  # a view: channels-last memory is [N*H*W, C]
         part = w2[:, start : start + c].t()
-        out = torch.addmm(out, rows, part) if autocast else out.addmm_(rows, part)
+        rows = rows.addmm_(part_rows, part) if in_place else torch.addmm(rows, part_rows, part)
         start += c
-    return out.view(n, h, w, -1).permute(0, 3, 1, 2)
+    return rows
 
 
 class _PointwiseConcatRows(torch.autograd.Function):
@@ -203,14 +210,8 @@ class _PointwiseConcatRows(torch.autograd.Function):
     def forward(ctx: torch.autograd.function.FunctionCtx, w2: Tensor, bias: Tensor | None, *xs: Tensor) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(w2, *xs)
         ctx.has_bias = bias is not None  # type: ignore[attr-defined]
-        n, c0, h, w = xs[0].shape
-        out = pointwise_forward(xs[0], w2[:, :c0], bias)
-        rows = out.permute(0, 2, 3, 1).reshape(-1, w2.shape[0])  # a view: channels-last memory is [N*H*W, C]
-        start = c0
-        for x in xs[1:]:
-            c = x.shape[1]
-            rows.addmm_(x.permute(0, 2, 3, 1).reshape(-1, c), w2[:, start : start + c].t())
-            start += c
+        out = pointwise_forward(xs[0], w2[:, : xs[0].shape[1]], bias)
+        _add_parts(out.permute(0, 2, 3, 1).reshape(-1, w2.shape[0]), xs, w2)  # into ``out``: the rows are a view of it
         return out
 
     @staticmethod
@@ -220,14 +221,16 @@ class _PointwiseConcatRows(torch.autograd.Function):
         g_w = torch.empty_like(w2) if need[0] else None
         g_xs: list[Tensor | None] = []
         start = 0
+        g_b = None
         for i, x in enumerate(xs):
             c = x.shape[1]
-            g_x, g_wi, _ = pointwise_rows_backward(grad, x, w2[:, start : start + c], need[2 + i], need[0], False)
+            bias_grad = i == 0 and ctx.has_bias and need[1]  # type: ignore[attr-defined]  # once: the bias is the first part's
+            g_x, g_wi, g_bi = pointwise_rows_backward(grad, x, w2[:, start : start + c], need[2 + i], need[0], bias_grad)
             if g_w is not None:
                 g_w[:, start : start + c] = g_wi
+            g_b = g_bi if i == 0 else g_b
             g_xs.append(g_x)
             start += c
-        g_b = grad.sum((0, 2, 3)) if ctx.has_bias and need[1] else None  # type: ignore[attr-defined]
         return (g_w, g_b, *g_xs)
 
 
