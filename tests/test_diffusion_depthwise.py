@@ -125,7 +125,8 @@ def test_backward_adds_the_input_gradient_into_given_rows(nthreads, threads):
 @pytest.mark.parametrize("nthreads", [1, 2])
 def test_backward_through_gelu_matches_float64(nthreads, threads):
     """`backward_through_gelu`: the input gradient of a depthwise conv whose input is
-    ``gelu(a * scale + shift)``, taken on through that GELU, and its per-sample channel sums (of it
+    ``gelu(group_norm(a))`` (the float64 reference from the norm's affine form ``a * scale + shift``),
+    taken on through that GELU, and its per-sample channel sums (of it
     and of it times ``a``), against float64 autograd; weight and bias gradients as `backward`'s;
     then GroupNorm+GELU's backward from those sums equals the one that makes them itself."""
     from moelab.diffusion import fused_norm
@@ -141,7 +142,7 @@ def test_backward_through_gelu_matches_float64(nthreads, threads):
     shift = beta - mean.repeat_interleave(rep, 1) * scale
     grad = torch.randn(n, c, h, w, generator=g).contiguous(memory_format=CL)
     weight = torch.randn(c, 1, 3, 3, generator=g)
-    got, gw, gb, sums = depthwise.backward_through_gelu(grad, d, weight, [True, True], a, scale, shift)
+    got, gw, gb, sums = depthwise.backward_through_gelu(grad, d, weight, [True, True], a, mean, rstd, gamma, beta, groups)
     gx, gw0, gb0 = depthwise.backward(grad, d, weight, [True, True, True])
     assert torch.equal(gw, gw0) and torch.equal(gb, gb0)
     s64 = a.double() * scale.double()[:, :, None, None] + shift.double()[:, :, None, None]
@@ -160,8 +161,10 @@ def test_backward_through_gelu_matches_float64(nthreads, threads):
         if p is not None:
             torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="act_x"):
-        depthwise.backward_through_gelu(grad, d, weight, [True, True], a[:2], scale, shift)
-    with pytest.raises(ValueError, match="scale and shift"):
-        depthwise.backward_through_gelu(grad, d, weight, [True, True], a, scale[:, :4], shift)
+        depthwise.backward_through_gelu(grad, d, weight, [True, True], a[:2], mean, rstd, gamma, beta, groups)
+    with pytest.raises(ValueError, match="mean and rstd"):
+        depthwise.backward_through_gelu(grad, d, weight, [True, True], a, mean[:, :4], rstd, gamma, beta, groups)
+    with pytest.raises(ValueError, match="mean and rstd"):
+        depthwise.backward_through_gelu(grad, d, weight, [True, True], a, mean, rstd, gamma, beta, 5)
     with pytest.raises(ValueError, match="NORM_GELU only"):
         fused_norm.norm_act_backward(got, a, mean, rstd, gamma, beta, groups, fused_norm.NORM, sums=sums)

@@ -139,28 +139,34 @@ static void through_gelu(float* gxr, const float* xr, const float* scale, const 
  * gradient plus add), gw ([C][3][3]) and gb ([C]), each only where not NULL. gx_rows (or NULL): gx
  * is a larger [*][H][W][C] tensor and sample n's input gradient (plus add) is added to its sample
  * gx_rows[n] (grouped dispatch's gradient at the gathered input; the rows must be distinct).
- * act_x (or NULL; needs gx, no gx_rows): x was GELU(act_x * act_scale + act_shift) (per sample and
- * channel: act_scale, act_shift [N][C]), and gx is taken on through that GELU as it is written
- * (`through_gelu`), its per-sample sums going to act_sums ([N][2][C], double).
+ * act_x (or NULL; needs gx, no gx_rows): x was GELU(GroupNorm(act_x)) with G groups, statistics
+ * act_mean, act_rstd ([N][G]) and affine parameters act_gamma, act_beta ([C] or NULL), and gx is
+ * taken on through that GELU as it is written (`through_gelu`), its per-sample sums going to
+ * act_sums ([N][2][C], double).
  * Returns 0; 1 when C is not a multiple of 16; 2 when out of memory; 3 for act_x without gx or
  * with gx_rows. */
 int moelab_dw3_backward(const float* g, const float* x, const float* w, const float* add, int64_t N, int64_t H,
                         int64_t W, int64_t C, float* gx, float* gw, float* gb, const int64_t* gx_rows,
-                        const float* act_x, const float* act_scale, const float* act_shift, double* act_sums, int nt) {
+                        const float* act_x, const float* act_mean, const float* act_rstd, const float* act_gamma,
+                        const float* act_beta, int64_t G, double* act_sums, int nt) {
   if (C % VL) return 1;
-  if (act_x && (!gx || gx_rows || !act_scale || !act_shift || !act_sums)) return 3;
+  if (act_x && (!gx || gx_rows || !act_mean || !act_rstd || !act_sums || G < 1 || C % G)) return 3;
   if (nt < 1) nt = 1;
   const int64_t A = 10 * C; /* one row's sums: [C / VL][10][VL] */
   const int sums = gw || gb;
   float* wt = gx ? malloc(sizeof(float) * 9 * C) : NULL;
   double* part = sums ? calloc((size_t)(A * nt), sizeof(double)) : NULL;
   double* apart = act_x ? calloc((size_t)(2 * C * N * nt), sizeof(double)) : NULL; /* [nt][N][2][C] */
-  if ((gx && !wt) || (sums && !part) || (act_x && !apart)) {
+  float* act_ss = act_x ? malloc(sizeof(float) * 2 * C * N) : NULL; /* per sample: scale [C], shift [C] */
+  if ((gx && !wt) || (sums && !part) || (act_x && (!apart || !act_ss))) {
     free(wt);
     free(part);
     free(apart);
+    free(act_ss);
     return 2;
   }
+  if (act_x)
+    for (int64_t n = 0; n < N; ++n) affine(act_mean, act_rstd, act_gamma, act_beta, n, C, G, act_ss + 2 * C * n, act_ss + 2 * C * n + C);
   if (wt)
     for (int64_t c = 0; c < C; ++c)
       for (int64_t k = 0; k < 9; ++k) wt[k * C + c] = w[c * 9 + k];
@@ -189,7 +195,7 @@ int moelab_dw3_backward(const float* g, const float* x, const float* w, const fl
         }
         if (act_x) {
           double* as = apart + 2 * C * (N * t + n);
-          through_gelu(gx + n * plane + h * W * C, act_x + n * plane + h * W * C, act_scale + n * C, act_shift + n * C, W,
+          through_gelu(gx + n * plane + h * W * C, act_x + n * plane + h * W * C, act_ss + 2 * C * n, act_ss + 2 * C * n + C, W,
                        C, rs, as, as + C);
         }
       }
@@ -204,6 +210,7 @@ int moelab_dw3_backward(const float* g, const float* x, const float* w, const fl
       act_sums[i] = sum;
     }
   free(apart);
+  free(act_ss);
   if (sums && !fail)
     for (int64_t c0 = 0; c0 < C; c0 += VL)
       for (int64_t k = 0; k < 10; ++k)

@@ -34,7 +34,7 @@ CHANNEL_MULTIPLE = 16
 
 def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.moelab_dw3_backward.argtypes = [p, p, p, p, i64, i64, i64, i64, p, p, p, p, p, p, p, p, i32]
+    lib.moelab_dw3_backward.argtypes = [p, p, p, p, i64, i64, i64, i64, p, p, p, p, p, p, p, p, p, i64, p, i32]
     lib.moelab_dw3_backward.restype = i32
 
 
@@ -83,13 +83,15 @@ def backward(
 
 
 def _call(grad: Tensor, x: Tensor, weight: Tensor, add: Tensor | None, gx: Tensor | None, gw: Tensor | None,
-          gb: Tensor | None, into_rows: Tensor | None, act: tuple[Tensor, Tensor, Tensor, Tensor] | None = None) -> None:
+          gb: Tensor | None, into_rows: Tensor | None, act: tuple | None = None) -> None:
+    """The kernel call; ``act``: ``(act_x, mean, rstd, gamma, beta, groups, sums)`` (`backward_through_gelu`)."""
     n, c, h, w = x.shape
     weight = weight.detach().contiguous()  # named: a temporary would be freed before the call
-    act_x, act_scale, act_shift, act_sums = act if act is not None else (None, None, None, None)
+    act_x, mean, rstd, gamma, beta, groups, sums = act if act is not None else (None,) * 5 + (0, None)
     rc = _library().moelab_dw3_backward(  # type: ignore[union-attr]
         ptr(grad), ptr(x), ptr(weight), ptr(add), n, h, w, c, ptr(gx), ptr(gw), ptr(gb),
-        ptr(into_rows), ptr(act_x), ptr(act_scale), ptr(act_shift), ptr(act_sums), torch.get_num_threads(),
+        ptr(into_rows), ptr(act_x), ptr(mean), ptr(rstd), ptr(gamma), ptr(beta), groups, ptr(sums),
+        torch.get_num_threads(),
     )
     if rc == 2:
         raise MemoryError("depthwise-conv backward: out of memory for its per-thread sums")
@@ -98,26 +100,30 @@ def _call(grad: Tensor, x: Tensor, weight: Tensor, add: Tensor | None, gx: Tenso
 
 
 def backward_through_gelu(
-    grad: Tensor, x: Tensor, weight: Tensor, mask: tuple[bool, bool] | list[bool], act_x: Tensor, scale: Tensor, shift: Tensor
+    grad: Tensor, x: Tensor, weight: Tensor, mask: tuple[bool, bool] | list[bool], act_x: Tensor,
+    mean: Tensor, rstd: Tensor, gamma: Tensor | None, beta: Tensor | None, groups: int,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
-    """`backward` of a depthwise conv whose input ``x`` is ``gelu(act_x * scale + shift)`` (``scale``,
-    ``shift``: ``[N, C]`` per sample and channel, a GroupNorm's affine form), taken on through the
-    GELU: ``(grad_act, grad_weight, grad_bias, sums)``, ``grad_act`` = input gradient x gelu'(.),
-    and ``sums`` ``[N, 2, C]`` (float64) its per-sample channel sums and those of it times ``act_x``
-    -- the first pass of the GroupNorm+GELU backward, made as the input gradient is written
-    (`moelab.diffusion.fused_norm.norm_act_backward` takes them as ``sums``). ``mask``: the weight
-    and bias gradients wanted. Why: one read of the input gradient and one of ``act_x`` less, and
-    no write of the gradient between the two. Only where `supports` holds, ``act_x`` like ``x``."""
+    """`backward` of a depthwise conv whose input ``x`` is ``gelu(group_norm(act_x))`` (``groups``
+    groups, statistics ``mean``/``rstd`` ``[N, groups]`` as `moelab.diffusion.fused_norm.norm_act`
+    returns them, affine ``gamma``/``beta`` or None), taken on through the GELU: ``(grad_act,
+    grad_weight, grad_bias, sums)``, ``grad_act`` = input gradient x gelu'(.), and ``sums``
+    ``[N, 2, C]`` (float64) its per-sample channel sums and those of it times ``act_x`` -- the first
+    pass of the GroupNorm+GELU backward, made as the input gradient is written
+    (`moelab.diffusion.fused_norm.norm_act_backward` takes them as ``sums``; the norm's affine form
+    is the one its kernels compute). ``mask``: the weight and bias gradients wanted. Why: one read
+    of the input gradient and one of ``act_x`` less, and no write of the gradient between the two.
+    Only where `supports` holds, ``act_x`` like ``x``."""
     n, c, h, w = x.shape
     if act_x.shape != x.shape or act_x.dtype != x.dtype or not nhwc_contiguous(act_x):
         raise ValueError(f"act_x: expected a channels-last {x.dtype} tensor shaped {tuple(x.shape)}")
-    if scale.shape != (n, c) or shift.shape != (n, c):
-        raise ValueError(f"scale and shift: expected [{n}, {c}], got {tuple(scale.shape)} and {tuple(shift.shape)}")
+    if groups < 1 or c % groups or mean.shape != (n, groups) or rstd.shape != (n, groups):
+        raise ValueError(f"mean and rstd: expected [{n}, groups] with groups dividing {c}, got {tuple(mean.shape)} and {tuple(rstd.shape)}")
     grad = grad.contiguous(memory_format=torch.channels_last)
-    scale, shift = (t.detach().to(torch.float32).contiguous() for t in (scale, shift))
+    mean, rstd = (t.detach().to(torch.float32).contiguous() for t in (mean, rstd))
+    gamma, beta = (None if t is None else t.detach().reshape(-1).to(torch.float32).contiguous() for t in (gamma, beta))
     gx = torch.empty_like(x, memory_format=torch.channels_last)
     gw = torch.empty_like(weight, memory_format=torch.contiguous_format) if mask[0] else None
     gb = x.new_empty(c) if mask[1] else None
     sums = torch.empty(n, 2, c, dtype=torch.float64)
-    _call(grad, x, weight, None, gx, gw, gb, None, (act_x, scale, shift, sums))
+    _call(grad, x, weight, None, gx, gw, gb, None, (act_x, mean, rstd, gamma, beta, groups, sums))
     return gx, gw, gb, sums

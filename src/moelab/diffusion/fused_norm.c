@@ -22,18 +22,6 @@
 
 #include "moelab_kernels.h"
 
-/* per-channel scale and shift of sample n: y = x * scale + shift */
-static void affine(const float* mean, const float* rstd, const float* gamma, const float* beta, int64_t n, int64_t C,
-                   int64_t G, float* scale, float* shift) {
-  int64_t cg = C / G;
-  for (int64_t c = 0; c < C; ++c) {
-    float m = mean[n * G + c / cg], r = rstd[n * G + c / cg];
-    float sc = gamma ? r * gamma[c] : r;
-    scale[c] = sc;
-    shift[c] = (beta ? beta[c] : 0.f) - m * sc;
-  }
-}
-
 /* mean and rstd of sample xn's groups (double sums over fixed per-thread row ranges, reduced in
  * thread order); part: 2 * C * nt doubles of scratch */
 static void group_stats(const float* xn, int64_t HW, int64_t C, int64_t G, float eps, double* part, int nt, float* mean,

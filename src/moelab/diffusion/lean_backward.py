@@ -179,8 +179,9 @@ class _LeanDSExpert(torch.autograd.Function):
         if fused and depthwise.supports(d1, dw2w, pad):
             # the GELU's and the norm's first backward pass made as the depthwise kernel writes its
             # input gradient (`depthwise.backward_through_gelu`), the norm's second pass over it
-            scale, shift = _norm_affine(m1, r1, n1w, n1b, groups, c)
-            g_h1, g_dw2w, g_dw2b, sums = depthwise.backward_through_gelu(g_a2, d1, dw2w, [need[11], need[12]], b1, scale, shift)
+            g_h1, g_dw2w, g_dw2b, sums = depthwise.backward_through_gelu(
+                g_a2, d1, dw2w, [need[11], need[12]], b1, m1, r1, n1w, n1b, groups
+            )
             del d1, g_a2
             g_b1, g_n1w, g_n1b, _, _, g_pw1b = fused_norm.norm_act_backward(
                 g_h1, b1, m1, r1, n1w, n1b, groups, fused_norm.NORM_GELU, need_weight=need[9], need_bias=need[10],
@@ -219,21 +220,6 @@ class _LeanDSExpert(torch.autograd.Function):
             g_x, g_w, None, None, None, g_dw1w, g_dw1b, g_pw1w, g_pw1b, g_n1w, g_n1b, g_dw2w, g_dw2b, g_pw2w, g_pw2b, g_n2w,
             g_n2b, g_into,
         )
-
-
-def _norm_affine(
-    mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, channels: int
-) -> tuple[Tensor, Tensor]:
-    """A GroupNorm as ``x * scale + shift`` per sample and channel (``[N, C]`` each) from its
-    statistics ``[N, groups]`` and affine parameters, as the fused kernels compute it."""
-    rep = channels // groups
-    scale = rstd.repeat_interleave(rep, dim=1)
-    if weight is not None:
-        scale = scale * weight
-    shift = -mean.repeat_interleave(rep, dim=1) * scale
-    if bias is not None:
-        shift = shift + bias
-    return scale, shift
 
 
 def lean_ds_expert(

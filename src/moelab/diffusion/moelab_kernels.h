@@ -1,5 +1,5 @@
 /* What moelab's CPU kernels (fused_norm.c, depthwise.c) share: the fixed split of work between
- * OpenMP threads, and exact GELU (erf from Abramowitz & Stegun 7.1.26, |error| < 1.5e-7, and a
+ * OpenMP threads, a GroupNorm's per-channel affine form, and exact GELU (erf from Abramowitz & Stegun 7.1.26, |error| < 1.5e-7, and a
  * Cephes-style exp, written so that loops over them vectorise: no libm calls).
  * moelab.diffusion.kernels keys its build cache on this header as well as on each source, so a
  * change here rebuilds both. */
@@ -72,6 +72,18 @@ static inline float gelu_fd(float s, float* d) {
   float cdf = 0.5f * (1.0f + erf_half(s, e));
   *d = cdf + s * INV_SQRT2PI * e;
   return s * cdf;
+}
+
+/* per-channel scale and shift of sample n: y = x * scale + shift */
+static inline void affine(const float* mean, const float* rstd, const float* gamma, const float* beta, int64_t n, int64_t C,
+                   int64_t G, float* scale, float* shift) {
+  int64_t cg = C / G;
+  for (int64_t c = 0; c < C; ++c) {
+    float m = mean[n * G + c / cg], r = rstd[n * G + c / cg];
+    float sc = gamma ? r * gamma[c] : r;
+    scale[c] = sc;
+    shift[c] = (beta ? beta[c] : 0.f) - m * sc;
+  }
 }
 
 #endif
