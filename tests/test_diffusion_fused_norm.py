@@ -84,6 +84,34 @@ def test_kernels_match_float64_autograd(mode, shape, groups, affine, nthreads, t
 
 
 @needs_kernel
+@pytest.mark.parametrize("mode", [fused_norm.NORM_GELU, fused_norm.NORM_ADD_GELU_SCALE])
+def test_gelu_and_its_derivative_accurate_over_the_whole_range(mode):
+    """The kernels' GELU and GELU derivative (rational approximations of the Gaussian tail, no exp;
+    `moelab_kernels.h`) against float64 over pre-activations from -12 to 12, through the tails where
+    the approximation hands over to 0 and 1 (|s| = 5.6): the values within 1e-6 absolute and 3e-7
+    relative, and GroupNorm's gradient through the derivative as close to float64 autograd as the
+    kernel's float32 pre-activation allows. The affine weight spreads GroupNorm's output so the GELU
+    sees the whole range (the tail mode with a zero residual and unit routing weights)."""
+    c = 16
+    x = torch.linspace(-1.7, 1.7, 2 * c * 24 * 24).reshape(2, 24, 24, c).permute(0, 3, 1, 2)  # channels-last
+    weight, bias = torch.full((c,), 7.0), torch.linspace(-0.5, 0.5, c)
+    kw = {"res": torch.zeros_like(x), "rows_weight": torch.ones(2)} if mode == fused_norm.NORM_ADD_GELU_SCALE else {}
+    y, mean, rstd = fused_norm.norm_act(x, weight, bias, 4, 1e-5, mode, **kw)
+    grad = torch.ones_like(x)
+    dx = fused_norm.norm_act_backward(grad, x, mean, rstd, weight, bias, 4, mode, **kw)[0]
+    # the GELU's input as the kernel forms it (its float32 rounding is inside the tolerance)
+    s = (x.double() - mean.double().repeat_interleave(c // 4, 1)[:, :, None, None]) * (
+        rstd.double().repeat_interleave(c // 4, 1)[:, :, None, None] * weight.double()[:, None, None]
+    ) + bias.double()[:, None, None]
+    assert s.min() < -11 and s.max() > 11 and ((s.abs() - 5.6).abs() < 0.05).any()
+    torch.testing.assert_close(y.double(), F.gelu(s), rtol=3e-7, atol=1e-6)
+    _, (gx, *_) = _reference(x, weight, bias, 4, mode, kw.get("res"), kw.get("rows_weight"), grad)
+    # the whole GroupNorm backward through it, against float64 autograd; the gradient is about
+    # weight * rstd = 7 times the GELU derivative, and so is the float32 rounding of its input
+    _close(dx, gx, scale=8.0)
+
+
+@needs_kernel
 def test_kernels_skip_gradients_not_asked_for():
     x = torch.randn(2, 8, 4, 4).contiguous(memory_format=CL)
     w, b = torch.ones(8), torch.zeros(8)
