@@ -11,9 +11,9 @@
  * mode 2: y = gelu(gn(x) + res) * wrow[n]       (the expert's tail: residual, GELU, routing weight)
  *
  * Statistics and gradient sums accumulate in double; the normalisation is PyTorch's
- * (y = x * rstd * gamma + (beta - mean * rstd * gamma)). GELU is exact GELU with erf from
- * Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7) and a Cephes-style exp, both written so that the
- * loops vectorise (no libm calls). Work splits over rows (H*W) between OpenMP threads with a fixed
+ * (y = x * rstd * gamma + (beta - mean * rstd * gamma)). GELU and its derivative are exact to
+ * float rounding (rational approximations in moelab_kernels.h, written so that the loops
+ * vectorise: no libm calls). Work splits over rows (H*W) between OpenMP threads with a fixed
  * partition and fixed-order reduction: the result depends on the thread count, not on the run.
  */
 #include <stdint.h>
