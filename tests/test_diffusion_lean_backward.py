@@ -428,3 +428,40 @@ def test_lean_backward_releases_the_block_input():
     y.sum().backward()
     assert layer.last_routing is not None and layer.last_routing.logits.grad_fn is not None  # graph still referenced
     assert block_input.expired()
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_inference_runs_the_lean_expert_adding_into_the_output(on, monkeypatch):
+    """Without autograd (sampling) grouped dispatch runs the lean expert as well: with the kernels
+    on, the fused GroupNorm+GELU forward adding each weighted output into the layer output. Equal
+    to the composed experts' inference path (`expert_runner`, weight, row-add) -- to the bit on
+    PyTorch's kernels, as close to float64 as it on moelab's -- and the same as the training
+    forward's output."""
+    if on and (fused_norm._library() is None or depthwise._library() is None):
+        pytest.skip("no C compiler here: the kernels fall back")
+    from moelab.moe.dispatch import _grouped
+
+    layer = _layer(k=2, seed=3).eval()
+    x = torch.randn(6, 16, 12, 12).contiguous(memory_format=torch.channels_last)
+    routing = layer.router(x.mean((2, 3)))
+
+    def composed(inp):
+        return _grouped(layer.experts.expert_runner(), layer.experts.num_experts, inp, routing)
+
+    with torch.no_grad():
+        reference = composed(x)
+        layer.experts.double()
+        ref64 = composed(x.double())
+        layer.experts.float()
+        lean_calls = _spy(monkeypatch, experts_module, "lean_ds_expert", lambda *a, **kw: kw.get("into") is not None)
+        with kernels.enabled(on):
+            got = layer(x, router_features=x.mean((2, 3)))
+    assert lean_calls and all(lean_calls)  # every call lean, each adding into the layer output
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    if on:
+        _no_less_accurate([got], [reference], [ref64])
+    else:
+        assert torch.equal(got, reference)
+    with kernels.enabled(on):
+        trained = layer(x.clone().requires_grad_(True), router_features=x.mean((2, 3)))
+    assert torch.equal(trained.detach(), got)  # the training forward gives the same output

@@ -135,10 +135,12 @@ class ResidualConvExperts(ExpertBank):
         return lambda e, z: self._expert(z, per_expert[e])
 
     def weighted_runner(self) -> Callable[[int, Tensor, Tensor, Callable[[], Tensor]], Tensor]:
-        """Grouped dispatch's weighted ``run(e, rows, w, regather)`` under autograd: for
-        depthwise-separable experts on channels-last CPU input of at least `LEAN_MIN_NUMEL`
-        elements, `lean_ds_expert` (keeps the pointwise outputs only, recomputes the rest in
-        backward; same values and gradients); otherwise the composed expert times ``w``."""
+        """Grouped dispatch's weighted ``run(e, rows, w, regather)``, under autograd and in
+        inference: for depthwise-separable experts on channels-last CPU input of at least
+        `LEAN_MIN_NUMEL` elements, `lean_ds_expert` (keeps the pointwise outputs only, recomputes
+        the rest in backward; same values and gradients; on moelab's kernels, GroupNorm+GELU fused
+        and the weighted output added into the layer output as it is made); otherwise the composed
+        expert times ``w`` (in place in inference)."""
         per_expert = self._per_expert_params()
         pad = self.kernel_size // 2
 
@@ -151,7 +153,7 @@ class ResidualConvExperts(ExpertBank):
                 # adds into grouped dispatch's output (None returned); a composed call returns its output
                 return lean_ds_expert(rows, w, regather, self.groups, pad, per_expert[e], into=None if into is None else into())
             out = self._expert(rows, per_expert[e])
-            return out * broadcast_rows(w, out)
+            return out * broadcast_rows(w, out) if torch.is_grad_enabled() else out.mul_(broadcast_rows(w, out))
 
         return run
 

@@ -76,7 +76,8 @@ class ExpertBank(nn.Module):
         return lambda e, z: self.expert_forward(z, e)
 
     def weighted_runner(self) -> Callable[..., Tensor | None]:
-        """Grouped dispatch's ``run(e, rows, w, regather)`` while autograd records: expert ``e`` on
+        """Grouped dispatch's ``run(e, rows, w, regather)`` while autograd records (and, for a bank
+        with ``adds_into``, in inference too, where the runner adds into the layer output): expert ``e`` on
         ``rows``, each output row times its routing weight in ``w``. ``regather()`` (a `Regather`)
         returns ``rows`` again, so that a bank may recompute its input in backward instead of
         keeping it (what `moelab.diffusion.lean_backward` does). Default: `expert_runner`'s output times ``w``.
@@ -266,7 +267,7 @@ def _grouped(
         return acc[0]
 
     def weighted(e: int, rows: Tensor, w: Tensor) -> Tensor | None:
-        if weighted_run is not None:  # only given while autograd records (grouped_dispatch)
+        if weighted_run is not None:  # given while autograd records, or in inference for banks that add into
             regather = Regather(xv, units[e], back, sink)
             if adds_into:
                 out = weighted_run(e, back(rows), w, regather, layer_output)
@@ -314,7 +315,11 @@ def grouped_dispatch(experts: Sequence[nn.Module] | ExpertBank, x: Tensor, routi
     images stay channels-last (rows are selected and added in ``[N, H, W, C]`` order).
     """
     if isinstance(experts, ExpertBank):
-        if torch.is_grad_enabled() and not recompute:  # checkpointing recomputes the composed expert
+        grad = torch.is_grad_enabled()
+        # checkpointing recomputes the composed expert; in inference a bank whose calls add into the
+        # layer output runs them that way too (MoEFsDiC's sampling: the fused kernels' forward, no
+        # separate weighting and row-add passes; 0.86x the guided sampling step at 32x32)
+        if (grad and not recompute) or (not grad and experts.adds_into):
             return _grouped(None, experts.num_experts, x, routing, False, experts.weighted_runner(), experts.adds_into)
         return _grouped(experts.expert_runner(), experts.num_experts, x, routing, recompute)
     return _grouped(lambda e, z: experts[e](z), len(experts), x, routing, recompute)
