@@ -464,4 +464,7 @@ def test_inference_runs_the_lean_expert_adding_into_the_output(on, monkeypatch):
         assert torch.equal(got, reference)
     with kernels.enabled(on):
         trained = layer(x.clone().requires_grad_(True), router_features=x.mean((2, 3)))
+        with torch.inference_mode():  # Lightning's validation and prediction loops
+            inferred = layer(x, router_features=x.mean((2, 3)))
     assert torch.equal(trained.detach(), got)  # the training forward gives the same output
+    assert torch.equal(inferred, got)

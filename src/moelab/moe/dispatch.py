@@ -258,7 +258,7 @@ def _grouped(
     # a runner that may add into the layer output itself (`ExpertBank.adds_into`) gets a way to
     # it, and the input gradient to add to in backward
     adds_into = adds_into and weighted_run is not None
-    sink = GatherGrad(xv) if adds_into else None
+    sink = GatherGrad(xv) if adds_into and grad else None  # (no backward in inference)
     acc: list[Tensor | None] = [None]  # the layer output so far (units-last), made by its first use
 
     def layer_output() -> Tensor:  # for a call that adds into it: zeros shaped like the input
