@@ -166,5 +166,7 @@ def test_backward_through_gelu_matches_float64(nthreads, threads):
         depthwise.backward_through_gelu(grad, d, weight, [True, True], a, mean[:, :4], rstd, gamma, beta, groups)
     with pytest.raises(ValueError, match="mean and rstd"):
         depthwise.backward_through_gelu(grad, d, weight, [True, True], a, mean, rstd, gamma, beta, 5)
+    with pytest.raises(ValueError, match=f"expected {c} values"):  # the kernel would read c of them
+        depthwise.backward_through_gelu(grad, d, weight, [True, True], a, mean, rstd, gamma[:-1], beta, groups)
     with pytest.raises(ValueError, match="NORM_GELU only"):
         fused_norm.norm_act_backward(got, a, mean, rstd, gamma, beta, groups, fused_norm.NORM, sums=sums)

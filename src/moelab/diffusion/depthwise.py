@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from moelab.diffusion import kernels
-from moelab.diffusion.kernels import nhwc_contiguous, ptr, sample_rows
+from moelab.diffusion.kernels import float_vector, nhwc_contiguous, ptr, sample_rows
 
 #: channels per vector in ``depthwise.c``: the channel count must be a multiple of it
 CHANNEL_MULTIPLE = 16
@@ -120,7 +120,7 @@ def backward_through_gelu(
         raise ValueError(f"mean and rstd: expected [{n}, groups] with groups dividing {c}, got {tuple(mean.shape)} and {tuple(rstd.shape)}")
     grad = grad.contiguous(memory_format=torch.channels_last)
     mean, rstd = (t.detach().to(torch.float32).contiguous() for t in (mean, rstd))
-    gamma, beta = (None if t is None else t.detach().reshape(-1).to(torch.float32).contiguous() for t in (gamma, beta))
+    gamma, beta = float_vector(gamma, c), float_vector(beta, c)
     gx = torch.empty_like(x, memory_format=torch.channels_last)
     gw = torch.empty_like(weight, memory_format=torch.contiguous_format) if mask[0] else None
     gb = x.new_empty(c) if mask[1] else None

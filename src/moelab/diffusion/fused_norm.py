@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from moelab.diffusion import kernels
-from moelab.diffusion.kernels import nhwc_contiguous, ptr, sample_rows
+from moelab.diffusion.kernels import float_vector, nhwc_contiguous, ptr, sample_rows
 
 #: ``y = gn(x)``
 NORM = 0
@@ -63,15 +63,6 @@ def supports(x: Tensor, groups: int, *others: Tensor) -> bool:
     return _library() is not None
 
 
-def _vector(t: Tensor | None, n: int) -> Tensor | None:
-    if t is None:
-        return None
-    t = t.detach().reshape(-1).to(torch.float32).contiguous()
-    if t.numel() != n:
-        raise ValueError(f"expected {n} values, got {t.numel()}")
-    return t
-
-
 def norm_act(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float, mode: int,
     res: Tensor | None = None, rows_weight: Tensor | None = None, stats: tuple[Tensor, Tensor] | None = None,
@@ -98,7 +89,7 @@ def norm_act(
         mean, rstd = x.new_empty(n, groups), x.new_empty(n, groups)
     else:
         mean, rstd = (t.contiguous() for t in stats)
-    weight, bias, rows_weight = _vector(weight, c), _vector(bias, c), _vector(rows_weight, n)
+    weight, bias, rows_weight = float_vector(weight, c), float_vector(bias, c), float_vector(rows_weight, n)
     rc = lib.moelab_gn_act_forward(
         ptr(x), ptr(weight), ptr(bias), n, h * w, c, groups, eps, mode,
         ptr(res if mode == NORM_ADD_GELU_SCALE else None), ptr(rows_weight if mode == NORM_ADD_GELU_SCALE else None),
@@ -145,7 +136,7 @@ def norm_act_backward(
     dres = torch.empty_like(x) if tail else None
     drows = x.new_empty(n) if tail else None
     dx_sum = x.new_empty(c) if need_dx_sum else None
-    weight, bias, rows_weight = _vector(weight, c), _vector(bias, c), _vector(rows_weight, n)
+    weight, bias, rows_weight = float_vector(weight, c), float_vector(bias, c), float_vector(rows_weight, n)
     mean, rstd = mean.contiguous(), rstd.contiguous()  # named: a temporary would be freed before the call
     rc = lib.moelab_gn_act_backward(
         ptr(grad), ptr(x), ptr(mean), ptr(rstd), ptr(weight), ptr(bias),

@@ -69,6 +69,17 @@ def ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def float_vector(t: Tensor | None, n: int) -> Tensor | None:
+    """``t`` as a kernel reads a per-channel or per-sample vector (float32, contiguous, detached), or
+    None; its size is checked, since a kernel reads ``n`` values whatever it is given."""
+    if t is None:
+        return None
+    t = t.detach().reshape(-1).to(torch.float32).contiguous()
+    if t.numel() != n:
+        raise ValueError(f"expected {n} values, got {t.numel()}")
+    return t
+
+
 def sample_rows(t: Tensor, rows: Tensor, n: int, h: int, w: int, c: int) -> Tensor:
     """``rows`` as a kernel reads it (int64, contiguous), after checking that ``t`` is a contiguous
     float32 CPU ``[*, H, W, C]`` tensor (grouped dispatch's units-last layout) holding a sample for
