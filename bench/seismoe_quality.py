@@ -5,9 +5,11 @@ EQTransformer trained on generated domain A (stead_like) is the "pretrained" bas
 ``eqt_ffn``, the dense control of the guide's frozen recipe), SeisMoE is upcycled from the base and fine-tuned with
 ``freeze_non_moe`` (the guide's recipe) or fully, and SeisMoE is trained from scratch; every model
 is scored on pick-benchmark's tasks 1/2/3 (thresholds from dev) in-domain and on A and C
-(geofon_like). The work is done by `moelab.seismic.quality` through the benchmark harness; this
-script (like ``moelab seismic quality``) only parses the size flags. Prints mean ± std tables and
-ends with
+(geofon_like). After each training, every model picks ObsPy's real test event at its dev-tuned
+thresholds (what ``moelab seismic pick`` prints for the exported model), tabled per seed with a
+``real_event: ...`` line of how many seeds put both P and S within 0.3 s of the reference. The
+work is done by `moelab.seismic.quality` through the benchmark harness; this script (like
+``moelab seismic quality``) only parses the size flags. Prints mean ± std tables and ends with
 
 ``seismoe_quality: mcc moe-eqt=<±x.xxx> p_mae moe/eqt=<x.xx> s_mae moe/eqt=<x.xx> det_auc moe-eqt=<±x.xxx>``
 
@@ -18,7 +20,9 @@ Levers: ``--moe-args '{"num_experts": 4, "num_experts_per_token": 2, "moe_loss_c
 (``quality_shared.md``), reusing its data, base and dense (``eqt_ft``, ``eqt_ffn``) models.
 Domains: ``--domains stead_like_weak_p ethz_like geofon_like`` pretrains the base on traces whose P
 wave trains are 1/8-1x their recorded amplitude (`moelab.seismic.synth.Domain.p_gain`), the
-setting under which the fine-tuned models pick the S of ObsPy's real event (README).
+setting under which the fine-tuned models pick the S of ObsPy's real event (README);
+``--domains stead_like_weak_p ethz_like_local geofon_like`` fine-tunes on ETHZ-like data with
+near-source events and weaker P trains, the traits of that event.
 """
 
 from __future__ import annotations

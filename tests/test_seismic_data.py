@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 
 pytest.importorskip("seisbench")
@@ -318,3 +319,21 @@ def test_weak_p_presets_scale_only_the_p_wave_train():
     assert "trace_p_gain" not in plain_meta
     with pytest.raises(ConfigError, match="p_gain must be"):
         replace(base, p_gain=(0.0, 1.0))
+
+
+def test_ethz_like_local_adds_near_sources_and_weaker_p_to_ethz_like(tmp_path):
+    """``ethz_like_local`` is ``ethz_like`` with a quarter of near-source events and P trains at
+    1/4-1x, nothing else; its data sets hold both traits in their metadata."""
+    from dataclasses import replace
+
+    local, plain = synth.DOMAINS["ethz_like_local"], synth.DOMAINS["ethz_like"]
+    assert (local.near_fraction, local.p_gain) == (0.25, synth.LOCAL_P_GAIN) == (0.25, (0.25, 1.0))
+    assert replace(local, name=plain.name, description=plain.description, near_fraction=0.0, p_gain=None) == plain
+    path = synth.make_dataset(tmp_path / "local", n_traces=60, seed=1, n_samples=4000, domain="ethz_like_local")
+    m = pd.read_csv(path / "metadata.csv")
+    events = m[m["trace_category"] == "earthquake_regional"]
+    near = events["source_distance_km"] < 10.0  # below ethz_like's own range: the near-source draw
+    assert 0 < near.sum() < len(events)
+    assert ((events["path_s_travel_sec"] - events["path_p_travel_sec"])[near] < 2.5).all()
+    gains = events["trace_p_gain"].dropna()
+    assert len(gains) > 0 and gains.between(0.25, 1.0).all()

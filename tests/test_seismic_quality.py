@@ -58,6 +58,44 @@ def test_runs_end_to_end_and_writes_its_tables(done):
     assert "n/a" in md.split("tested on geofon_like")[1]
 
 
+def test_every_model_picks_the_real_event_at_its_dev_thresholds(done):
+    """The issue's real-signal check runs after the benchmark training, for the base and every model
+    and seed, as `moelab seismic pick` would on the exported model (thresholds tuned on dev)."""
+    from moelab.seismic.export import read_results
+    from moelab.seismic.model import load_trained
+    from moelab.seismic.realcheck import pick_recording
+
+    s, last, lines = done
+    doc = json.loads((s.out / "results.json").read_text())
+    real = doc["real_event"]
+    assert set(real["variants"]) == set(s.variants) and all(len(r) == len(s.seeds) for r in real["variants"].values())
+    ckpt = s.out / "weights" / "eqt_ft_s0" / "model.ckpt"
+    row = read_results(ckpt.parent / f"eval_{s.domains[1]}" / "results.csv")
+    model = load_trained(ckpt)
+    expected = pick_recording(model, p_threshold=float(row["P_threshold"]), s_threshold=float(row["S_threshold"]))
+    got = real["variants"]["eqt_ft"][0]
+    assert got["n_picks"] == expected.n_picks and got["max_p_prob"] == pytest.approx(expected.max_p_prob, abs=1e-6)
+    assert got["p_residual_s"] == (None if expected.p_residual_s is None else pytest.approx(expected.p_residual_s, abs=1e-9))
+    md = (s.out / "quality.md").read_text()
+    assert "Real event (loc_RJOB20050801145719850" in md and "| base EQTransformer (stead_like) |" in md
+    summary = [line for line in md.splitlines() if line][-2]  # just above the last line
+    assert summary == quality.real_event_line(real, s.variants) and summary.startswith("real_event: P and S within 0.3 s")
+    assert sum(line.startswith("  real event: P ") for line in lines) == 1 + len(s.variants) * len(s.seeds)
+
+
+def test_real_event_counts_a_seed_only_when_both_phases_are_within_tolerance(tmp_path):
+    def rep(p, s_):
+        return {"p_residual_s": p, "s_residual_s": s_}
+
+    real = {"base": rep(0.1, -0.2), "variants": {"eqt_ft": [rep(0.3, 0.0), rep(0.31, 0.0), rep(None, 0.1)], "moe_full": [rep(-0.05, -0.3), rep(0.0, 0.5), rep(0.2, 0.2)]}}
+    real["variants"]["eqt_ft"][2].update(p_peak_s=31.17, max_p_prob=0.167)  # under the threshold: where it peaked
+    assert quality.real_event_line(real, ["eqt_ft", "moe_full"]) == "real_event: P and S within 0.3 s of the reference: eqt_ft 1/3 seeds, moe_full 2/3 seeds (base: yes)"
+    s = quality.QualitySettings(out=tmp_path, seeds=(0, 1, 2), domains=("A", "B", "C"), variants=("eqt_ft", "moe_full"), headline="moe_full")
+    table = quality.format_real_event(s, real)
+    assert "| eqt_ft | +0.300 / +0.000 | +0.310 / +0.000 | none (peak +0.535, p 0.17) / +0.100 | 1 of 3 |" in table
+    assert "| base EQTransformer (A) | +0.100 / -0.200 | | | yes |" in table
+
+
 def test_thresholds_come_from_dev(done):
     """The detection threshold applied to test is the F1-optimal one of the dev predictions."""
     from sklearn.metrics import precision_recall_curve
@@ -162,9 +200,13 @@ def test_merge_combines_runs_on_disjoint_seeds_in_seed_order(tmp_path):
     base = {d: r(0.7) for d in "ABC"}
     mcc = {"eqt_ft": {0: 0.80, 1: 0.90, 2: 0.85}, "moe_full": {0: 0.81, 1: 0.95, 2: 0.83}}
 
+    def pick(v, seed):  # a real-event report whose P residual names its variant and seed
+        return {"p_residual_s": seed / 10 + (v == "moe_full") / 100, "s_residual_s": 0.0}
+
     def doc(seeds, tag):
         res = {v: {d: [r(mcc[v][seed]) for seed in seeds] for d in "ABC"} for v in mcc}
-        return {"settings": {**settings, "seeds": seeds, "tag": tag}, "seeds_done": seeds, "base": base, "results": res}
+        real = {"base": pick("base", 0), "variants": {v: [pick(v, seed) for seed in seeds] for v in mcc}}
+        return {"settings": {**settings, "seeds": seeds, "tag": tag}, "seeds_done": seeds, "base": base, "results": res, "real_event": real}
 
     (tmp_path / "results_a.json").write_text(json.dumps(doc([2], "_a")))
     (tmp_path / "results_b.json").write_text(json.dumps(doc([0, 1], "_b")))
@@ -172,9 +214,19 @@ def test_merge_combines_runs_on_disjoint_seeds_in_seed_order(tmp_path):
     whole = {v: {d: [r(mcc[v][seed]) for seed in (0, 1, 2)] for d in "ABC"} for v in mcc}
     assert last == quality.summary_line(whole, "moe_full", "B")
     written = (tmp_path / "quality_ab.md").read_text()
-    assert written == quality.format_tables(s, whole, base) + "\n" + last + "\n"
+    real = {"base": pick("base", 0), "variants": {v: [pick(v, seed) for seed in (0, 1, 2)] for v in mcc}}
+    tables = quality.format_tables(s, whole, base) + quality.format_real_event(s, real) + "\n" + quality.real_event_line(real, s.variants) + "\n"
+    assert written == tables + "\n" + last + "\n"
     merged = json.loads((tmp_path / "results_ab.json").read_text())
     assert merged["seeds_done"] == [0, 1, 2] and merged["results"] == json.loads(json.dumps(whole))
+    assert merged["real_event"] == json.loads(json.dumps(real))
+    # results written before the benchmark made the real-event check merge without it
+    for name in ("results_a.json", "results_b.json"):
+        old = json.loads((tmp_path / name).read_text())
+        del old["real_event"]
+        (tmp_path / f"old_{name}").write_text(json.dumps(old))
+    assert quality.merge([tmp_path / "old_results_a.json", tmp_path / "old_results_b.json"], tmp_path, "_old") == last
+    assert "real_event" not in json.loads((tmp_path / "results_old.json").read_text())
 
     with pytest.raises(ConfigError, match="appear in more than one"):
         quality.merge([tmp_path / "results_a.json", tmp_path / "results_a.json"], tmp_path, "_x")

@@ -61,6 +61,13 @@ def read_results(path: str | os.PathLike) -> dict[str, Any]:
     return row
 
 
+def tuned_default_args(model, row: dict[str, Any]) -> dict[str, Any]:
+    """The ``default_args`` a deployed ``model`` carries: a window overlap and blinding that fit its
+    window, and the thresholds of ``row`` (`read_results`), tuned on dev. Exported weights store
+    these, so that ``classify`` picks as the evaluation did without arguments."""
+    return {**window_annotate_args(model.in_samples), **{arg: float(row[col]) for col, arg in THRESHOLD_ARGS.items()}}
+
+
 def weights_docstring(model, checkpoint: Path, results: dict[str, Any], config: dict[str, Any] | None) -> str:
     """The description stored with the weights: what the model is, what it was trained on, how well it does."""
     args = model.get_model_args()
@@ -109,10 +116,7 @@ def export_weights(
             config = json.loads(config_path.read_text())
         except (OSError, json.JSONDecodeError):
             config = None
-    model.default_args = {
-        **window_annotate_args(model.in_samples),
-        **{arg: float(row[col]) for col, arg in THRESHOLD_ARGS.items()},
-    }
+    model.default_args = tuned_default_args(model, row)
     return save_weights(model, out, weights_docstring(model, checkpoint, row, config))
 
 

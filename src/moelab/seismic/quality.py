@@ -15,7 +15,10 @@ benchmark/train.py and eval.py), so nothing here is a second trainer or evaluato
    ``moe_full`` (upcycled, everything trains) and ``moe_scratch`` (SeisMoE from random weights);
 3. every model is scored on pick-benchmark's tasks 1/2/3 with thresholds chosen on the dev split
    of the data set it is tested on; in-domain on B, cross-domain on A and C (``geofon_like``,
-   P-only, stored at 20 Hz).
+   P-only, stored at 20 Hz);
+4. every model picks ObsPy's real test event (`moelab.seismic.realcheck`) at the thresholds tuned
+   on the dev split of its training domain, as ``moelab seismic pick`` does on exported weights:
+   a check on real data, which no generated test split can give.
 
 The summary gives mean ± std over seeds per variant, the in-domain differences to ``eqt_ft`` paired
 by seed (and ``moe_frozen`` − ``eqt_ffn``, the guide's recipe against its dense control) (every variant of seed i is trained with seed i from the same base; the spread of the
@@ -268,6 +271,68 @@ def format_tables(s: QualitySettings, results: dict[str, dict[str, list[dict[str
     return "".join(lines)
 
 
+def real_event(ckpt: Path, eval_dir: Path) -> dict[str, Any]:
+    """ObsPy's real event picked by ``ckpt`` at the thresholds its evaluation in ``eval_dir`` tuned on
+    dev (what ``moelab seismic pick`` prints for the exported model): the issue's real-signal check."""
+    from moelab.seismic.realcheck import pick_with_tuned_thresholds
+
+    return asdict(pick_with_tuned_thresholds(ckpt, eval_dir / "results.csv"))
+
+
+def _residual(value: float | None) -> str:
+    return "none" if value is None else f"{value:+.3f}"
+
+
+def _pick_cell(report: dict[str, Any]) -> str:
+    """``P / S`` residuals; a missing pick shows where its probability peaked and how high, so a
+    phase just under the threshold reads differently from one the model never saw."""
+    from moelab.seismic.realcheck import REFERENCE_P_S, REFERENCE_S_S
+
+    def one(phase: str, ref: float) -> str:
+        res, peak = report.get(f"{phase}_residual_s"), report.get(f"{phase}_peak_s")
+        if res is not None or peak is None:
+            return _residual(res)
+        return f"none (peak {peak - ref:+.3f}, p {report[f'max_{phase}_prob']:.2f})"
+
+    return f"{one('p', REFERENCE_P_S)} / {one('s', REFERENCE_S_S)}"
+
+
+def _within(report: dict[str, Any]) -> bool:
+    from moelab.seismic.realcheck import TOLERANCE_S
+
+    return all(report.get(k) is not None and abs(report[k]) <= TOLERANCE_S for k in ("p_residual_s", "s_residual_s"))
+
+
+def real_event_line(real: dict[str, Any], variants: tuple[str, ...] | list[str]) -> str:
+    """One line: on how many seeds each model picks both phases of the real event within tolerance."""
+    from moelab.seismic.realcheck import TOLERANCE_S
+
+    parts = [f"{v} {sum(map(_within, real['variants'][v]))}/{len(real['variants'][v])} seeds" for v in variants]
+    base = "yes" if _within(real["base"]) else "no"
+    return f"real_event: P and S within {TOLERANCE_S} s of the reference: " + ", ".join(parts) + f" (base: {base})"
+
+
+def format_real_event(s: QualitySettings, real: dict[str, Any]) -> str:
+    """Markdown table of the real-event check: residual of the best P / S pick per model and seed."""
+    from moelab.seismic.realcheck import RECORDING, REFERENCE_P_S, REFERENCE_S_S, TOLERANCE_S
+
+    a, b, _ = s.domains
+    lines = [
+        f"\nReal event ({RECORDING}, ObsPy's AR-picker reference P {REFERENCE_P_S:.3f} s, S {REFERENCE_S_S:.3f} s): residual (s) of"
+        f" the best P / S pick, as `moelab seismic pick` prints it for the exported model (thresholds tuned on {b} dev; the base's on {a} dev)\n\n",
+        "| model | " + " | ".join(f"seed {seed}" for seed in s.seeds) + f" | both within {TOLERANCE_S} s |\n",
+        "|---|" + "---|" * (len(s.seeds) + 1) + "\n",
+    ]
+    base = real["base"]
+    lines.append(f"| base EQTransformer ({a}) | {_pick_cell(base)} |"
+                 + " |" * (len(s.seeds) - 1) + f" {'yes' if _within(base) else 'no'} |\n")
+    for v in s.variants:
+        reps = real["variants"][v]
+        cells = " | ".join(_pick_cell(r) for r in reps)
+        lines.append(f"| {v} | {cells} | {sum(map(_within, reps))} of {len(reps)} |\n")
+    return "".join(lines)
+
+
 # ----------------------------------------------------------------------------------------- the run
 def run(s: QualitySettings, echo: Callable[[str], None] = print) -> str:
     """Run the whole workflow; writes ``out/results.json`` and ``out/quality.md``; returns the last line."""
@@ -292,10 +357,16 @@ def run(s: QualitySettings, echo: Callable[[str], None] = print) -> str:
     def score(raw: dict[str, Any], ckpt: Path) -> dict[str, dict[str, float]]:
         return {d: evaluate_on(raw, ckpt, data[d], ckpt.parent / f"eval_{d}", s.in_samples) for d in (a, b, c)}
 
+    def check_real(ckpt: Path, domain: str) -> dict[str, Any]:
+        report = real_event(ckpt, ckpt.parent / f"eval_{domain}")
+        echo(f"  real event: P {_residual(report['p_residual_s'])} s, S {_residual(report['s_residual_s'])} s")
+        return report
+
     base_raw = _config(s, "base_eqt", "EQTransformer", data[a], s.base_seed, s.base_epochs, {"base_model": None})
     base_ckpt = train(base_raw)
     base = score(base_raw, base_ckpt)
     echo(f"base EQTransformer on {a}: " + "  ".join(f"{d}: " + " ".join(f"{m} {metric_of(base[d], m):.3f}" for m in METRICS) for d in (a, b, c)))
+    real: dict[str, Any] = {"base": check_real(base_ckpt, a), "variants": {v: [] for v in s.variants}}
 
     results: dict[str, dict[str, list[dict[str, float]]]] = {v: {d: [] for d in (a, b, c)} for v in s.variants}
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()}
@@ -303,30 +374,44 @@ def run(s: QualitySettings, echo: Callable[[str], None] = print) -> str:
     def write(seeds_done: list[int]) -> tuple[str, str]:
         # after every seed, so that a run stopped early still leaves the table of its complete seeds
         done = QualitySettings(**{**asdict(s), "seeds": tuple(seeds_done)})
-        return write_outputs(done, settings, base, results)
+        return write_outputs(done, settings, base, results, real)
 
     for i, seed in enumerate(s.seeds):
         for v in s.variants:
             raw = variant_config(s, v, base_ckpt, data[b], seed)
-            stats = score(raw, train(raw))
+            ckpt = train(raw)
+            stats = score(raw, ckpt)
             for d in (a, b, c):
                 results[v][d].append(stats[d])
             echo(f"{v:<12} seed {seed}: {b} " + " ".join(f"{m} {metric_of(stats[b], m):.3f}" for m in METRICS))
+            real["variants"][v].append(check_real(ckpt, b))
         tables, last = write(list(s.seeds[: i + 1]))
     echo("\n" + tables)
     return last
 
 
 def write_outputs(
-    done: QualitySettings, settings: dict[str, Any], base: dict[str, dict[str, float]], results: dict[str, dict[str, list[dict[str, float]]]]
+    done: QualitySettings,
+    settings: dict[str, Any],
+    base: dict[str, dict[str, float]],
+    results: dict[str, dict[str, list[dict[str, float]]]],
+    real: dict[str, Any] | None = None,
 ) -> tuple[str, str]:
     """Write ``results<tag>.json`` (``settings`` as recorded, the seeds of ``done``) and
-    ``quality<tag>.md`` into ``done.out``, atomically; return the tables and the last line."""
+    ``quality<tag>.md`` into ``done.out``, atomically; return the tables and the last line.
+
+    ``real``: the real-event check (``{"base": report, "variants": {variant: [report per seed]}}``),
+    tabled after the cross-domain tables with its own summary line just above the last line;
+    ``None`` for results recorded before the benchmark made the check."""
     from moelab.checkpoint import atomic_write_bytes
 
     tables = format_tables(done, results, base)
+    if real is not None:
+        tables += format_real_event(done, real) + "\n" + real_event_line(real, done.variants) + "\n"
     last = summary_line(results, done.headline, done.domains[1])
     doc = {"settings": settings, "seeds_done": list(done.seeds), "base": base, "results": results}
+    if real is not None:
+        doc["real_event"] = real
     atomic_write_bytes(json.dumps(doc, indent=1).encode(), done.out / f"results{done.tag}.json")
     atomic_write_bytes((tables + "\n" + last + "\n").encode(), done.out / f"quality{done.tag}.md")
     return tables, last
@@ -363,12 +448,16 @@ def merge(paths: list[Path], out: Path, tag: str) -> str:
     variants = list(docs[0]["results"])
     domains = list(docs[0]["results"][variants[0]])
     results = {v: {d: [per_seed[seed][v][d] for seed in order] for d in domains} for v in variants}
+    real = None
+    if all("real_event" in doc for doc in docs):  # results of older runs hold no real-event check
+        by_seed = {seed: {v: reps[i] for v, reps in doc["real_event"]["variants"].items()} for doc in docs for i, seed in enumerate(doc["seeds_done"])}
+        real = {"base": docs[0]["real_event"]["base"], "variants": {v: [by_seed[seed][v] for seed in order] for v in variants}}
     raw = {k: v for k, v in docs[0]["settings"].items() if k in {f.name for f in fields(QualitySettings)}}  # not e.g. merged_from
     settings = QualitySettings(**{**raw, "out": Path(out), "seeds": tuple(order), "tag": tag, "domains": tuple(raw["domains"]),
                                   "variants": tuple(raw["variants"])})
     recorded = {**raw, "out": str(out), "seeds": order, "tag": tag, "merged_from": [str(p) for p in paths]}
     Path(out).mkdir(parents=True, exist_ok=True)
-    tables, last = write_outputs(settings, recorded, docs[0]["base"], results)
+    tables, last = write_outputs(settings, recorded, docs[0]["base"], results, real)
     print(tables)
     return last
 

@@ -23,6 +23,8 @@ RECORDING = "loc_RJOB20050801145719850"
 REFERENCE_P_S = 30.635  # obspy test_trigger.py: ptime == 30.6350002289
 REFERENCE_S_S = 31.165  # obspy test_trigger.py: abs(stime - 31.165) < 0.05
 RECORDING_RATE = 200.0
+#: How close to the reference a pick must be for the issue's real-signal check (P and S both).
+TOLERANCE_S = 0.3
 
 
 @dataclass
@@ -41,6 +43,10 @@ class PickReport:
     n_picks: int
     p_peak_s: float | None = None  # time of the highest P probability, pick or not
     s_peak_s: float | None = None
+
+    def within(self, tolerance_s: float = TOLERANCE_S) -> bool:
+        """Whether both the P and the S pick are within ``tolerance_s`` of the reference picks."""
+        return all(r is not None and abs(r) <= tolerance_s for r in (self.p_residual_s, self.s_residual_s))
 
     def format(self) -> str:
         def f(v: float | None) -> str:
@@ -135,3 +141,16 @@ def pick_recording(model, p_threshold: float | None = None, s_threshold: float |
         p_peak_s=peak_time("_P"),
         s_peak_s=peak_time("_S"),
     )
+
+
+def pick_with_tuned_thresholds(checkpoint: str | Path, results_csv: str | Path) -> PickReport:
+    """`pick_recording` with the model of ``checkpoint`` as ``moelab seismic export`` would deploy it:
+    the thresholds tuned on dev by the evaluation that wrote ``results_csv`` (benchmark/eval.py's
+    ``results.csv``), so a benchmark scores the real event exactly as ``moelab seismic pick`` does
+    on the exported weights."""
+    from moelab.seismic.export import read_results, tuned_default_args
+    from moelab.seismic.model import load_trained
+
+    model = load_trained(checkpoint)
+    model.default_args = tuned_default_args(model, read_results(results_csv))
+    return pick_recording(model)
