@@ -77,3 +77,12 @@ def test_annotation_covers_the_recording(checkpoint):
     assert p.stats.sampling_rate == 100.0
     assert p.stats.endtime - p.stats.starttime > 50  # most of the 60 s recording is annotated
     assert np.isfinite(p.data).all()
+
+
+def test_the_check_needs_both_phases_within_tolerance():
+    assert realcheck.TOLERANCE_S == 0.3
+    assert realcheck.both_within(0.3, -0.3) and realcheck.both_within(0.0, 0.0)
+    assert not realcheck.both_within(0.301, 0.0) and not realcheck.both_within(0.0, -0.31)
+    assert not realcheck.both_within(None, 0.0) and not realcheck.both_within(0.1, None)
+    report = realcheck.PickReport(30.7, 0.5, 31.2, 0.5, 0.065, 0.035, 0.5, 0.5, 0.9, 2)
+    assert report.within() and not report.within(tolerance_s=0.05)

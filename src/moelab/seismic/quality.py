@@ -298,9 +298,9 @@ def _pick_cell(report: dict[str, Any]) -> str:
 
 
 def _within(report: dict[str, Any]) -> bool:
-    from moelab.seismic.realcheck import TOLERANCE_S
+    from moelab.seismic.realcheck import both_within
 
-    return all(report.get(k) is not None and abs(report[k]) <= TOLERANCE_S for k in ("p_residual_s", "s_residual_s"))
+    return both_within(report.get("p_residual_s"), report.get("s_residual_s"))
 
 
 def real_event_line(real: dict[str, Any], variants: tuple[str, ...] | list[str]) -> str:

@@ -27,6 +27,11 @@ RECORDING_RATE = 200.0
 TOLERANCE_S = 0.3
 
 
+def both_within(p_residual_s: float | None, s_residual_s: float | None, tolerance_s: float = TOLERANCE_S) -> bool:
+    """The issue's real-signal check: a P and an S pick, each within ``tolerance_s`` of its reference."""
+    return all(r is not None and abs(r) <= tolerance_s for r in (p_residual_s, s_residual_s))
+
+
 @dataclass
 class PickReport:
     """Best pick per phase (highest peak probability) and its residual against the reference."""
@@ -46,7 +51,7 @@ class PickReport:
 
     def within(self, tolerance_s: float = TOLERANCE_S) -> bool:
         """Whether both the P and the S pick are within ``tolerance_s`` of the reference picks."""
-        return all(r is not None and abs(r) <= tolerance_s for r in (self.p_residual_s, self.s_residual_s))
+        return both_within(self.p_residual_s, self.s_residual_s, tolerance_s)
 
     def format(self) -> str:
         def f(v: float | None) -> str:
