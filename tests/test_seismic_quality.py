@@ -80,7 +80,7 @@ def test_every_model_picks_the_real_event_at_its_dev_thresholds(done):
     assert "Real event (loc_RJOB20050801145719850" in md and "| base EQTransformer (stead_like) |" in md
     summary = [line for line in md.splitlines() if line][-2]  # just above the last line
     assert summary == quality.real_event_line(real, s.variants) and summary.startswith("real_event: P and S within 0.3 s")
-    assert sum(line.startswith("  real event: P ") for line in lines) == 1 + len(s.variants) * len(s.seeds)
+    assert sum(line.startswith("  real event, P / S residual (s): ") for line in lines) == 1 + len(s.variants) * len(s.seeds)
 
 
 def test_real_event_counts_a_seed_only_when_both_phases_are_within_tolerance(tmp_path):

@@ -359,7 +359,7 @@ def run(s: QualitySettings, echo: Callable[[str], None] = print) -> str:
 
     def check_real(ckpt: Path, domain: str) -> dict[str, Any]:
         report = real_event(ckpt, ckpt.parent / f"eval_{domain}")
-        echo(f"  real event: P {_residual(report['p_residual_s'])} s, S {_residual(report['s_residual_s'])} s")
+        echo(f"  real event, P / S residual (s): {_pick_cell(report)}")
         return report
 
     base_raw = _config(s, "base_eqt", "EQTransformer", data[a], s.base_seed, s.base_epochs, {"base_model": None})
