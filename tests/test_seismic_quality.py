@@ -320,6 +320,18 @@ def test_moe_args_and_flags_are_checked_before_any_data_or_training(tmp_path):
     assert not (tmp_path / "q").exists()
 
 
+def test_missing_real_recording_fails_before_any_data_or_training(tmp_path, monkeypatch):
+    """The real-event check runs after each training; without ObsPy's test data the run stops at
+    once with the one error naming the file, not hours later."""
+    from moelab.errors import DataError
+    from moelab.seismic import realcheck
+
+    monkeypatch.setattr(realcheck, "RECORDING", "no_such_recording")
+    with pytest.raises(DataError, match="ObsPy's test recording .*no_such_recording.z' is missing"):
+        quality.run(tiny(tmp_path / "q"), echo=lambda _: None)
+    assert not (tmp_path / "q").exists()
+
+
 def test_merge_and_threads_errors_are_config_errors(tmp_path):
     import argparse
 

@@ -339,7 +339,10 @@ def run(s: QualitySettings, echo: Callable[[str], None] = print) -> str:
     from moelab.seismic import harness
     from moelab.seismic.config import validate
 
+    from moelab.seismic.realcheck import recording_stream
+
     s.check()
+    recording_stream()  # the real-event check's recording: missing ObsPy test data fails here, before any training
     s.out.mkdir(parents=True, exist_ok=True)
     data = make_domains(s)
     a, b, c = s.domains
