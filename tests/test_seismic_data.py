@@ -337,3 +337,26 @@ def test_ethz_like_local_adds_near_sources_and_weaker_p_to_ethz_like(tmp_path):
     assert ((events["path_s_travel_sec"] - events["path_p_travel_sec"])[near] < 2.5).all()
     gains = events["trace_p_gain"].dropna()
     assert len(gains) > 0 and gains.between(0.25, 1.0).all()
+
+
+def test_event_trains_take_z_n_e_by_component_code():
+    """The wave trains are cut from the Z, N, E channels by name: a record named X, Y, Z (like the
+    Kinemetrics file earlier versions used) is refused instead of putting a horizontal in the Z slot."""
+    import obspy
+
+    trains = synth.event_trains()
+    assert len(trains) == len(synth.EVENT_RECORDINGS)
+    rjob = obspy.read()  # BW.RJOB EHZ, EHN, EHE
+    shuffled = obspy.Stream([rjob[2], rjob[0], rjob[1]])
+    assert [tr.stats.channel for tr in synth._zne(shuffled, "test")] == ["EHZ", "EHN", "EHE"]
+    for tr, comp in zip(shuffled, "XYZ", strict=True):
+        tr.stats.channel = "HN" + comp
+    with pytest.raises(DataError, match="exactly one N channel"):
+        synth._zne(shuffled, "test")
+    # the RJOB train is cut at its S onset (5.70 s), where the horizontals triple in amplitude
+    ev = next(t for t in trains if t.name == "BW.RJOB")
+    p_len = ev.p_train.shape[-1]
+    assert p_len == round((5.70 - 4.73) * synth.SAMPLING_RATE)
+    h_p = np.sqrt((ev.p_train[1:, -30:] ** 2).mean())
+    h_s = np.sqrt((ev.s_train[1:, :30] ** 2).mean())
+    assert h_s > 2 * h_p
