@@ -101,7 +101,7 @@ class Domain:
             0: no draw at all (the earlier presets reproduce exactly).
         near_distance_km / near_depth_km: ranges of the near-source events.
         p_gain: range of a log-uniform factor on the P wave train's amplitude (the S wave, and so
-            the SNR, unchanged). The six source events have S peaks 0.6-1.3x their P peaks; real
+            the SNR, unchanged). The five source events have S peaks 1.0-2.0x their P peaks; real
             local S waves are often several times stronger (ObsPy's real test event: 7.8x), and
             models trained without such traces took that event's S for its P. ``None``: no
             draw (the other presets reproduce exactly).
