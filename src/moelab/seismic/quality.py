@@ -338,11 +338,10 @@ def run(s: QualitySettings, echo: Callable[[str], None] = print) -> str:
     """Run the whole workflow; writes ``out/results.json`` and ``out/quality.md``; returns the last line."""
     from moelab.seismic import harness
     from moelab.seismic.config import validate
-
-    from moelab.seismic.realcheck import recording_stream
+    from moelab.seismic.realcheck import recording_files
 
     s.check()
-    recording_stream()  # the real-event check's recording: missing ObsPy test data fails here, before any training
+    recording_files()  # the real-event check's recording: missing ObsPy test data fails here, before any training
     s.out.mkdir(parents=True, exist_ok=True)
     data = make_domains(s)
     a, b, c = s.domains

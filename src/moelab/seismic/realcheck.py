@@ -69,18 +69,27 @@ class PickReport:
         )
 
 
+def recording_files() -> tuple[Path, Path, Path]:
+    """The recording's Z, N and E files inside the obspy package; a `DataError` names the first one
+    missing, so a run that will pick the event can check for it before it trains anything."""
+    import obspy
+
+    folder = Path(obspy.__file__).parent / "signal" / "tests" / "data"
+    files = tuple(folder / f"{RECORDING}.{comp}" for comp in "zne")
+    for f in files:
+        if not f.exists():
+            raise DataError(f"ObsPy's test recording '{f}' is missing (is obspy installed with its test data?)")
+    return files
+
+
 def recording_stream():
     """The three-component real recording as an ObsPy Stream (Z, N, E; 200 Hz)."""
     import obspy
     from obspy import UTCDateTime
 
-    folder = Path(obspy.__file__).parent / "signal" / "tests" / "data"
     traces = []
     start = UTCDateTime("2005-08-01T14:57:19.850")
-    for comp in "zne":
-        f = folder / f"{RECORDING}.{comp}"
-        if not f.exists():
-            raise DataError(f"ObsPy's test recording '{f}' is missing (is obspy installed with its test data?)")
+    for comp, f in zip("zne", recording_files(), strict=True):
         data = np.loadtxt(f, dtype=np.float32)
         tr = obspy.Trace(data=data, header={"network": "BW", "station": "RJOB", "channel": f"EH{comp.upper()}", "sampling_rate": RECORDING_RATE, "starttime": start})
         traces.append(tr)
