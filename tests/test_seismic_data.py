@@ -339,6 +339,52 @@ def test_ethz_like_local_adds_near_sources_and_weaker_p_to_ethz_like(tmp_path):
     assert len(gains) > 0 and gains.between(0.25, 1.0).all()
 
 
+def test_ethz_like_dense_raises_only_the_near_source_snr():
+    """``ethz_like_dense`` is ``ethz_like_local`` with one more draw for its near-source events, their
+    SNR from `DENSE_NEAR_SNR_DB` clipped to 10-60 dB; the far events keep ``ethz_like``'s 3-50 dB draw,
+    and presets without ``near_snr_db`` draw exactly what they drew before."""
+    from dataclasses import replace
+
+    dense, local = synth.DOMAINS["ethz_like_dense"], synth.DOMAINS["ethz_like_local"]
+    assert dense.near_snr_db == synth.DENSE_NEAR_SNR_DB == (35.0, 10.0) and dense.near_snr_clip == (10.0, 60.0)
+    assert replace(dense, name=local.name, description=local.description, near_snr_db=None) == local
+    table, _ = synth.load_source_table()
+    rng = np.random.default_rng(5)
+    near = np.array([synth.sample_source(table, rng, replace(dense, near_fraction=1.0))["snr_db"] for _ in range(1000)])
+    far = np.array([synth.sample_source(table, rng, replace(dense, near_fraction=0.0))["snr_db"] for _ in range(1000)])
+    assert near.min() >= 10.0 and near.max() <= 60.0 and 3.0 <= far.min() and far.max() <= 50.0
+    assert 33.0 < near.mean() < 37.0 and 16.0 < far.mean() < 20.0
+    # the extra draw is made only where near_snr_db is set: ethz_like_local's sources reproduce
+    rng_a, rng_b = np.random.default_rng(2), np.random.default_rng(2)
+    a = [synth.sample_source(table, rng_a, local) for _ in range(50)]
+    b = [synth.sample_source(table, rng_b, replace(dense, near_snr_db=None)) for _ in range(50)]
+    assert a == b
+
+
+def test_ethz_like_dense_hf_compresses_only_the_near_source_events():
+    """``ethz_like_dense_hf`` draws the near-source events' time stretch from `DENSE_NEAR_STRETCH`
+    (one draw, as before: the far events, and every other preset, come out as they did)."""
+    from dataclasses import replace
+
+    hf, dense = synth.DOMAINS["ethz_like_dense_hf"], synth.DOMAINS["ethz_like_dense"]
+    assert hf.near_stretch == synth.DENSE_NEAR_STRETCH == (0.4, 0.8)
+    assert replace(hf, name=dense.name, description=dense.description, near_stretch=None) == dense
+    table, _ = synth.load_source_table()
+    for near in (True, False):
+        src = synth.sample_source(table, np.random.default_rng(4), replace(hf, near_fraction=float(near)))
+        assert src.get("near_source", False) is near
+        x_hf, m_hf = synth.make_event_trace(6000, src, np.random.default_rng(9), hf)
+        x_d, m_d = synth.make_event_trace(6000, src, np.random.default_rng(9), dense)
+        lo, hi = hf.near_stretch if near else hf.stretch
+        assert lo <= m_hf["trace_stretch_factor"] <= hi
+        if near:  # the same uniform draw mapped onto the other range
+            u = np.log(m_d["trace_stretch_factor"] / dense.stretch[0]) / np.log(dense.stretch[1] / dense.stretch[0])
+            assert m_hf["trace_stretch_factor"] == pytest.approx(lo * (hi / lo) ** u, rel=1e-3)
+        else:
+            np.testing.assert_array_equal(x_hf, x_d)
+            assert m_hf == m_d
+
+
 def test_event_trains_take_z_n_e_by_component_code():
     """The wave trains are cut from the Z, N, E channels by name: a record named X, Y, Z (like the
     Kinemetrics file earlier versions used) is refused instead of putting a horizontal in the Z slot."""

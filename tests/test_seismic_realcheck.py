@@ -86,3 +86,66 @@ def test_the_check_needs_both_phases_within_tolerance():
     assert not realcheck.both_within(None, 0.0) and not realcheck.both_within(0.1, None)
     report = realcheck.PickReport(30.7, 0.5, 31.2, 0.5, 0.065, 0.035, 0.5, 0.5, 0.9, 2)
     assert report.within() and not report.within(tolerance_s=0.05)
+
+
+def test_probe_edits_change_only_what_they_name():
+    """Each edit of `moelab.seismic.probe` changes one trait of the recording and nothing else, and
+    moves the reference picks where it moves the phases."""
+    from moelab.seismic import probe
+
+    x = realcheck.recording_stream()[0].data.astype(np.float64)
+    ip, is_ = int(round(realcheck.REFERENCE_P_S * 200)), int(round(realcheck.REFERENCE_S_S * 200))
+    noise = x[: ip - 200]
+    base = noise.mean()
+    e = {d.name: d for d in probe.edits()}
+    assert list(e) == ["as recorded", "S removed", "P x4", "S x1/4", "slower x1.5", "slower x2"]
+    np.testing.assert_array_equal(e["as recorded"].apply(x), x)
+    y = e["S removed"].apply(x)
+    np.testing.assert_array_equal(y[:is_], x[:is_])
+    np.testing.assert_array_equal(y[is_:], np.tile(noise, 2)[: len(x) - is_])  # the pre-event noise, repeated
+    assert e["S removed"].s_ref_s is None
+    y = e["P x4"].apply(x)
+    np.testing.assert_array_equal(np.delete(y, np.s_[ip:is_]), np.delete(x, np.s_[ip:is_]))
+    np.testing.assert_allclose(y[ip:is_] - base, 4.0 * (x[ip:is_] - base), rtol=1e-12)
+    y = e["S x1/4"].apply(x)
+    np.testing.assert_array_equal(y[:is_], x[:is_])
+    np.testing.assert_allclose(y[is_:] - base, 0.25 * (x[is_:] - base), rtol=1e-12, atol=1e-9)
+    y = e["slower x2"].apply(x)
+    m = np.arange(-1000, 1000)
+    np.testing.assert_allclose(y[ip + 2 * m], x[ip + m], rtol=0, atol=1e-9)  # dilated about the P onset
+    assert e["slower x2"].p_ref_s == realcheck.REFERENCE_P_S
+    assert e["slower x2"].s_ref_s == pytest.approx(realcheck.REFERENCE_P_S + 2 * (realcheck.REFERENCE_S_S - realcheck.REFERENCE_P_S))
+    assert len(y) == len(x) and np.isfinite(y).all()
+
+
+def test_probe_picks_every_edit_against_its_own_references(checkpoint):
+    from moelab.seismic import probe
+
+    model = load_trained(checkpoint)
+    model.default_args = {**model.default_args, "P_threshold": 0.01, "S_threshold": 0.01}
+    rows = probe.probe(model)
+    assert [r.edit.name for r in rows] == [e.name for e in probe.edits()]
+    for r in rows:
+        if r.report.p_time_s is not None:
+            assert r.p_residual_s == pytest.approx(r.report.p_time_s - r.edit.p_ref_s)
+        if r.report.s_time_s is not None:
+            ref = r.edit.s_ref_s if r.edit.s_ref_s is not None else r.edit.p_ref_s
+            assert r.s_residual_s == pytest.approx(r.report.s_time_s - ref)
+        assert r.format().startswith(r.edit.name)
+    # the unedited row is exactly the real-event check
+    plain = realcheck.pick_recording(model)
+    assert (rows[0].report.p_time_s, rows[0].report.s_time_s) == (plain.p_time_s, plain.s_time_s)
+
+
+def test_real_event_probe_bench_refuses_unmatched_results(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "real_event_probe.py"
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"")
+    r = subprocess.run([sys.executable, str(script), str(ckpt)], capture_output=True, text=True)
+    assert r.returncode == 2 and "no config.json beside it" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, str(script), str(ckpt), "--results", "a.csv", "b.csv"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--results names 2 files for 1 checkpoints" in r.stderr and "Traceback" not in r.stderr
