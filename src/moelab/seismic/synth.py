@@ -28,6 +28,7 @@ import logging
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -233,48 +234,37 @@ DOMAINS.update(
 )
 
 
+def _derive(parent: str, name: str, adds: str, **changes: Any) -> None:
+    """Register preset ``name``: preset ``parent`` with ``changes``, its description extended by ``adds``."""
+    base = DOMAINS[parent]
+    DOMAINS[name] = replace(base, name=name, description=f"{base.description}; {adds}", **changes)
+
+
 #: `Domain.p_gain` of ``ethz_like_local``: P wave trains at 1/4 to 1x (S up to ~5x the P). Milder than
 #: `WEAK_P_GAIN`: at ETHZ-like SNRs (18 +- 8 dB) a P at 1/8 of its amplitude is often under the noise.
 LOCAL_P_GAIN: tuple[float, float] = (0.25, 1.0)
+#: SNR (mean, std in dB) of the near-source events of ``ethz_like_dense``, clipped to 10-60 dB.
+DENSE_NEAR_SNR_DB: tuple[float, float] = (35.0, 10.0)
+#: Time-stretch range of the near-source events of ``ethz_like_dense_hf``: compressed 1.25-2.5x, so
+#: that their P trains centre at about 5-30 Hz (the five source events' at 4-12 Hz).
+DENSE_NEAR_STRETCH: tuple[float, float] = (0.4, 0.8)
+
 #: ``ethz_like_local``: ETHZ as a dense local network records it. A quarter of the events are
 #: near-source (1-20 km, S-P 0.2-2.5 s) and P trains are scaled by `LOCAL_P_GAIN`, the two traits of
 #: ObsPy's real test event (S-P 0.53 s, S 7.8x its P) that plain ``ethz_like`` (10-300 km, P at
 #: recorded strength) never shows; models fine-tuned on plain ``ethz_like`` picked that event's P late.
-DOMAINS["ethz_like_local"] = replace(
-    DOMAINS["ethz_like"],
-    name="ethz_like_local",
-    description=f"{DOMAINS['ethz_like'].description}; a quarter near-source (1-20 km) and P wave trains scaled by 1/4-1x (a dense local network)",
-    near_fraction=0.25,
-    p_gain=LOCAL_P_GAIN,
-)
-
-#: SNR (mean, std in dB) of the near-source events of ``ethz_like_dense``, clipped to 10-60 dB.
-DENSE_NEAR_SNR_DB: tuple[float, float] = (35.0, 10.0)
+_derive("ethz_like", "ethz_like_local", "a quarter near-source (1-20 km) and P wave trains scaled by 1/4-1x (a dense local network)", near_fraction=0.25, p_gain=LOCAL_P_GAIN)
 #: ``ethz_like_dense``: ``ethz_like_local`` whose near-source events are recorded as close stations
 #: record them, far above the noise (`DENSE_NEAR_SNR_DB`), the rest unchanged. In ``ethz_like_local``
 #: the S wave sits 18 +- 8 dB over the noise and the weakened P 0-18 dB below the S, so a P onset as
 #: clear as the real test event's (33 dB) is almost never seen, and models fine-tuned on it put that
 #: event's P from its S (a broad hump 0.1-0.5 s early) rather than at the onset.
-DOMAINS["ethz_like_dense"] = replace(
-    DOMAINS["ethz_like_local"],
-    name="ethz_like_dense",
-    description=f"{DOMAINS['ethz_like_local'].description}; near-source events at high SNR (35 +- 10 dB, a station a few km away)",
-    near_snr_db=DENSE_NEAR_SNR_DB,
-)
-
-#: Time-stretch range of the near-source events of ``ethz_like_dense_hf``: compressed 1.25-2.5x, so
-#: that their P trains centre at about 5-30 Hz (the five source events' at 4-12 Hz).
-DENSE_NEAR_STRETCH: tuple[float, float] = (0.4, 0.8)
+_derive("ethz_like_local", "ethz_like_dense", "near-source events at high SNR (35 +- 10 dB, a station a few km away)", near_snr_db=DENSE_NEAR_SNR_DB)
 #: ``ethz_like_dense_hf``: ``ethz_like_dense`` whose near-source events also keep their high
 #: frequencies (`DENSE_NEAR_STRETCH`). Models fine-tuned on ``ethz_like_local`` that miss the real
 #: test event's P pick it once the recording is slowed down 1.5x (`moelab.seismic.probe`): its P,
 #: centred at 19 Hz, is above the frequencies of every P they were trained on.
-DOMAINS["ethz_like_dense_hf"] = replace(
-    DOMAINS["ethz_like_dense"],
-    name="ethz_like_dense_hf",
-    description=f"{DOMAINS['ethz_like_dense'].description}; near-source events compressed 1.25-2.5x in time (high-frequency P)",
-    near_stretch=DENSE_NEAR_STRETCH,
-)
+_derive("ethz_like_dense", "ethz_like_dense_hf", "near-source events compressed 1.25-2.5x in time (high-frequency P)", near_stretch=DENSE_NEAR_STRETCH)
 
 
 #: Named mixtures of presets (``make_dataset(domain="mixed_like")``): every trace comes from one
