@@ -383,6 +383,8 @@ def test_ethz_like_dense_hf_compresses_only_the_near_source_events():
         else:
             np.testing.assert_array_equal(x_hf, x_d)
             assert m_hf == m_d
+    with pytest.raises(ConfigError, match="near_stretch must be"):
+        replace(hf, near_stretch=(0.8, 0.4))
 
 
 def test_event_trains_take_z_n_e_by_component_code():

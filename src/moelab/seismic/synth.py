@@ -141,10 +141,12 @@ class Domain:
     near_stretch: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
-        if self.p_gain is not None:
-            lo, hi = self.p_gain
-            if not 0 < lo <= hi:
-                raise ConfigError(f"Domain '{self.name}': p_gain must be (low, high) with 0 < low <= high (a log-uniform factor on the P wave train), got {self.p_gain}")
+        for field, value, what in (
+            ("p_gain", self.p_gain, "a log-uniform factor on the P wave train"),
+            ("near_stretch", self.near_stretch, "a log-uniform time-stretch factor of the near-source events"),
+        ):
+            if value is not None and not 0 < value[0] <= value[1]:
+                raise ConfigError(f"Domain '{self.name}': {field} must be (low, high) with 0 < low <= high ({what}), got {value}")
 
 
 #: P position range (fraction of the trace) of every preset: P 12-42 s into a 60 s trace, so that
