@@ -14,7 +14,6 @@ checkpoint, for other layouts.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from moelab.errors import ConfigError
@@ -23,11 +22,14 @@ from moelab.guard import run_guarded
 
 def results_csv(ckpt: Path) -> Path:
     """The dev-tuned thresholds a quality run wrote for this checkpoint's own training domain."""
+    from moelab.seismic.quality import eval_dir
+    from moelab.validation import read_json_record
+
     cfg = ckpt.parent / "config.json"
     if not cfg.exists():
         raise ConfigError(f"'{ckpt}': no config.json beside it to say which domain it was trained on; pass --results CSV for it")
-    domain = Path(json.loads(cfg.read_text())["data"]).name
-    csv = ckpt.parent / f"eval_{domain}" / "results.csv"
+    domain = Path(read_json_record(cfg, ("data",), "pass --results CSV for this checkpoint")["data"]).name
+    csv = eval_dir(ckpt.parent, domain) / "results.csv"
     if not csv.exists():
         raise ConfigError(f"'{ckpt}': no {csv} (the quality run's evaluation on {domain}); pass --results CSV for it")
     return csv
@@ -43,10 +45,8 @@ def main() -> int:
     def go() -> int:
         import torch
 
-        from moelab.seismic.export import read_results, tuned_default_args
-        from moelab.seismic.model import load_trained
         from moelab.seismic.probe import probe
-        from moelab.seismic.realcheck import TOLERANCE_S, recording_stream
+        from moelab.seismic.realcheck import TOLERANCE_S, load_with_tuned_thresholds, recording_stream
 
         torch.set_num_threads(args.threads)
         if args.results is not None and len(args.results) != len(args.checkpoints):
@@ -55,8 +55,7 @@ def main() -> int:
         st = recording_stream()
         counts: dict[str, list[int]] = {}
         for ckpt, csv in zip(args.checkpoints, csvs, strict=True):
-            model = load_trained(ckpt)
-            model.default_args = tuned_default_args(model, read_results(csv))
+            model = load_with_tuned_thresholds(ckpt, csv)
             print(f"== {ckpt}")
             for row in probe(model, stream=st):
                 print("  " + row.format())

@@ -65,7 +65,9 @@ def breakdown(out: str | Path, tag: str = "", by: str = "trace_domain", routing:
     groups = trace_groups(pd.read_csv(data / "metadata.csv", low_memory=False), by)
     folders = {v: run_folders(out, doc, v) for v in ("eqt_ft", headline)}
     seeds = sorted(set(folders["eqt_ft"]) & set(folders[headline]))
-    per = {v: {seed: metrics_by_group(folders[v][seed] / f"eval_{b}", groups) for seed in seeds} for v in folders}
+    from moelab.seismic.quality import eval_dir
+
+    per = {v: {seed: metrics_by_group(eval_dir(folders[v][seed], b), groups) for seed in seeds} for v in folders}
     names = sorted(per["eqt_ft"][seeds[0]])
 
     def get(v: str, seed: int, g: str, m: str) -> float:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moelab.seismic.realcheck import RECORDING_RATE, REFERENCE_P_S, REFERENCE_S_S, PickReport, pick_recording
+from moelab.seismic.realcheck import RECORDING_RATE, REFERENCE_P_S, REFERENCE_S_S, PickReport, pick_recording, recording_stream
 
 #: Seconds before the reference P that the pre-event noise (baseline and fill) is taken from.
 NOISE_GUARD_S = 1.0
@@ -123,32 +123,33 @@ class ProbeRow:
         return None if t is None or ref is None else t - ref
 
     @property
+    def _s_ref(self) -> float | None:
+        """The edit's S reference, or its P onset where the edit removed the S."""
+        return self.edit.s_ref_s if self.edit.s_ref_s is not None else self.edit.p_ref_s
+
+    @property
     def p_residual_s(self) -> float | None:
         return self._rel(self.report.p_time_s, self.edit.p_ref_s)
 
     @property
     def s_residual_s(self) -> float | None:
         """The S pick against the edit's S reference, or against the P onset where S was removed."""
-        return self._rel(self.report.s_time_s, self.edit.s_ref_s if self.edit.s_ref_s is not None else self.edit.p_ref_s)
+        return self._rel(self.report.s_time_s, self._s_ref)
 
     def format(self) -> str:
         def f(v: float | None) -> str:
             return "none" if v is None else f"{v:+.3f}"
 
         r = self.report
-        p_peak = self._rel(r.p_peak_s, self.edit.p_ref_s)
-        s_ref = self.edit.s_ref_s if self.edit.s_ref_s is not None else self.edit.p_ref_s
         s_what = "S" if self.edit.s_ref_s is not None else "S (vs the P onset)"
         return (
-            f"{self.edit.name:<12} P pick {f(self.p_residual_s)} (peak {f(p_peak)}, p {r.max_p_prob:.2f}) | "
-            f"{s_what} pick {f(self.s_residual_s)} (peak {f(self._rel(r.s_peak_s, s_ref))}, p {r.max_s_prob:.2f})"
+            f"{self.edit.name:<12} P pick {f(self.p_residual_s)} (peak {f(self._rel(r.p_peak_s, self.edit.p_ref_s))}, p {r.max_p_prob:.2f}) | "
+            f"{s_what} pick {f(self.s_residual_s)} (peak {f(self._rel(r.s_peak_s, self._s_ref))}, p {r.max_s_prob:.2f})"
         )
 
 
 def probe(model, stream=None, slow_factors: tuple[float, ...] = (1.5, 2.0)) -> list[ProbeRow]:
     """Pick every edit of the recording with ``model`` (its ``default_args`` thresholds, as
     `realcheck.pick_recording`); residuals in seconds against each edit's references."""
-    from moelab.seismic.realcheck import recording_stream
-
     st = recording_stream() if stream is None else stream
     return [ProbeRow(e, pick_recording(model, stream=edited_stream(st, e))) for e in edits(slow_factors)]

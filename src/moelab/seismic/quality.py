@@ -271,6 +271,12 @@ def format_tables(s: QualitySettings, results: dict[str, dict[str, list[dict[str
     return "".join(lines)
 
 
+def eval_dir(run: Path, domain: str) -> Path:
+    """Where a run's evaluation on ``domain`` is written (its ``results.csv`` holds the thresholds
+    tuned on that domain's dev split): ``<run folder>/eval_<domain>``."""
+    return run / f"eval_{domain}"
+
+
 def real_event(ckpt: Path, eval_dir: Path) -> dict[str, Any]:
     """ObsPy's real event picked by ``ckpt`` at the thresholds its evaluation in ``eval_dir`` tuned on
     dev (what ``moelab seismic pick`` prints for the exported model): the issue's real-signal check."""
@@ -357,10 +363,10 @@ def run(s: QualitySettings, echo: Callable[[str], None] = print) -> str:
         return harness.train(cfg, weights_dir=weights, trainer_overrides=QUIET)
 
     def score(raw: dict[str, Any], ckpt: Path) -> dict[str, dict[str, float]]:
-        return {d: evaluate_on(raw, ckpt, data[d], ckpt.parent / f"eval_{d}", s.in_samples) for d in (a, b, c)}
+        return {d: evaluate_on(raw, ckpt, data[d], eval_dir(ckpt.parent, d), s.in_samples) for d in (a, b, c)}
 
     def check_real(ckpt: Path, domain: str) -> dict[str, Any]:
-        report = real_event(ckpt, ckpt.parent / f"eval_{domain}")
+        report = real_event(ckpt, eval_dir(ckpt.parent, domain))
         echo(f"  real event, P / S residual (s): {_pick_cell(report)}")
         return report
 

@@ -157,14 +157,19 @@ def pick_recording(model, p_threshold: float | None = None, s_threshold: float |
     )
 
 
-def pick_with_tuned_thresholds(checkpoint: str | Path, results_csv: str | Path) -> PickReport:
-    """`pick_recording` with the model of ``checkpoint`` as ``moelab seismic export`` would deploy it:
-    the thresholds tuned on dev by the evaluation that wrote ``results_csv`` (benchmark/eval.py's
-    ``results.csv``), so a benchmark scores the real event exactly as ``moelab seismic pick`` does
-    on the exported weights."""
+def load_with_tuned_thresholds(checkpoint: str | Path, results_csv: str | Path):
+    """The model of ``checkpoint`` as ``moelab seismic export`` would deploy it: its ``default_args``
+    hold the thresholds tuned on dev by the evaluation that wrote ``results_csv`` (benchmark/eval.py's
+    ``results.csv``)."""
     from moelab.seismic.export import read_results, tuned_default_args
     from moelab.seismic.model import load_trained
 
     model = load_trained(checkpoint)
     model.default_args = tuned_default_args(model, read_results(results_csv))
-    return pick_recording(model)
+    return model
+
+
+def pick_with_tuned_thresholds(checkpoint: str | Path, results_csv: str | Path) -> PickReport:
+    """`pick_recording` with the model of `load_with_tuned_thresholds`, so a benchmark scores the real
+    event exactly as ``moelab seismic pick`` does on the exported weights."""
+    return pick_recording(load_with_tuned_thresholds(checkpoint, results_csv))
