@@ -5,6 +5,8 @@
 * an expert that gets no unit on one rank does not stop training (every expert parameter takes
   part in every backward, with DDP's default ``find_unused_parameters=False``), and the weights
   stay identical across ranks after every step, for a token MoE, MoEFsDiC and SeisMoE;
+* recycling SeisMoE's dormant decoder channels on rank-specific batches judges the activity summed
+  over ranks and leaves the weights identical across ranks;
 * Lightning DDP training of MoEFsDiC resumed from a checkpoint equals an uninterrupted run.
 
 Workers are started with torch.multiprocessing (spawn) and set up their process group themselves;
@@ -139,6 +141,29 @@ def _worker(rank: int, port: int, folder: str) -> None:
         return det.mean() + p.mean() + s.mean() + 0.01 * seis.get_moe_loss()
 
     _train_and_check(seis, traces, seis_loss, "SeisMoE")
+
+    # 4. recycling dormant decoder channels on rank-specific batches: every rank judges the activity
+    #    summed over ranks and draws the same fresh weights, so the weights stay identical
+    from moelab.seismic.dormant import channel_activity, recycle_dormant
+
+    def all_reduce(t):
+        dist.all_reduce(t)
+        return t
+
+    dec = seis.pick_decoders[0].convs[-1]
+    with torch.no_grad():  # channel 2 of the P head's last decoder layer never fires, on any rank
+        dec.weight[2] = 0.0
+        dec.bias[2] = -1.0
+    x = traces[0]  # differs by rank
+    local = channel_activity(seis, x)
+    summed = channel_activity(seis, x, all_reduce=all_reduce)
+    for key, mine in local.items():
+        torch.testing.assert_close(summed[key], sum(_gather(mine)), rtol=1e-6, atol=0)
+    counts = recycle_dormant(seis, x, tau=0.025, generator=torch.Generator().manual_seed(5), all_reduce=all_reduce)
+    assert counts["P"] >= 1
+    c = torch.tensor([counts[h] for h in ("detection", "P", "S")])
+    assert torch.equal(*_gather(c)), "ranks recycled different channels"
+    _assert_same_weights(seis, "after recycling")
     _resume(rank, folder)
     dist.destroy_process_group()
 

@@ -122,6 +122,26 @@ def test_task23_metrics_residuals_and_mcc():
     assert st["test_phase_f1"] == pytest.approx(1.0)  # threshold 0.9 separates P and S here
 
 
+def test_task23_peak_is_the_median_peak_probability_of_the_phase_windows():
+    df = pd.DataFrame(
+        {
+            "phase_label": ["P", "P", "P", "S", "S"],
+            "phase_onset": [100.0] * 5,
+            "sampling_rate": [100.0] * 5,
+            "p_sample_pred": [100.0] * 5,
+            "s_sample_pred": [100.0] * 5,
+            "score_p_or_s": [1.0] * 5,
+            "score_p": [0.9, 0.45, float("nan"), 0.99, 0.98],
+            "score_s": [0.99, 0.99, 0.99, 0.3, 0.5],
+        }
+    )
+    st = task23_metrics(df, df)
+    assert st["test_P_peak"] == pytest.approx(0.45)  # median of 0.9, 0.45, 0 (NaN: no probability): only P windows count
+    assert st["test_S_peak"] == pytest.approx(0.4)
+    assert "P_peak=0.4500" in format_results(st)
+    assert "test_P_peak" not in task23_metrics(df.drop(columns=["score_p", "score_s"]), df.drop(columns=["score_p", "score_s"]))
+
+
 def test_pick_thresholds_maximise_f1_of_peak_probability_on_dev():
     dev23 = pd.DataFrame({
         "phase_label": ["P", "P", "P", "S", "S", "S"],

@@ -262,3 +262,31 @@ def test_non_finite_loss_stops_training_and_keeps_last_checkpoint(tmp_path):
         trainer(2).fit(lit, DataLoader(bad, batch_size=None), ckpt_path=str(path))
     assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
     assert safe_load(path)["global_step"] == 2
+
+
+def test_redo_every_recycles_dormant_decoder_channels_once_per_optimizer_step(monkeypatch):
+    """redo_every=2 with two batches per optimizer step: recycling runs at steps 2 and 4 only, on the
+    module's optimizer, and what it recycled is logged per head."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    import moelab.seismic.dormant as dormant
+
+    calls = []
+    real = dormant.recycle_dormant
+
+    def spy(model, x, **kw):
+        calls.append(kw["optimizer"])
+        return real(model, x, **kw)
+
+    monkeypatch.setattr(dormant, "recycle_dormant", spy)
+    torch.manual_seed(0)
+    lit = EQTransformerLit(in_samples=N, redo_every=2)
+    assert EQTransformerLit(in_samples=N).redo_every is None  # off unless asked for
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, accumulate_grad_batches=2)
+    trainer.fit(lit, DataLoader([_batch(seed=i) for i in range(10)], batch_size=None))
+    assert trainer.global_step == 5
+    assert len(calls) == 2 and all(isinstance(o, torch.optim.Adam) for o in calls)  # steps 2 and 4
+    assert {"train_recycled_detection", "train_recycled_P", "train_recycled_S"} <= set(trainer.logged_metrics)
+    assert float(sum(trainer.logged_metrics[f"train_recycled_{h}"] for h in ("detection", "P", "S"))) > 0  # a fresh model has dead channels

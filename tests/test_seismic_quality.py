@@ -305,6 +305,26 @@ def test_a_tag_keeps_lever_runs_apart_and_shares_eqt_ft(tmp_path):
         quality.QualitySettings(out=tmp_path, tag="a/b").check()
 
 
+def test_base_seed_and_redo_reach_the_base_config_and_default_to_the_earlier_base(tmp_path):
+    import argparse
+
+    args = quality.add_args(argparse.ArgumentParser()).parse_args(["--out", str(tmp_path), "--base-seed", "3", "--base-redo", "50"])
+    s = quality.settings_from_args(args)
+    raw = quality.base_config(s, tmp_path / "data" / "stead_like")
+    assert raw["seed"] == 3 and raw["model_args"]["redo_every"] == 50 and validate(raw).model_args["redo_every"] == 50
+    plain = quality.base_config(quality.QualitySettings(out=tmp_path), tmp_path / "data" / "stead_like")
+    assert "redo_every" not in plain["model_args"] and plain["seed"] == 0  # a base trained before the flag is reused as it is
+    with pytest.raises(ConfigError, match="redo_every must be >= 1"):
+        quality.QualitySettings(out=tmp_path / "q", base_redo=0).check()
+
+
+def test_done_run_reports_the_heads_of_every_model(done):
+    _, _, lines = done
+    heads = [ln for ln in lines if "P head:" in ln]
+    assert len(heads) == 3  # base + one line per variant and seed
+    assert all("last-layer channels live" in ln and "ceiling" in ln for ln in heads)
+
+
 def test_moe_args_and_flags_are_checked_before_any_data_or_training(tmp_path):
     with pytest.raises(ConfigError, match=r"variant moe_frozen .*unknown model_args key 'num_expert' for SeisMoE \(did you mean 'num_experts'\?\)"):
         quality.QualitySettings(out=tmp_path / "q", moe_args={"num_expert": 8}).check()

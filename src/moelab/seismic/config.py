@@ -55,6 +55,9 @@ _COMMON_ARGS: dict[str, tuple[tuple[type, ...], str]] = {
     "lstm_blocks": ((int,), "EQTransformer LSTM blocks"),
     "original_compatible": ((bool,), "EQTransformer original-weights compatibility mode"),
     "norm": ((str,), '"std" or "peak" input normalisation for annotate/classify'),
+    "redo_every": ((int, type(None)), "recycle dormant decoder channels every this many steps (ReDo; for training from scratch), null: never"),
+    "redo_tau": ((int, float), "dormancy threshold of redo_every: mean activation <= this fraction of the layer's, in [0, 1)"),
+    "head_prior": ((int, float, type(None)), "from scratch: P and S output biases start at -log((1-p)/p), both pick heads first output ~p (e.g. 0.01), null: PyTorch's default"),
 }
 _MOE_ARGS: dict[str, tuple[tuple[type, ...], str]] = {
     "num_experts": ((int,), "experts per MoE layer, >= 1 (guide: 4-16)"),
@@ -207,6 +210,14 @@ def _check_model_values(a: dict[str, Any], source: str) -> None:
     for key in ("lr", "sigma"):
         if key in a and a[key] <= 0:
             raise ConfigError(f"{where}.{key} must be > 0, got {a[key]}")
+    if a.get("redo_every") is not None and a["redo_every"] < 1:
+        raise ConfigError(f"{where}.redo_every must be >= 1 step (or null: never), got {a['redo_every']}")
+    if a.get("head_prior") is not None and not 0 < a["head_prior"] < 1:
+        raise ConfigError(f"{where}.head_prior must be a probability in (0, 1), e.g. 0.01, got {a['head_prior']}")
+    if a.get("head_prior") is not None and a.get("base_model") is not None:
+        raise ConfigError(f"{where}.head_prior initialises a model trained from scratch; drop it or set base_model to null")
+    if "redo_tau" in a and not 0 <= a["redo_tau"] < 1:
+        raise ConfigError(f"{where}.redo_tau must be in [0, 1) (a fraction of the layer's mean activation, e.g. 0.025), got {a['redo_tau']}")
     for key in ("moe_loss_coef", "router_jitter"):
         if key in a and a[key] < 0:
             raise ConfigError(f"{where}.{key} must be >= 0, got {a[key]}")

@@ -7,7 +7,9 @@
   probability / max S probability. Precision/recall/F1 (P as positive class) and Matthews
   correlation at the dev-chosen threshold.
 * Task 3, onset regression: the same windows; residual of the argmax sample of the P (S)
-  probability against the labelled onset, in seconds: mean, std, RMS and MAE.
+  probability against the labelled onset, in seconds: mean, std, RMS and MAE; and ``P_peak`` /
+  ``S_peak``, the median over those windows of the phase's peak probability (how sharply the head
+  places the onset: near 1 for a located onset, near 0.5 for a plateau a second wide).
 * Pick thresholds for continuous picking (``P_threshold``, ``S_threshold``, SeisBench ``classify``
   arguments): for each phase, the F1-optimal threshold on dev of the window's peak probability of
   that phase, windows holding that phase's onset (task 2/3) being positive and windows holding the
@@ -322,6 +324,12 @@ def task23_metrics(dev: pd.DataFrame, test: pd.DataFrame) -> dict[str, float]:
             stats[f"{name}_{phase}_rms_s"] = float(np.sqrt(np.mean(diff**2)))
             stats[f"{name}_{phase}_mae_s"] = float(np.mean(np.abs(diff)))
             stats[f"{name}_{phase}_n"] = float(len(diff))
+            col = f"score_{phase.lower()}"
+            if col in sub:
+                # how sure the head is where the onset lies: with Gaussian labels of peak 1 a head that
+                # locates the onset peaks near 1; one that only knows it to within +-0.5 s spreads
+                # its probability into a plateau near 0.5 (picks then hinge on the threshold)
+                stats[f"{name}_{phase}_peak"] = float(np.median(np.nan_to_num(sub[col].to_numpy(float), nan=0.0)))
     return stats
 
 
@@ -415,8 +423,8 @@ def pick_thresholds(dev23: pd.DataFrame, dev1: pd.DataFrame | None = None) -> di
 SUMMARY_ROWS: tuple[tuple[str, str], ...] = (
     ("task 1 detection", "det_precision det_recall det_f1 det_auc"),
     ("task 2 phase id", "phase_precision phase_recall phase_f1 phase_mcc"),
-    ("task 3 P onset (s)", "P_mean_s P_std_s P_mae_s"),
-    ("task 3 S onset (s)", "S_mean_s S_std_s S_mae_s"),
+    ("task 3 P onset", "P_mean_s P_std_s P_mae_s P_peak"),
+    ("task 3 S onset", "S_mean_s S_std_s S_mae_s S_peak"),
 )
 
 

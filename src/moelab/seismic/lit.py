@@ -22,6 +22,7 @@ GEOFON), and logs the detection loss separately.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import warnings
 from abc import ABC, abstractmethod
@@ -82,6 +83,19 @@ class EQTransformerLit(SeisBenchModuleLit):
         ``transformer_d.ff``), the layers SeisMoE turns into MoE layers: the dense control of
         SeisMoE's ``freeze_non_moe`` recipe (same frozen trunk, one dense FFN where SeisMoE has
         experts). Frozen BatchNorm statistics are kept fixed too.
+    :param redo_every: every this many optimizer steps, recycle the decoder channels that have gone
+        dormant on the batch (`moelab.seismic.dormant`, ReDo): for training from scratch, where a
+        head can lose every channel that raises its probability and stay capped near 0.5.
+        None (the default): never.
+    :param redo_tau: dormancy threshold of ``redo_every``: mean activation at most this fraction of
+        the layer's mean.
+    :param head_prior: for training from scratch (``base_model`` None): start the P and S output
+        convolutions' biases at ``-log((1 - prior) / prior)``, so that both pick heads first
+        output about ``prior`` everywhere (the prior-probability initialisation of Lin et al.,
+        2017, for sparse targets; their Gaussian labels cover about 1-2% of a window). From
+        PyTorch's default bias (about 0) a pick head first learns to push its output down
+        everywhere with inhibiting channels and can end capped near 0.5; from the prior, raising
+        the output at an onset is what is left to learn. None: PyTorch's default.
     :param model_args: the resolved architecture, filled in automatically so that checkpoints
         rebuild the model without fetching ``base_model`` again; leave it unset.
     :param kwargs: EQTransformer arguments (in_samples, norm, ...), overriding those of the weights.
@@ -97,6 +111,9 @@ class EQTransformerLit(SeisBenchModuleLit):
         detection_fixed_window: int | None = None,
         base_model: str | os.PathLike | None = None,
         freeze_non_ffn: bool = False,
+        redo_every: int | None = None,
+        redo_tau: float = 0.025,
+        head_prior: float | None = None,
         model_args: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -110,6 +127,12 @@ class EQTransformerLit(SeisBenchModuleLit):
             raise ConfigError(f"loss_weights must be three non-negative numbers (detection, P, S), got {loss_weights!r}")
         if len(sample_boundaries) != 2:
             raise ConfigError(f"sample_boundaries must be [low, high] (null for none), got {sample_boundaries!r}")
+        if redo_every is not None and (isinstance(redo_every, bool) or not isinstance(redo_every, int) or redo_every < 1):
+            raise ConfigError(f"redo_every must be a positive number of steps or null (never), got {redo_every!r}")
+        if isinstance(redo_tau, bool) or not isinstance(redo_tau, (int, float)) or not 0 <= redo_tau < 1:
+            raise ConfigError(f"redo_tau must be a fraction in [0, 1) of a layer's mean activation, got {redo_tau!r}")
+        self.redo_every, self.redo_tau = redo_every, float(redo_tau)
+        self._redone_at = -1
         self.lr = float(lr)
         self.sigma = sigma
         self.sample_boundaries = tuple(sample_boundaries)
@@ -121,6 +144,18 @@ class EQTransformerLit(SeisBenchModuleLit):
         else:
             self.model = self.build_model(base_model, **kwargs)
         self.hparams["model_args"] = self.model.get_model_args()
+        if head_prior is not None:
+            if isinstance(head_prior, bool) or not isinstance(head_prior, (int, float)) or not 0 < head_prior < 1:
+                raise ConfigError(f"head_prior must be a probability in (0, 1), e.g. 0.01, got {head_prior!r}")
+            if base_model is not None:
+                raise ConfigError("head_prior initialises the output biases of a model trained from scratch; with a base_model it would overwrite trained weights (drop one of them)")
+            if model_args is None:  # a restored checkpoint loads its trained biases next
+                from moelab.seismic.heads import decoder_chains
+
+                with torch.no_grad():
+                    for name, convs in decoder_chains(self.model):
+                        if name in ("P", "S"):
+                            convs[-1].bias.fill_(-math.log((1 - head_prior) / head_prior))
         self.freeze_non_ffn = bool(freeze_non_ffn)
         if self.freeze_non_ffn:
             from moelab.seismic.model import MOE_BLOCKS
@@ -224,7 +259,30 @@ class EQTransformerLit(SeisBenchModuleLit):
         if message:
             warnings.warn(message, stacklevel=2)
 
+    def recycle_dormant(self, batch: dict) -> dict[str, int]:
+        """`moelab.seismic.dormant.recycle_dormant` on this batch, the same on every DDP rank."""
+        from moelab.seismic.dormant import recycle_dormant
+
+        opt = self.optimizers()
+        opt = getattr(opt, "optimizer", opt)
+        strategy = self.trainer.strategy
+        counts = recycle_dormant(
+            self.model,
+            batch["X"],
+            tau=self.redo_tau,
+            generator=torch.Generator().manual_seed(1_000_003 + self.global_step),
+            optimizer=opt,
+            all_reduce=lambda t: strategy.reduce(t, reduce_op="sum"),
+        )
+        self.log_dict({f"train_recycled_{head}": float(n) for head, n in counts.items()}, on_step=False, on_epoch=True, reduce_fx="sum")
+        return counts
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        step = self.global_step
+        if self.redo_every and step > 0 and step % self.redo_every == 0 and step != self._redone_at:
+            self._redone_at = step  # once per optimizer step, also under gradient accumulation
+            with self.routing_context(batch):
+                self.recycle_dormant(batch)
         loss = self.shared_step(batch, "train")
         check_finite_loss(
             self.global_step,

@@ -76,6 +76,12 @@ class QualitySettings:
         variants: which of `VARIANTS` to run (``eqt_ft`` is needed for the last line).
         headline: the SeisMoE variant the last line compares with ``eqt_ft``.
         base_seed: seed of the base training.
+        base_redo: recycle the base's dormant decoder channels every this many steps (the
+            ``redo_every`` model argument, `moelab.seismic.dormant`); None: never (the runs
+            before it). A base whose P head has no live channel raising its logit caps every
+            model fine-tuned from it near 0.5 (`moelab.seismic.heads`).
+        base_prior: the base's ``head_prior`` (its P and S heads start at this output); None:
+            PyTorch's default initialisation (the runs before it).
         tag: suffix of the SeisMoE runs and of the tables (``moe_frozen<tag>_s0``,
             ``quality<tag>.md``, ``results<tag>.json``), so that lever variants (other
             ``moe_args``) run in the same folder, reusing its data, base and dense
@@ -100,6 +106,8 @@ class QualitySettings:
     variants: tuple[str, ...] = VARIANTS
     headline: str = "moe_frozen"
     base_seed: int = 0
+    base_redo: int | None = None
+    base_prior: float | None = None
     tag: str = ""
 
     def check(self) -> None:
@@ -129,7 +137,7 @@ class QualitySettings:
 
         # every run's config, before any data is generated or model trained (placeholder paths)
         data = self.out / "data" / self.domains[1]
-        validate(_config(self, "base_eqt", "EQTransformer", data, self.base_seed, self.base_epochs, {"base_model": None}), source="base_eqt")
+        validate(base_config(self, data), source="base_eqt (--base-redo, --base-lr, ...)")
         for v in self.variants:
             validate(variant_config(self, v, self.out / "base.ckpt", data, self.seeds[0]), source=f"variant {v} (--moe-args, --ft-lr, ...)")
 
@@ -154,6 +162,23 @@ def _config(s: QualitySettings, name: str, model: str, data: Path, seed: int, ep
     if "geofon" in data.name:  # P-only picks: pick-benchmark's fixed detection window
         margs.setdefault("detection_fixed_window", 2000)
     return {"model": model, "data": str(data), "name": name, "model_args": margs, "batch_size": s.batch_size, "max_epochs": epochs, "seed": seed}
+
+
+def heads_line(ckpt: Path, data: Path, in_samples: int) -> str:
+    """`moelab.seismic.heads.head_health` of a checkpoint on dev event windows of ``data``, one line."""
+    import seisbench.data as sbd
+
+    from moelab.seismic.heads import event_windows, head_health
+    from moelab.seismic.model import load_trained
+
+    x = event_windows(sbd.WaveformDataset(data, sampling_rate=100), in_samples)
+    return "; ".join(h.format() for h in head_health(load_trained(ckpt), x))
+
+
+def base_config(s: QualitySettings, data: Path) -> dict[str, Any]:
+    """Harness config of the base EQTransformer trained from scratch on domain A."""
+    extra = {key: value for key, value in (("redo_every", s.base_redo), ("head_prior", s.base_prior)) if value is not None}
+    return _config(s, "base_eqt", "EQTransformer", data, s.base_seed, s.base_epochs, {"base_model": None, **extra})
 
 
 def run_name(variant: str, tag: str, seed: int) -> str:
@@ -368,9 +393,10 @@ def run(s: QualitySettings, echo: Callable[[str], None] = print) -> str:
     def check_real(ckpt: Path, domain: str) -> dict[str, Any]:
         report = real_event(ckpt, eval_dir(ckpt.parent, domain))
         echo(f"  real event, P / S residual (s): {_pick_cell(report)}")
+        echo("  " + heads_line(ckpt, data[domain], s.in_samples))
         return report
 
-    base_raw = _config(s, "base_eqt", "EQTransformer", data[a], s.base_seed, s.base_epochs, {"base_model": None})
+    base_raw = base_config(s, data[a])
     base_ckpt = train(base_raw)
     base = score(base_raw, base_ckpt)
     echo(f"base EQTransformer on {a}: " + "  ".join(f"{d}: " + " ".join(f"{m} {metric_of(base[d], m):.3f}" for m in METRICS) for d in (a, b, c)))
@@ -484,6 +510,11 @@ def add_args(p: Any) -> Any:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--base-epochs", type=int, default=d.base_epochs)
     p.add_argument("--base-lr", type=float, default=d.base_lr)
+    p.add_argument("--base-seed", type=int, default=d.base_seed, help="seed of the base training (the fine-tuning seeds are --seeds)")
+    p.add_argument("--base-redo", type=int, default=d.base_redo, metavar="STEPS",
+                   help="recycle the base's dormant decoder channels every STEPS steps (ReDo; default: never)")
+    p.add_argument("--base-prior", type=float, default=d.base_prior, metavar="P",
+                   help="start the base's P and S heads at output P (prior-probability initialisation, e.g. 0.01; default: PyTorch's)")
     p.add_argument("--ft-epochs", type=int, default=d.ft_epochs)
     p.add_argument("--ft-lr", type=float, default=d.ft_lr)
     p.add_argument("--moe-args", type=json.loads, default=d.moe_args, help='SeisMoE model_args as JSON, e.g. \'{"num_experts": 8, "num_experts_per_token": 2}\'')
@@ -501,7 +532,7 @@ def settings_from_args(args: Any) -> QualitySettings:
     return QualitySettings(
         out=Path(args.out), seeds=tuple(args.seeds), domains=tuple(args.domains), traces=args.traces,
         trace_seconds=args.trace_seconds, data_seed=args.data_seed, in_samples=args.in_samples, sigma=args.sigma,
-        batch_size=args.batch_size, base_epochs=args.base_epochs, base_lr=args.base_lr, ft_epochs=args.ft_epochs,
+        batch_size=args.batch_size, base_epochs=args.base_epochs, base_lr=args.base_lr, base_seed=args.base_seed, base_redo=args.base_redo, base_prior=args.base_prior, ft_epochs=args.ft_epochs,
         ft_lr=args.ft_lr, moe_args=dict(args.moe_args) if isinstance(args.moe_args, dict) else args.moe_args, variants=tuple(args.variants), headline=args.headline, tag=args.tag,
     )
 
