@@ -126,6 +126,19 @@ def test_recycling_is_a_function_of_the_generator_and_skips_frozen_layers(model)
     assert [name for name, _ in decoder_chains(model)] == ["detection", "P", "S"]
 
 
+def test_recycling_leaves_a_seismoe_routing_count_as_it_was():
+    from moelab.seismic.model import SeisMoE
+
+    torch.manual_seed(0)
+    seis = SeisMoE(num_experts=4, num_experts_per_token=2, in_samples=N)
+    seis(_x(1))  # some routing counted
+    before = {n: m.usage.counts.clone() for n, m in seis.named_modules() if hasattr(m, "usage")}
+    assert before and recycle_dormant(seis, _x(2), generator=torch.Generator().manual_seed(0))
+    for n, m in seis.named_modules():
+        if hasattr(m, "usage"):
+            assert torch.equal(m.usage.counts, before[n]), n
+
+
 def test_recycling_sums_activity_over_ranks_before_judging(model):
     x = _x()
     dec = model.pick_decoders[0].convs[-1]

@@ -34,8 +34,12 @@ def channel_activity(model: nn.Module, x: Tensor, all_reduce: Callable[[Tensor],
     """Mean ReLU activation of every decoder channel on windows ``x``: {(head, layer): (channels,)}.
 
     The model runs in eval mode (no dropout, BatchNorm statistics untouched) and is put back in the
-    mode it was in. ``all_reduce`` (sum over DDP ranks) makes every rank judge the same activity.
+    mode it was in; a SeisMoE's expert-usage counts are restored, so this look does not count as
+    routing. ``all_reduce`` (sum over DDP ranks) makes every rank judge the same activity.
     """
+    from moelab.moe import MoELayer
+
+    counts = {m: m.usage.counts.clone() for m in model.modules() if isinstance(m, MoELayer)}
     sums: dict[tuple[str, int], Tensor] = {}
     hooks = []
     for name, convs in decoder_chains(model):
@@ -49,6 +53,8 @@ def channel_activity(model: nn.Module, x: Tensor, all_reduce: Callable[[Tensor],
         for h in hooks:
             h.remove()
         model.train(was_training)
+        for m, c in counts.items():
+            m.usage.counts.copy_(c)
     if all_reduce is not None:
         packed = all_reduce(torch.cat([sums[k] for k in sums]))
         sizes = [len(v) for v in sums.values()]
