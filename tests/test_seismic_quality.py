@@ -325,6 +325,27 @@ def test_done_run_reports_the_heads_of_every_model(done):
     assert all("last-layer channels live" in ln and "ceiling" in ln for ln in heads)
 
 
+def test_a_run_stopped_early_is_resumed_not_reused(done, tmp_path):
+    import shutil
+
+    import torch
+
+    s, _, _ = done
+    src = s.out / "weights" / "eqt_ft_s0"
+    raw = json.loads((src / "config.json").read_text())
+    assert quality.run_state(src, raw) == ("done", src / "model.ckpt")  # finished: reused
+    folder = tmp_path / "eqt_ft_s0"
+    shutil.copytree(src, folder)
+    longer = {**raw, "max_epochs": raw["max_epochs"] + 1}
+    (folder / "config.json").write_text(json.dumps(longer))
+    assert quality.run_state(folder, longer) == ("stopped", folder / "last.ckpt")  # killed before its last epoch
+    assert quality.run_state(folder, {**longer, "seed": 9}) == ("train", None)  # another config
+    ckpt = torch.load(folder / "last.ckpt", weights_only=True)
+    assert ckpt["epoch"] + 1 == raw["max_epochs"]
+    (folder / "last.ckpt").unlink()
+    assert quality.run_state(folder, longer)[0] == "done"  # runs from before last.ckpt existed: reused as before
+
+
 def test_moe_args_and_flags_are_checked_before_any_data_or_training(tmp_path):
     with pytest.raises(ConfigError, match=r"variant moe_frozen .*unknown model_args key 'num_expert' for SeisMoE \(did you mean 'num_experts'\?\)"):
         quality.QualitySettings(out=tmp_path / "q", moe_args={"num_expert": 8}).check()

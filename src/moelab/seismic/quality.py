@@ -164,6 +164,25 @@ def _config(s: QualitySettings, name: str, model: str, data: Path, seed: int, ep
     return {"model": model, "data": str(data), "name": name, "model_args": margs, "batch_size": s.batch_size, "max_epochs": epochs, "seed": seed}
 
 
+def run_state(folder: Path, raw: dict[str, Any]) -> tuple[str, Path | None]:
+    """Whether the run of config ``raw`` in ``folder`` is ``done`` (its best checkpoint, to reuse),
+    ``stopped`` before its last epoch (its ``last.ckpt``, to resume) or to ``train`` (no run, or
+    one of another config). A run killed mid-training leaves a best checkpoint of its first
+    epochs; reusing it as finished would score an undertrained model."""
+    from moelab.checkpoint import safe_load
+    from moelab.seismic.harness import BEST_NAME, LAST_NAME
+
+    config = folder / "config.json"
+    if not config.is_file() or json.loads(config.read_text()) != raw:
+        return "train", None
+    best, last = folder / f"{BEST_NAME}.ckpt", folder / f"{LAST_NAME}.ckpt"
+    if last.is_file():
+        epochs_done = int(safe_load(last).get("epoch", -1)) + 1
+        if epochs_done < int(raw.get("max_epochs", 0)):
+            return "stopped", last
+    return ("done", best) if best.is_file() else ("train", None)
+
+
 def heads_line(ckpt: Path, data: Path, in_samples: int) -> str:
     """`moelab.seismic.heads.head_health` of a checkpoint on dev event windows of ``data``, one line."""
     import seisbench.data as sbd
@@ -380,11 +399,13 @@ def run(s: QualitySettings, echo: Callable[[str], None] = print) -> str:
 
     def train(raw: dict[str, Any]) -> Path:
         cfg = validate(raw, source=raw["name"])
-        best = weights / cfg.experiment_name / f"{harness.BEST_NAME}.ckpt"
-        if best.exists() and (weights / cfg.experiment_name / "config.json").exists():
-            if json.loads((weights / cfg.experiment_name / "config.json").read_text()) == raw:
-                echo(f"{raw['name']}: reusing {best}")
-                return best
+        state, ckpt = run_state(weights / cfg.experiment_name, raw)
+        if state == "done":
+            echo(f"{raw['name']}: reusing {ckpt}")
+            return ckpt
+        if state == "stopped":  # a run stopped early continues where it stopped, never counts as done
+            echo(f"{raw['name']}: resuming {ckpt}")
+            return harness.train(cfg, weights_dir=weights, resume=ckpt, trainer_overrides=QUIET)
         return harness.train(cfg, weights_dir=weights, trainer_overrides=QUIET)
 
     def score(raw: dict[str, Any], ckpt: Path) -> dict[str, dict[str, float]]:
