@@ -139,6 +139,19 @@ def test_recycling_leaves_a_seismoe_routing_count_as_it_was():
             assert torch.equal(m.usage.counts, before[n]), n
 
 
+def test_looking_at_the_channels_puts_every_module_back_in_its_own_mode(model):
+    """A frozen trunk keeps its BatchNorm layers in eval mode while the rest trains; the look must not
+    put them back in training mode (their running statistics would drift)."""
+    model.train()
+    frozen_bn = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert frozen_bn
+    for m in frozen_bn:
+        m.eval()
+    modes = {name: m.training for name, m in model.named_modules()}
+    channel_activity(model, _x())
+    assert {name: m.training for name, m in model.named_modules()} == modes
+
+
 def test_recycling_sums_activity_over_ranks_before_judging(model):
     x = _x()
     dec = model.pick_decoders[0].convs[-1]

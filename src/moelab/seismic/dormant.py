@@ -33,9 +33,9 @@ __all__ = ["channel_activity", "recycle_dormant"]
 def channel_activity(model: nn.Module, x: Tensor, all_reduce: Callable[[Tensor], Tensor] | None = None) -> dict[tuple[str, int], Tensor]:
     """Mean ReLU activation of every decoder channel on windows ``x``: {(head, layer): (channels,)}.
 
-    The model runs in eval mode (no dropout, BatchNorm statistics untouched) and is put back in the
-    mode it was in; a SeisMoE's expert-usage counts are restored, so this look does not count as
-    routing. ``all_reduce`` (sum over DDP ranks) makes every rank judge the same activity.
+    The model runs in eval mode (no dropout, BatchNorm statistics untouched) and every module is put
+    back in the mode it was in (a frozen trunk's BatchNorm layers stay in eval mode while the rest
+    trains); a SeisMoE's expert-usage counts are restored, so this look does not count as routing. ``all_reduce`` (sum over DDP ranks) makes every rank judge the same activity.
     """
     from moelab.moe import MoELayer
 
@@ -45,14 +45,15 @@ def channel_activity(model: nn.Module, x: Tensor, all_reduce: Callable[[Tensor],
     for name, convs in decoder_chains(model):
         for i, conv in enumerate(convs[:-1]):
             hooks.append(conv.register_forward_hook(lambda _m, _i, out, key=(name, i): sums.__setitem__(key, out.relu().mean(dim=(0, 2)))))
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
         model(x)
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
+        for m, mode in modes.items():
+            m.training = mode
         for m, c in counts.items():
             m.usage.counts.copy_(c)
     if all_reduce is not None:

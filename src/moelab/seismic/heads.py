@@ -110,8 +110,8 @@ def event_windows(ds, in_samples: int, n: int = 64, split: str = "dev") -> Tenso
     from moelab.errors import DataError
 
     md = ds.metadata
-    p_col = md["trace_p_arrival_sample"] if "trace_p_arrival_sample" in md else None
-    rows = np.flatnonzero((md["split"] == split).to_numpy() & (p_col.notna().to_numpy() if p_col is not None else False))[:n]
+    has_p = md["trace_p_arrival_sample"].notna() if "trace_p_arrival_sample" in md else False
+    rows = np.flatnonzero(((md["split"] == split) & has_p).to_numpy())[:n]
     if len(rows) == 0:
         raise DataError(f"the data set has no '{split}' traces with a P pick (trace_p_arrival_sample) to read the heads on")
     out = []
