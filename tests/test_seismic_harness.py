@@ -97,6 +97,30 @@ def test_evaluation_applies_dev_tuned_thresholds_to_test(trained, model):
     assert results["det_threshold"].iloc[0] == pytest.approx(stats["det_threshold"], rel=1e-12)
 
 
+@pytest.mark.parametrize("model", ["SeisMoE", "EQTransformer"])
+def test_evaluation_looks_at_the_heads_on_dev_windows_around_p(trained, dataset, model):
+    """results.csv carries each head's health, exactly what `head_health` says of the evaluated model
+    on the dev windows around P; the eval command prints it, and a warning for a capped pick head."""
+    import seisbench.data as sbd
+
+    from moelab.seismic.cli import heads_report
+    from moelab.seismic.heads import event_windows, head_health, health_stats
+
+    stats, best, out = trained[model]
+    module = harness.load_for_eval(validate(config(model, dataset)), best)
+    expected = health_stats(head_health(module.model, event_windows(sbd.WaveformDataset(dataset, sampling_rate=100), IN_SAMPLES)))
+    assert {k: stats[k] for k in expected} == expected
+    row = pd.read_csv(out / "results.csv").iloc[0]
+    assert {k: float(row[k]) for k in expected} == pytest.approx(expected, rel=1e-12)
+    lines = heads_report(stats, "dev")
+    assert lines[0].startswith("heads (dev)") and "P head:" in lines[0] and "S head:" in lines[0]
+    assert len(lines) == 1 + sum(stats[f"{h}_lifting"] == 0 for h in ("detection", "P", "S"))
+    capped = {**stats, "S_lifting": 0.0}
+    assert any("the S head cannot output more than" in line for line in heads_report(capped, "dev"))
+    # a P-only split (no S windows): the S head's range is no one's concern
+    assert not any("S head cannot" in line for line in heads_report({**capped, "dev_S_n": 0.0}, "dev"))
+
+
 def test_routing_command_tallies_the_trained_model_by_metadata_group(trained, tmp_path, capsys):
     """`moelab seismic routing` on the trained SeisMoE: a table per MoE layer over the groups of the
     column, the same report as JSON; an EQTransformer checkpoint is one clear error."""

@@ -12,7 +12,7 @@ from seisbench.models import EQTransformer
 
 from moelab.errors import ConfigError
 from moelab.seismic.dormant import channel_activity, recycle_dormant
-from moelab.seismic.heads import decoder_chains, event_windows, head_health
+from moelab.seismic.heads import decoder_chains, event_windows, head_health, health_stats, healths_from_stats
 
 N = 2001
 
@@ -55,6 +55,19 @@ def test_head_health_counts_live_channels_and_caps_a_head_without_lifting_channe
     assert report["P"].lifting == 0
     assert report["P"].ceiling == pytest.approx(1 / (1 + math.exp(-0.3)))
     assert "P head:" in report["P"].format() and "0 of them lifting" in report["P"].format()
+
+
+def test_health_round_trips_through_result_columns_and_a_capped_head_says_so(model):
+    _cap_p_head(model, bias=0.3)
+    report = head_health(model, _x())
+    stats = health_stats(report)
+    assert set(stats) == {f"{h}_{f}" for h in ("detection", "P", "S") for f in ("channels", "live", "lifting", "ceiling", "peak")}
+    assert healths_from_stats(stats) == report  # exact: every field survives as a float column
+    assert healths_from_stats({k: v for k, v in stats.items() if not k.startswith("S_")}) == report[:2]
+    assert healths_from_stats({**stats, "P_peak": float("nan")}) == [report[0], report[2]]
+    assert all(h.capped == (h.lifting == 0) for h in report)
+    p = report[1]
+    assert p.capped and f"cannot output more than {p.ceiling:.2f}" in p.warning() and "head_prior" in p.warning()
 
 
 def test_head_health_ceiling_adds_each_lifting_channel_at_its_largest_activation(model):

@@ -115,8 +115,21 @@ def run_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, device=args.device, output=args.output,
     )
     print(format_results(stats, sets))
+    for line in heads_report(stats, sets[0]):
+        print(line)
     print(f"results: {out / 'results.csv'} (predictions per window: {out}/<set>_task*.csv)")
     return 0
+
+
+def heads_report(stats: dict[str, Any], split: str) -> list[str]:
+    """The evaluation's look at the output heads (`moelab.seismic.heads`), one line per head, then a
+    warning for each head that cannot rise (P or S only where ``split`` has windows of that phase)."""
+    from moelab.seismic.heads import healths_from_stats
+
+    healths = healths_from_stats(stats)
+    lines = [f"{'heads (' + split + ')':<20} " + "; ".join(h.format() for h in healths)] if healths else []
+    lines += [h.warning() for h in healths if h.capped and (h.head == "detection" or stats.get(f"{split}_{h.head}_n", 0) > 0)]
+    return lines
 
 
 # -------------------------------------------------------------------------------------- targets

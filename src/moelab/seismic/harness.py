@@ -316,6 +316,19 @@ def ensure_targets(ds, folder: Path, seed: int = 42, in_samples: int | None = No
     return load_targets(folder)
 
 
+def look_at_heads(model, ds, in_samples: int, split: str = "dev") -> dict[str, float]:
+    """`moelab.seismic.heads.health_stats` of ``model`` on up to 64 ``split`` windows around P onsets of
+    ``ds`` (the split the thresholds are tuned on), so that every evaluation says whether a pick head
+    is capped; nothing when ``split`` holds no P pick (a noise-only set)."""
+    from moelab.seismic.heads import event_windows, head_health, health_stats
+
+    try:
+        x = event_windows(ds, in_samples, split=split)
+    except DataError:
+        return {}
+    return health_stats(head_health(model, x.to(next(model.parameters()).device)))
+
+
 def evaluate(
     cfg: BenchmarkConfig,
     model_path: str | Path,
@@ -343,6 +356,7 @@ def evaluate(
     out = Path(output) if output else Path(model_path).parent / "eval"
     accelerator = "gpu" if device in ("gpu", "cuda") else "cpu"
     stats = evaluate_module(module, ds, tg, sets=sets, batch_size=batch_size or cfg.batch_size, accelerator=accelerator, pred_dir=out)
+    stats.update(look_at_heads(module.model, ds, module.in_samples, split=sets[0]))
     row = {"model": cfg.model, "data": source.label, "checkpoint": str(model_path), **stats}
     from moelab.checkpoint import atomic_write_bytes
 

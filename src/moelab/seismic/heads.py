@@ -21,7 +21,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-__all__ = ["HeadHealth", "decoder_chains", "event_windows", "head_health"]
+__all__ = ["HeadHealth", "decoder_chains", "event_windows", "head_health", "health_stats", "healths_from_stats"]
+
+#: The `HeadHealth` fields that an evaluation's ``results.csv`` carries, as ``<head>_<field>`` columns.
+STAT_FIELDS: tuple[str, ...] = ("channels", "live", "lifting", "ceiling", "peak")
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,21 @@ class HeadHealth:
         return (
             f"{self.head} head: {self.live} of {self.channels} last-layer channels live, {self.lifting} of them lifting, "
             f"ceiling {self.ceiling:.2f}, peak {self.peak:.2f}"
+        )
+
+    @property
+    def capped(self) -> bool:
+        """No live channel can raise the logit: the head cannot output more than ``sigmoid(bias)``,
+        whatever the input, and fine-tuning cannot change that (a dead ReLU gets no gradient)."""
+        return self.lifting == 0
+
+    def warning(self) -> str:
+        """What a capped head means for its user, and the remedy."""
+        return (
+            f"warning: the {self.head} head cannot output more than {self.ceiling:.2f}: none of the {self.live} live channels of its "
+            f"last decoder layer can raise the logit ({self.channels - self.live} never fire). Its picks are a plateau under that "
+            "value, not a peak, and every model fine-tuned from this one inherits it; train the base from scratch again with "
+            "model_args.head_prior (e.g. 0.01), see moelab.seismic.heads"
         )
 
 
@@ -110,6 +128,8 @@ def event_windows(ds, in_samples: int, n: int = 64, split: str = "dev") -> Tenso
     from moelab.errors import DataError
 
     md = ds.metadata
+    if "split" not in md:
+        raise DataError(f"the data set has no 'split' column to take '{split}' windows from")
     has_p = md["trace_p_arrival_sample"].notna() if "trace_p_arrival_sample" in md else False
     rows = np.flatnonzero(((md["split"] == split) & has_p).to_numpy())[:n]
     if len(rows) == 0:
@@ -125,3 +145,21 @@ def event_windows(ds, in_samples: int, n: int = 64, split: str = "dev") -> Tenso
         w /= np.abs(w).max(axis=-1, keepdims=True) + 1e-10
         out.append(w.astype(np.float32))
     return torch.from_numpy(np.stack(out))
+
+
+def health_stats(report: list[HeadHealth]) -> dict[str, float]:
+    """``report`` as flat ``<head>_<field>`` numbers (`STAT_FIELDS`), the columns an evaluation's
+    ``results.csv`` carries; `healths_from_stats` reads them back."""
+    return {f"{h.head}_{f}": float(getattr(h, f)) for h in report for f in STAT_FIELDS}
+
+
+def healths_from_stats(stats: dict[str, float]) -> list[HeadHealth]:
+    """The `HeadHealth` of each head whose `health_stats` columns ``stats`` holds (none for results
+    written before evaluations looked at the heads)."""
+    out = []
+    for head in ("detection", "P", "S"):
+        values = [stats.get(f"{head}_{f}") for f in STAT_FIELDS]
+        if all(v is not None and v == v for v in values):  # present and not NaN
+            channels, live, lifting, ceiling, peak = values
+            out.append(HeadHealth(head, int(channels), int(live), int(lifting), float(ceiling), float(peak)))
+    return out
