@@ -67,9 +67,9 @@ class HeadHealth:
         """What a capped head means for its user, and the remedy."""
         return (
             f"warning: the {self.head} head cannot output more than {self.ceiling:.2f}: none of the {self.live} live channels of its "
-            f"last decoder layer can raise the logit ({self.channels - self.live} never fire). Its picks are a plateau under that "
-            "value, not a peak, and every model fine-tuned from this one inherits it; train the base from scratch again with "
-            "model_args.head_prior (e.g. 0.01), see moelab.seismic.heads"
+            f"last decoder layer can raise the logit ({self.channels - self.live} never fire). It stays under that value whatever "
+            "the input (a P or S head then marks an onset by a plateau, not a peak), and every model fine-tuned from this one "
+            "inherits it; train the base from scratch again with model_args.head_prior (e.g. 0.01), see moelab.seismic.heads"
         )
 
 
