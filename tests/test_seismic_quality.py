@@ -237,6 +237,19 @@ def test_merge_combines_runs_on_disjoint_seeds_in_seed_order(tmp_path):
         quality.merge([tmp_path / "results_a.json", tmp_path / "results_c.json"], tmp_path, "_x")
     with pytest.raises(ConfigError, match=r"cannot read .*; give results\*.json files written by this benchmark"):
         quality.merge([tmp_path / "missing.json"], tmp_path, "_x")
+    # the same base scored by a later evaluation that records more columns (the heads') still merges;
+    # a base that scores otherwise on a shared metric does not
+    later = doc([1], "_d")
+    later["base"] = {d: {**r(0.7), "test_S_mae_s": float("nan"), "P_ceiling": 0.68} for d in "ABC"}
+    earlier = doc([0], "_e")
+    earlier["base"] = {d: {**r(0.7), "test_S_mae_s": float("nan")} for d in "ABC"}
+    (tmp_path / "results_d.json").write_text(json.dumps(later))
+    (tmp_path / "results_e.json").write_text(json.dumps(earlier))
+    quality.merge([tmp_path / "results_e.json", tmp_path / "results_d.json"], tmp_path, "_de")
+    later["base"]["B"]["test_det_auc"] = 0.98
+    (tmp_path / "results_d.json").write_text(json.dumps(later))
+    with pytest.raises(ConfigError, match="scored another base model"):
+        quality.merge([tmp_path / "results_e.json", tmp_path / "results_d.json"], tmp_path, "_x")
 
 
 def test_bad_settings_are_refused(tmp_path):

@@ -469,6 +469,19 @@ def write_outputs(
     return tables, last
 
 
+def same_scores(a: dict[str, dict[str, float]], b: dict[str, dict[str, float]]) -> bool:
+    """Whether two runs' scores of one model agree on every domain and every metric both recorded
+    (NaN equal to NaN): runs written before the evaluation added a metric (the heads' columns)
+    still merge with later ones of the same model."""
+
+    def equal(x: float, y: float) -> bool:
+        return x == y or (isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y))
+
+    if a.keys() != b.keys():
+        return False
+    return all((common := a[d].keys() & b[d].keys()) and all(equal(a[d][k], b[d][k]) for k in common) for d in a)
+
+
 def merge(paths: list[Path], out: Path, tag: str) -> str:
     """Combine ``results*.json`` files of runs that differ only in their seeds (and tag) -- e.g. two
     processes of the same settings on disjoint seeds, one per core -- into ``out/results<tag>.json``
@@ -486,7 +499,7 @@ def merge(paths: list[Path], out: Path, tag: str) -> str:
         diff = sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k))
         if diff:
             raise ConfigError(f"{path} was run with other settings than {paths[0]} ({', '.join(diff)}); only runs that differ in seeds can be merged")
-        if doc["base"] != docs[0]["base"]:
+        if not same_scores(doc["base"], docs[0]["base"]):
             raise ConfigError(f"{path} scored another base model than {paths[0]}; merge only runs of the same folder and base")
     seeds = [seed for doc in docs for seed in doc["seeds_done"]]
     if len(set(seeds)) != len(seeds):
