@@ -23,6 +23,8 @@ from torch import Tensor, nn
 
 __all__ = ["HeadHealth", "decoder_chains", "event_windows", "head_health", "health_stats", "healths_from_stats"]
 
+#: EQTransformer's output heads in the order of its outputs (detection, P, S).
+HEADS: tuple[str, ...] = ("detection", "P", "S")
 #: The `HeadHealth` fields that an evaluation's ``results.csv`` carries, as ``<head>_<field>`` columns.
 STAT_FIELDS: tuple[str, ...] = ("channels", "live", "lifting", "ceiling", "peak")
 
@@ -76,9 +78,9 @@ class HeadHealth:
 def decoder_chains(model: nn.Module) -> list[tuple[str, list[nn.Conv1d]]]:
     """Per head of an EQTransformer (or SeisMoE): its decoder convolutions in order (each followed by
     a ReLU), then the output convolution that reads the last one (followed by the sigmoid)."""
-    heads = [("detection", model.decoder_d, model.conv_d)]
-    heads += [(name, dec, conv) for name, dec, conv in zip(("P", "S"), model.pick_decoders, model.pick_convs, strict=True)]
-    return [(name, [*dec.convs, conv]) for name, dec, conv in heads]
+    decoders = [model.decoder_d, *model.pick_decoders]
+    convs = [model.conv_d, *model.pick_convs]
+    return [(name, [*dec.convs, conv]) for name, dec, conv in zip(HEADS, decoders, convs, strict=True)]
 
 
 @torch.no_grad()
@@ -157,7 +159,7 @@ def healths_from_stats(stats: dict[str, float]) -> list[HeadHealth]:
     """The `HeadHealth` of each head whose `health_stats` columns ``stats`` holds (none for results
     written before evaluations looked at the heads)."""
     out = []
-    for head in ("detection", "P", "S"):
+    for head in HEADS:
         values = [stats.get(f"{head}_{f}") for f in STAT_FIELDS]
         if all(v is not None and v == v for v in values):  # present and not NaN
             channels, live, lifting, ceiling, peak = values
