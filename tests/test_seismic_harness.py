@@ -314,3 +314,50 @@ def test_resume_takes_a_path_in_both_applications_scripts():
     args = cli.add_train_args(argparse.ArgumentParser()).parse_args(["configs/demo_seismoe.json", "--resume", "weights/SeisMoE_synth/last.ckpt"])
     assert args.resume == "weights/SeisMoE_synth/last.ckpt" and args.config == "configs/demo_seismoe.json"
     assert cli.add_train_args(argparse.ArgumentParser()).parse_args(["configs/demo_seismoe.json"]).resume is None
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_lr_schedule_falls_to_zero_and_resumes_exactly(dataset, tmp_path, monkeypatch, schedule):
+    """``model_args.lr_schedule``: the rate follows diffusers' schedule over the run's optimizer
+    steps (0 after the last), and a run stopped after its first epoch resumes on the same schedule
+    to the weights, optimizer and scheduler state of an uninterrupted run."""
+    from diffusers.optimization import get_scheduler
+
+    from moelab.seismic.lit import SeisMoELit
+
+    raw = _tiny_seismoe(dataset, max_epochs=2)
+    raw["model_args"] = {**raw["model_args"], "lr_schedule": schedule, "router_lr": 2 * LR}
+    over = {**QUIET, "limit_val_batches": 1}
+    full = harness.train(validate(raw), weights_dir=tmp_path / "a", trainer_overrides=over, check_weights=False)
+    a = safe_load(full.parent / "last.ckpt")
+    steps = a["global_step"]
+    (sched,) = a["lr_schedulers"]
+    assert sched["last_epoch"] == steps and sched["base_lrs"] == [LR, 2 * LR]  # the rest, then the routers
+    assert [g["lr"] for g in a["optimizer_states"][0]["param_groups"]] == [0.0, 0.0]
+    reference = get_scheduler(schedule, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), num_warmup_steps=0, num_training_steps=steps)
+    halfway = []
+    for _ in range(steps // 2):
+        reference.optimizer.step()
+        reference.step()
+        halfway.append(reference.get_last_lr()[0])
+
+    real = SeisMoELit.on_train_epoch_start
+
+    def stop_at_second_epoch(self):
+        real(self)
+        if self.current_epoch == 1:
+            lrs = [g["lr"] for g in self.trainer.optimizers[0].param_groups]
+            assert lrs == pytest.approx([LR * halfway[-1], 2 * LR * halfway[-1]], rel=1e-12)
+            raise RuntimeError("stopped for the test")
+
+    monkeypatch.setattr(SeisMoELit, "on_train_epoch_start", stop_at_second_epoch)
+    with pytest.raises(RuntimeError, match="stopped for the test"):
+        harness.train(validate(raw), weights_dir=tmp_path / "b", trainer_overrides=over, check_weights=False)
+    monkeypatch.undo()
+    last_b = tmp_path / "b" / full.parent.name / "last.ckpt"
+    assert safe_load(last_b)["epoch"] == 0
+    resumed = harness.train(validate(raw), weights_dir=tmp_path / "b", resume=last_b, trainer_overrides=over, check_weights=False)
+    b = safe_load(resumed.parent / "last.ckpt")
+    assert b["global_step"] == steps and b["lr_schedulers"] == a["lr_schedulers"]
+    for k, v in a["state_dict"].items():
+        assert torch.allclose(v.float(), b["state_dict"][k].float(), atol=1e-6, rtol=0), k

@@ -331,6 +331,23 @@ def test_base_seed_and_redo_reach_the_base_config_and_default_to_the_earlier_bas
         quality.QualitySettings(out=tmp_path / "q", base_redo=0).check()
 
 
+def test_ft_schedule_reaches_every_run_on_b_and_not_the_base(tmp_path):
+    import argparse
+
+    args = quality.add_args(argparse.ArgumentParser()).parse_args(["--out", str(tmp_path), "--ft-schedule", "cosine"])
+    s = quality.settings_from_args(args)
+    s.check()
+    base, data = tmp_path / "base.ckpt", tmp_path / "data" / "ethz_like"
+    for v in quality.VARIANTS:
+        assert validate(quality.variant_config(s, v, base, data, 0)).model_args["lr_schedule"] == "cosine", v
+    assert "lr_schedule" not in quality.base_config(s, tmp_path / "data" / "stead_like")["model_args"]
+    plain = quality.QualitySettings(out=tmp_path)
+    for v in quality.VARIANTS:  # runs trained before the flag keep matching their configs
+        assert "lr_schedule" not in quality.variant_config(plain, v, base, data, 0)["model_args"], v
+    with pytest.raises(ConfigError, match="lr_schedule must be one of constant, linear, cosine, got 'cosin'"):
+        quality.QualitySettings(out=tmp_path / "q", ft_schedule="cosin").check()
+
+
 def test_done_run_reports_the_heads_of_every_model(done):
     _, _, lines = done
     heads = [ln for ln in lines if "P head:" in ln]
@@ -352,11 +369,16 @@ def test_a_run_stopped_early_is_resumed_not_reused(done, tmp_path):
     longer = {**raw, "max_epochs": raw["max_epochs"] + 1}
     (folder / "config.json").write_text(json.dumps(longer))
     assert quality.run_state(folder, longer) == ("stopped", folder / "last.ckpt")  # killed before its last epoch
-    assert quality.run_state(folder, {**longer, "seed": 9}) == ("train", None)  # another config
+    other = {**longer, "seed": 9, "model_args": {**longer["model_args"], "lr_schedule": "cosine"}}
+    with pytest.raises(ConfigError, match=r"holds a run of another config \(it differs in seed, model_args.lr_schedule\); give this recipe its own --out"):
+        quality.run_state(folder, other)  # another recipe never trains over a finished run
     ckpt = torch.load(folder / "last.ckpt", weights_only=True)
     assert ckpt["epoch"] + 1 == raw["max_epochs"]
     (folder / "last.ckpt").unlink()
     assert quality.run_state(folder, longer)[0] == "done"  # runs from before last.ckpt existed: reused as before
+    (folder / "config.json").write_text(json.dumps(longer)[:20])  # cut short (a disk full, a copy stopped)
+    with pytest.raises(ConfigError, match=f"cannot read '{folder / 'config.json'}' .*move the folder '{folder}' away"):
+        quality.run_state(folder, longer)
 
 
 def test_moe_args_and_flags_are_checked_before_any_data_or_training(tmp_path):

@@ -20,6 +20,8 @@ from moelab.validation import distinct_names
 from moelab.validation import did_you_mean
 
 MODELS: tuple[str, ...] = ("SeisMoE", "EQTransformer")
+#: Learning-rate schedules of ``model_args.lr_schedule`` (diffusers' names, no warm-up).
+LR_SCHEDULES: tuple[str, ...] = ("constant", "linear", "cosine")
 
 #: Optional top-level keys: name -> (accepted types, description).
 TOP_LEVEL: dict[str, tuple[tuple[type, ...], str]] = {
@@ -57,6 +59,7 @@ _COMMON_ARGS: dict[str, tuple[tuple[type, ...], str]] = {
     "norm": ((str,), '"std" or "peak" input normalisation for annotate/classify'),
     "redo_every": ((int, type(None)), "recycle dormant decoder channels every this many steps (ReDo; for training from scratch), null: never"),
     "redo_tau": ((int, float), "dormancy threshold of redo_every: mean activation <= this fraction of the layer's, in [0, 1)"),
+    "lr_schedule": ((str,), '"constant" (pick-benchmark, default), "linear" or "cosine": the rate falls to 0 over the run\'s steps'),
     "head_prior": ((int, float, type(None)), "from scratch: P and S output biases start at -log((1-p)/p), both pick heads first output ~p (e.g. 0.01), null: PyTorch's default"),
 }
 _MOE_ARGS: dict[str, tuple[tuple[type, ...], str]] = {
@@ -210,6 +213,8 @@ def _check_model_values(a: dict[str, Any], source: str) -> None:
     for key in ("lr", "sigma"):
         if key in a and a[key] <= 0:
             raise ConfigError(f"{where}.{key} must be > 0, got {a[key]}")
+    if "lr_schedule" in a and a["lr_schedule"] not in LR_SCHEDULES:
+        raise ConfigError(f"{where}.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got '{a['lr_schedule']}'{_suggest(a['lr_schedule'], LR_SCHEDULES)}")
     if a.get("redo_every") is not None and a["redo_every"] < 1:
         raise ConfigError(f"{where}.redo_every must be >= 1 step (or null: never), got {a['redo_every']}")
     if a.get("head_prior") is not None and not 0 < a["head_prior"] < 1:

@@ -43,6 +43,7 @@ from moelab.moe import freeze_non_moe as _freeze_non_moe
 from moelab.moe import MoELayer, moe_layers, moe_usage, reset_moe_stats, trainable_report
 from moelab.seismic.augment import DuplicateEvent, SourceIndex
 from moelab.seismic.phases import P_PHASES, PHASE_DICT, S_PHASES  # noqa: F401  (PHASE_DICT re-exported)
+from moelab.seismic.config import LR_SCHEDULES
 from moelab.seismic.weights import read_lightning_checkpoint
 
 
@@ -114,6 +115,7 @@ class EQTransformerLit(SeisBenchModuleLit):
         redo_every: int | None = None,
         redo_tau: float = 0.025,
         head_prior: float | None = None,
+        lr_schedule: str = "constant",
         model_args: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -131,6 +133,9 @@ class EQTransformerLit(SeisBenchModuleLit):
             raise ConfigError(f"redo_every must be a positive number of steps or null (never), got {redo_every!r}")
         if isinstance(redo_tau, bool) or not isinstance(redo_tau, (int, float)) or not 0 <= redo_tau < 1:
             raise ConfigError(f"redo_tau must be a fraction in [0, 1) of a layer's mean activation, got {redo_tau!r}")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}")
+        self.lr_schedule = lr_schedule
         self.redo_every, self.redo_tau = redo_every, float(redo_tau)
         self._redone_at = -1
         self.lr = float(lr)
@@ -294,9 +299,24 @@ class EQTransformerLit(SeisBenchModuleLit):
     def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
         return self.shared_step(batch, "val")
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        """Adam over the trainable parameters (pick-benchmark's optimizer)."""
         params = [p for p in self.parameters() if p.requires_grad]
         return torch.optim.Adam(params, lr=self.lr)
+
+    def configure_optimizers(self) -> Any:
+        """`make_optimizer`; with ``lr_schedule`` other than ``"constant"`` (pick-benchmark trains at
+        a constant rate) every group's rate follows diffusers' schedule of that name over the run's
+        optimizer steps, down to 0 at the last one, so the final weights are not one point of a
+        trajectory that still jitters at the full rate."""
+        opt = self.make_optimizer()
+        if self.lr_schedule == "constant":
+            return opt
+        from diffusers.optimization import get_scheduler
+
+        steps = max(int(self.trainer.estimated_stepping_batches), 1)
+        sched = get_scheduler(self.lr_schedule, opt, num_warmup_steps=0, num_training_steps=steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     @property
     def frozen_trunk(self) -> bool:
@@ -465,11 +485,11 @@ class SeisMoELit(EQTransformerLit):
     def moe_loss(self) -> Tensor:
         return self.model.get_moe_loss()
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def make_optimizer(self) -> torch.optim.Optimizer:
         """Adam; with ``router_lr`` the router parameters, with ``expert_lr`` the routed experts'
         parameters form a group of their own (groups in that order, after the rest)."""
         if self.router_lr is None and self.expert_lr is None:
-            return super().configure_optimizers()
+            return super().make_optimizer()
         own = {".router.": self.router_lr, ".experts.": self.expert_lr}
         own = {key: lr for key, lr in own.items() if lr is not None}
         groups: dict[str, list[Tensor]] = {"": [], **{key: [] for key in own}}

@@ -42,6 +42,7 @@ from typing import Any
 from moelab.errors import ConfigError
 from moelab.validation import at_least_one, check_output, read_json_record
 from moelab.paired import interval_cell, mean_std
+from moelab.seismic.config import LR_SCHEDULES
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,8 @@ class QualitySettings:
         batch_size: traces per batch.
         base_epochs / base_lr: training of the pretrained EQTransformer on A.
         ft_epochs / ft_lr: fine-tuning on B (also SeisMoE from scratch, at ``base_lr``).
+        ft_schedule: the ``lr_schedule`` of every run on B: ``"constant"`` (pick-benchmark's, the
+            runs before it), ``"linear"`` or ``"cosine"`` (the rate falls to 0 at the last step).
         moe_args: SeisMoE model_args of every SeisMoE variant (the levers: num_experts,
             num_experts_per_token, moe_loss_coef, detach_router_input, router_jitter, gate, ...).
         variants: which of `VARIANTS` to run (``eqt_ft`` is needed for the last line).
@@ -102,6 +105,7 @@ class QualitySettings:
     base_lr: float = 1e-3
     ft_epochs: int = 8
     ft_lr: float = 5e-4
+    ft_schedule: str = "constant"
     moe_args: dict[str, Any] = field(default_factory=lambda: {"num_experts": 4, "num_experts_per_token": 2, "moe_loss_coef": 0.02})
     variants: tuple[str, ...] = VARIANTS
     headline: str = "moe_frozen"
@@ -166,15 +170,23 @@ def _config(s: QualitySettings, name: str, model: str, data: Path, seed: int, ep
 
 def run_state(folder: Path, raw: dict[str, Any]) -> tuple[str, Path | None]:
     """Whether the run of config ``raw`` in ``folder`` is ``done`` (its best checkpoint, to reuse),
-    ``stopped`` before its last epoch (its ``last.ckpt``, to resume) or to ``train`` (no run, or
-    one of another config). A run killed mid-training leaves a best checkpoint of its first
-    epochs; reusing it as finished would score an undertrained model."""
+    ``stopped`` before its last epoch (its ``last.ckpt``, to resume) or to ``train`` (no run yet);
+    a folder holding a run of another config is a `ConfigError`, not overwritten. A run killed
+    mid-training leaves a best checkpoint of its first epochs; reusing it as finished would score
+    an undertrained model."""
     from moelab.checkpoint import safe_load
     from moelab.seismic.harness import BEST_NAME, LAST_NAME
 
     config = folder / "config.json"
-    if not config.is_file() or json.loads(config.read_text()) != raw:
+    if not config.is_file():
         return "train", None
+    fix = f"move the folder '{folder}' away (or delete it) to train this run anew"
+    written = read_json_record(config, (), fix)
+    if written != raw:  # another recipe (--ft-lr, --ft-schedule, ...): never train over a finished run
+        args = {**written.get("model_args", {}), **raw.get("model_args", {})}
+        keys = [k for k in sorted(set(written) | set(raw)) if k != "model_args" and written.get(k) != raw.get(k)]
+        keys += [f"model_args.{k}" for k in sorted(args) if written.get("model_args", {}).get(k) != raw.get("model_args", {}).get(k)]
+        raise ConfigError(f"'{folder}' holds a run of another config (it differs in {', '.join(keys)}); give this recipe its own --out, or {fix}")
     best, last = folder / f"{BEST_NAME}.ckpt", folder / f"{LAST_NAME}.ckpt"
     if last.is_file():
         epochs_done = int(safe_load(last).get("epoch", -1)) + 1
@@ -205,7 +217,13 @@ def run_name(variant: str, tag: str, seed: int) -> str:
 
 def variant_config(s: QualitySettings, variant: str, base_ckpt: Path, data: Path, seed: int) -> dict[str, Any]:
     """Harness config of one domain-B variant (what benchmark/train.py would be given)."""
-    base = str(base_ckpt)
+    cfg = _variant_config(s, variant, str(base_ckpt), data, seed)
+    if s.ft_schedule != "constant":  # absent otherwise, so the configs of earlier runs still match
+        cfg["model_args"]["lr_schedule"] = s.ft_schedule
+    return cfg
+
+
+def _variant_config(s: QualitySettings, variant: str, base: str, data: Path, seed: int) -> dict[str, Any]:
     moe = dict(s.moe_args)
     name = run_name(variant, s.tag, seed)
     if variant == "eqt_ft":
@@ -548,6 +566,7 @@ def add_args(p: Any) -> Any:
                    help="start the base's P and S heads at output P (prior-probability initialisation, e.g. 0.01; default: PyTorch's)")
     p.add_argument("--ft-epochs", type=int, default=d.ft_epochs)
     p.add_argument("--ft-lr", type=float, default=d.ft_lr)
+    p.add_argument("--ft-schedule", default=d.ft_schedule, choices=LR_SCHEDULES, help="learning-rate schedule of every run on B (default constant, as pick-benchmark)")
     p.add_argument("--moe-args", type=json.loads, default=d.moe_args, help='SeisMoE model_args as JSON, e.g. \'{"num_experts": 8, "num_experts_per_token": 2}\'')
     p.add_argument("--variants", nargs="+", default=list(d.variants), choices=VARIANTS)
     p.add_argument("--headline", default=d.headline, choices=[v for v in VARIANTS if v.startswith("moe_")])
@@ -564,7 +583,7 @@ def settings_from_args(args: Any) -> QualitySettings:
         out=Path(args.out), seeds=tuple(args.seeds), domains=tuple(args.domains), traces=args.traces,
         trace_seconds=args.trace_seconds, data_seed=args.data_seed, in_samples=args.in_samples, sigma=args.sigma,
         batch_size=args.batch_size, base_epochs=args.base_epochs, base_lr=args.base_lr, base_seed=args.base_seed, base_redo=args.base_redo, base_prior=args.base_prior, ft_epochs=args.ft_epochs,
-        ft_lr=args.ft_lr, moe_args=dict(args.moe_args) if isinstance(args.moe_args, dict) else args.moe_args, variants=tuple(args.variants), headline=args.headline, tag=args.tag,
+        ft_lr=args.ft_lr, ft_schedule=args.ft_schedule, moe_args=dict(args.moe_args) if isinstance(args.moe_args, dict) else args.moe_args, variants=tuple(args.variants), headline=args.headline, tag=args.tag,
     )
 
 
