@@ -97,6 +97,10 @@ class EQTransformerLit(SeisBenchModuleLit):
         PyTorch's default bias (about 0) a pick head first learns to push its output down
         everywhere with inhibiting channels and can end capped near 0.5; from the prior, raising
         the output at an onset is what is left to learn. None: PyTorch's default.
+    :param lr_schedule: ``"constant"`` (pick-benchmark's, the default), ``"linear"`` or
+        ``"cosine"``: diffusers' schedules, stepped every optimizer step and reaching 0 at the run's
+        last, so that the kept weights are not one point of a path still jittering at the full rate
+        (fine-tuned on ``ethz_like_dense``: S MAE 14-23% lower, seed spread about halved).
     :param model_args: the resolved architecture, filled in automatically so that checkpoints
         rebuild the model without fetching ``base_model`` again; leave it unset.
     :param kwargs: EQTransformer arguments (in_samples, norm, ...), overriding those of the weights.
