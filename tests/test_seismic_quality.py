@@ -237,6 +237,16 @@ def test_merge_combines_runs_on_disjoint_seeds_in_seed_order(tmp_path):
         quality.merge([tmp_path / "results_a.json", tmp_path / "results_c.json"], tmp_path, "_x")
     with pytest.raises(ConfigError, match=r"cannot read .*; give results\*.json files written by this benchmark"):
         quality.merge([tmp_path / "missing.json"], tmp_path, "_x")
+    # a run written before --ft-schedule existed had the constant rate: it merges with a constant run, not a cosine one
+    before = doc([1], "_f")
+    del before["settings"]["ft_schedule"]
+    (tmp_path / "results_f.json").write_text(json.dumps(before))
+    quality.merge([tmp_path / "results_a.json", tmp_path / "results_f.json"], tmp_path, "_af")
+    cosine = doc([0], "_g")
+    cosine["settings"]["ft_schedule"] = "cosine"
+    (tmp_path / "results_g.json").write_text(json.dumps(cosine))
+    with pytest.raises(ConfigError, match=r"other settings .*\(ft_schedule\)"):
+        quality.merge([tmp_path / "results_f.json", tmp_path / "results_g.json"], tmp_path, "_x")
     # the same base scored by a later evaluation that records more columns (the heads') still merges;
     # a base that scores otherwise on a shared metric does not
     later = doc([1], "_d")

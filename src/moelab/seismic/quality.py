@@ -35,7 +35,7 @@ import json
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +168,19 @@ def _config(s: QualitySettings, name: str, model: str, data: Path, seed: int, ep
     return {"model": model, "data": str(data), "name": name, "model_args": margs, "batch_size": s.batch_size, "max_epochs": epochs, "seed": seed}
 
 
+def differing_keys(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The keys whose values differ between two configs or settings, sorted, then, where both values
+    are dicts (``model_args``, ``moe_args``), the inner keys that differ, as ``outer.inner``."""
+    flat, nested = [], []
+    for k in sorted(a.keys() | b.keys()):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            nested += [f"{k}.{inner}" for inner in differing_keys(x, y)]
+        elif x != y:
+            flat.append(k)
+    return flat + nested
+
+
 def run_state(folder: Path, raw: dict[str, Any]) -> tuple[str, Path | None]:
     """Whether the run of config ``raw`` in ``folder`` is ``done`` (its best checkpoint, to reuse),
     ``stopped`` before its last epoch (its ``last.ckpt``, to resume) or to ``train`` (no run yet);
@@ -183,10 +196,8 @@ def run_state(folder: Path, raw: dict[str, Any]) -> tuple[str, Path | None]:
     fix = f"move the folder '{folder}' away (or delete it) to train this run anew"
     written = read_json_record(config, (), fix)
     if written != raw:  # another recipe (--ft-lr, --ft-schedule, ...): never train over a finished run
-        args = {**written.get("model_args", {}), **raw.get("model_args", {})}
-        keys = [k for k in sorted(set(written) | set(raw)) if k != "model_args" and written.get(k) != raw.get(k)]
-        keys += [f"model_args.{k}" for k in sorted(args) if written.get("model_args", {}).get(k) != raw.get("model_args", {}).get(k)]
-        raise ConfigError(f"'{folder}' holds a run of another config (it differs in {', '.join(keys)}); give this recipe its own --out, or {fix}")
+        keys = ", ".join(differing_keys(written, raw))
+        raise ConfigError(f"'{folder}' holds a run of another config (it differs in {keys}); give this recipe its own --out, or {fix}")
     best, last = folder / f"{BEST_NAME}.ckpt", folder / f"{LAST_NAME}.ckpt"
     if last.is_file():
         epochs_done = int(safe_load(last).get("epoch", -1)) + 1
@@ -511,10 +522,17 @@ def merge(paths: list[Path], out: Path, tag: str) -> str:
     fix = "give results*.json files written by this benchmark"
     docs = [read_json_record(path, ("settings", "seeds_done", "base", "results"), fix) for path in paths]
     ignore = {"seeds", "tag", "out", "merged_from"}
-    first = {k: v for k, v in docs[0]["settings"].items() if k not in ignore}
+    # a setting that a run's file lacks came after it: that run had the setting's default (e.g.
+    # ft_schedule "constant"), so it still merges with later runs of the default
+    defaults = {f.name: f.default for f in fields(QualitySettings) if f.default is not MISSING}
+
+    def settings(doc: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in {**defaults, **doc["settings"]}.items() if k not in ignore}
+
+    first = settings(docs[0])
     for path, doc in zip(paths[1:], docs[1:], strict=True):
-        other = {k: v for k, v in doc["settings"].items() if k not in ignore}
-        diff = sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k))
+        other = settings(doc)
+        diff = differing_keys(first, other)
         if diff:
             raise ConfigError(f"{path} was run with other settings than {paths[0]} ({', '.join(diff)}); only runs that differ in seeds can be merged")
         if not same_scores(doc["base"], docs[0]["base"]):
