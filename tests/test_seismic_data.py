@@ -361,12 +361,14 @@ def test_ethz_like_dense_raises_only_the_near_source_snr():
     assert a == b
 
 
-def test_ethz_like_dense_hf_compresses_only_the_near_source_events():
-    """``ethz_like_dense_hf`` draws the near-source events' time stretch from `DENSE_NEAR_STRETCH`
-    (one draw, as before: the far events, and every other preset, come out as they did)."""
+@pytest.mark.parametrize("parent", ["ethz_like_dense", "stead_like_weak_p"])
+def test_hf_presets_compress_only_the_near_source_events(parent):
+    """``<parent>_hf`` draws the near-source events' time stretch from `DENSE_NEAR_STRETCH` (one
+    draw, as before: the far events, and every other preset, come out as they did)."""
     from dataclasses import replace
 
-    hf, dense = synth.DOMAINS["ethz_like_dense_hf"], synth.DOMAINS["ethz_like_dense"]
+    hf, dense = synth.DOMAINS[f"{parent}_hf"], synth.DOMAINS[parent]
+    assert dense.near_fraction == 0.25
     assert hf.near_stretch == synth.DENSE_NEAR_STRETCH == (0.4, 0.8)
     assert replace(hf, name=dense.name, description=dense.description, near_stretch=None) == dense
     table, _ = synth.load_source_table()
