@@ -24,8 +24,9 @@ setting under which the fine-tuned models pick the S of ObsPy's real event (READ
 ``--domains stead_like_weak_p ethz_like_local geofon_like`` fine-tunes on ETHZ-like data with
 near-source events and weaker P trains, the traits of that event; ``ethz_like_dense`` adds that
 near-source events are recorded far above the noise, as that event is, and ``ethz_like_dense_hf``
-that they also keep their high frequencies. ``bench/real_event_probe.py`` then shows what each
-trained model's picks on the event depend on.
+that they also keep their high frequencies; ``stead_like_weak_p_hf`` as A gives the base those
+high-frequency near-source P too. ``bench/real_event_probe.py`` then shows what each trained
+model's picks on the event depend on.
 """
 
 from __future__ import annotations
