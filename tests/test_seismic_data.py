@@ -224,6 +224,24 @@ def test_cli_make_dataset_domain(tmp_path, capsys):
     assert (m["trace_npts"] == synth.DOMAINS["geofon_like"].n_samples).all() and (m["trace_sampling_rate_hz"] == 20.0).all()
 
 
+def test_cli_list_domains_follows_the_registry(capsys):
+    """``--list-domains`` prints one line per preset and mixture, in registry order, and needs no
+    ``--out``; the ``--domain`` help names the same set."""
+    from moelab.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["seismic", "make-dataset", "--list-domains"])
+    assert exc.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    names = [*synth.DOMAINS, *synth.MIXTURES]
+    assert [line.split(": ", 1)[0] for line in lines] == names
+    assert lines[names.index("geofon_like")] == f"geofon_like: {synth.DOMAINS['geofon_like'].description}"
+    with pytest.raises(SystemExit):
+        main(["seismic", "make-dataset", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert all(n in help_text for n in names)
+
+
 def test_mixture_draws_each_trace_from_one_preset_at_its_own_rate(tmp_path):
     """``mixed_like``: every trace is one component preset's, stored at that preset's rate and
     the same duration; loaded at 100 Hz (as the harness does) all traces and onsets line up."""

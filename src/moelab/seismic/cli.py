@@ -167,11 +167,29 @@ def run_targets(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------- make-dataset
+class _ListDomains(argparse.Action):
+    """``--list-domains``: prints the registry and exits at once, like ``--version``, so that it
+    needs no ``--out``."""
+
+    def __init__(self, option_strings, dest, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        from moelab.seismic.synth import domain_descriptions
+
+        print("\n".join(f"{name}: {text}" for name, text in domain_descriptions().items()))
+        parser.exit(0)
+
+
 def add_make_dataset_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder to write metadata.csv + waveforms.hdf5 to")
     p.add_argument("--n-traces", "--n_traces", dest="n_traces", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--domain", default=None, help="preset: stead_like (default), ethz_like or geofon_like (distances, noise, sampling rate, P-only picks; P 20-70%% into the trace), or stead_like_early_p / ethz_like_early_p / geofon_like_early_p (the earlier presets: P early in the trace), or stead_like_weak_p / ethz_like_weak_p (P wave trains at 1/8-1x their amplitude: S up to ~10x the P, as in real local records), or ethz_like_local (ethz_like with a quarter near-source events at 1-20 km and P trains at 1/4-1x: a dense local network), or ethz_like_dense (ethz_like_local with its near-source events at high SNR, 35 +- 10 dB), or ethz_like_dense_hf (ethz_like_dense with its near-source events also compressed 1.25-2.5x in time: high-frequency P), or stead_like_weak_p_hf (stead_like_weak_p, its near-source events compressed alike), or mixed_like (each trace from one of stead_like, ethz_like, ethz_like_weak_p at its own sampling rate: data pooled from several networks)")
+    from moelab.seismic.synth import domain_descriptions
+
+    names = list(domain_descriptions())
+    p.add_argument("--domain", default=None, help=f"preset or mixture, one of {', '.join(names)} (default {names[0]}); --list-domains says what each one generates")
+    p.add_argument("--list-domains", action=_ListDomains, help="print every --domain name with what it generates, and exit")
     p.add_argument("--n-samples", "--n_samples", dest="n_samples", type=int, default=None, help="samples per trace at the domain's sampling rate (default: 60 s, e.g. 6000 at 100 Hz, like STEAD)")
     p.add_argument("--noise-fraction", "--noise_fraction", dest="noise_fraction", type=float, default=0.3)
     p.add_argument("--source-metadata", "--source_metadata", dest="source_metadata", help="STEAD-format metadata CSV to draw distances, depths, magnitudes, SNRs and P positions from (default: the 100 real STEAD traces shipped with moelab)")

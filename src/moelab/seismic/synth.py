@@ -286,6 +286,14 @@ MIXTURES: dict[str, tuple[str, ...]] = {
 }
 
 
+def domain_descriptions() -> dict[str, str]:
+    """Every name `make_dataset` accepts (presets, then mixtures) with what it generates, so that
+    the CLI's ``--domain`` help and ``--list-domains`` follow the registry instead of a copy of it."""
+    out = {name: d.description for name, d in DOMAINS.items()}
+    out.update({name: f"each trace from one of {', '.join(comps)}, at that preset's own sampling rate (data pooled from several networks)" for name, comps in MIXTURES.items()})
+    return out
+
+
 def _unknown_domain(domain: object) -> ConfigError:
     from moelab.validation import did_you_mean
 
