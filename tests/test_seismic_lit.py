@@ -67,6 +67,33 @@ def _step_keeps_frozen_batchnorm(lit) -> None:
     assert torch.equal(bn.running_mean, before)
 
 
+def _fit_keeps_frozen_batchnorm(make) -> None:
+    """The same through ``Trainer.fit`` of a fresh module (``make()``), with a sanity-check
+    validation first: Lightning 2.x never calls ``.train()`` on the module (it restores each
+    submodule's mode after validation), so the frozen BatchNorm layers must be put in eval mode by
+    the module's own hook, or their statistics drift while the trunk's weights stay (found by
+    `moelab.seismic.wise`'s start-point test)."""
+    from torch.utils.data import DataLoader
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a frozen, randomly initialised trunk
+        lit = make()
+
+    frozen = {n: m for n, m in lit.model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters())}
+    assert frozen
+    before = {f"{n}.{b}": t.clone() for n, m in frozen.items() for b, t in m.named_buffers()}
+    ffn = lit.model.transformer_d.ff
+    trained_before = [p.detach().clone() for p in ffn.parameters()]
+    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, num_sanity_val_steps=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(lit, DataLoader([_batch(seed=i) for i in range(2)], batch_size=None), DataLoader([_batch(seed=9)], batch_size=None))
+    after = {f"{n}.{b}": t for n, m in frozen.items() for b, t in m.named_buffers()}
+    assert [k for k in before if not torch.equal(before[k], after[k])] == []
+    assert any(not torch.equal(a, p) for a, p in zip(trained_before, ffn.parameters(), strict=True))  # the FFN / MoE layer trained
+
+
 def test_freeze_non_moe_trains_only_experts_and_routers_and_keeps_batchnorm_stats():
     torch.manual_seed(0)
     with warnings.catch_warnings():
@@ -84,6 +111,7 @@ def test_freeze_non_moe_trains_only_experts_and_routers_and_keeps_batchnorm_stat
     assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in lit.model.transformer_d.ff.parameters())
     opt = lit.configure_optimizers()
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == 34_056
+    _fit_keeps_frozen_batchnorm(lambda: SeisMoELit(num_experts=4, num_experts_per_token=2, freeze_non_moe=True, in_samples=N))
 
 
 def test_freeze_non_ffn_trains_exactly_the_layers_seismoe_makes_experts_of():
@@ -102,6 +130,7 @@ def test_freeze_non_ffn_trains_exactly_the_layers_seismoe_makes_experts_of():
         assert (p.grad is not None and float(p.grad.abs().sum()) > 0) if name in trainable else p.grad is None, name
     ffn = sum(p.numel() for n, p in lit.model.named_parameters() if n in trainable)
     assert ffn == 8_480 and sum(p.numel() for g in lit.configure_optimizers().param_groups for p in g["params"]) == ffn
+    _fit_keeps_frozen_batchnorm(lambda: EQTransformerLit(freeze_non_ffn=True, in_samples=N))
     moe = SeisMoELit(num_experts=4, num_experts_per_token=2, freeze_non_moe=True, in_samples=N, base_model=None)
     experts = sum(p.numel() for n, p in moe.model.named_parameters() if p.requires_grad and ".router." not in n)
     assert experts == 4 * ffn  # upcycled: E copies of the dense FFN, plus the routers

@@ -427,3 +427,68 @@ def test_merge_and_threads_errors_are_config_errors(tmp_path):
     args = quality.add_args(argparse.ArgumentParser()).parse_args(["--threads", "0", "--out", str(tmp_path)])
     with pytest.raises(ConfigError, match="--threads 0 must be at least 1"):
         quality.main_from_args(args)
+
+
+# ------------------------------------------------------------------------------------ WiSE-FT
+def test_wise_interpolation_is_exact_at_its_ends_and_linear_between():
+    import torch
+
+    from moelab.errors import CheckpointError
+    from moelab.seismic.wise import interpolate
+
+    g = torch.Generator().manual_seed(0)
+    start = {"w": torch.randn(3, 4, generator=g), "bn.num_batches_tracked": torch.tensor(7)}
+    ft = {"w": torch.randn(3, 4, generator=g), "bn.num_batches_tracked": torch.tensor(19)}
+    assert torch.equal(interpolate(start, ft, 0.0)["w"], start["w"]) and torch.equal(interpolate(start, ft, 1.0)["w"], ft["w"])
+    half = interpolate(start, ft, 0.5)
+    torch.testing.assert_close(half["w"], (start["w"] + ft["w"]) / 2, rtol=0, atol=1e-7)
+    assert int(half["bn.num_batches_tracked"]) == 19  # counters are the fine-tuned model's, not averaged
+    with pytest.raises(ConfigError, match=r"alpha must be in \[0, 1\]"):
+        interpolate(start, ft, 1.5)
+    with pytest.raises(CheckpointError, match="only fine-tuned: \\['extra'\\]"):
+        interpolate(start, {**ft, "extra": torch.zeros(1)}, 0.5)
+    with pytest.raises(CheckpointError, match="'w' is \\(3, 4\\) in the start point but \\(4, 3\\)"):
+        interpolate(start, {**ft, "w": ft["w"].T}, 0.5)
+
+
+def test_wise_start_point_is_the_runs_own_start(done):
+    """The rebuilt start of a fine-tuning is where it began: the base exactly for EQTransformer; for
+    SeisMoE trained with ``freeze_non_moe`` every frozen weight equals the fine-tuned one, and only
+    router and experts moved; rebuilding twice gives the same weights (seeded upcycling)."""
+    import torch
+
+    from moelab.seismic.weights import read_lightning_file
+    from moelab.seismic.wise import start_state
+
+    s, _, _ = done
+    w = s.out / "weights"
+    base = read_lightning_file(w / "base_eqt" / "model.ckpt")["state_dict"]
+    eqt = start_state(json.loads((w / "eqt_ft_s0" / "config.json").read_text()))
+    assert eqt.keys() == base.keys() and all(torch.equal(eqt[k], base[k]) for k in base)
+    cfg = json.loads((w / "moe_frozen_s0" / "config.json").read_text())
+    start, again = start_state(cfg), start_state(cfg)
+    ft = read_lightning_file(w / "moe_frozen_s0" / "model.ckpt")["state_dict"]
+    assert all(torch.equal(start[k], again[k]) for k in start)
+    moved = [k for k in ft if not torch.equal(start[k], ft[k])]
+    assert moved and all(".ff.router." in k or ".ff.experts." in k for k in moved), moved
+    with pytest.raises(ConfigError, match="trained from scratch"):
+        start_state({**cfg, "model_args": {**cfg["model_args"], "base_model": None}})
+
+
+def test_wise_bench_at_alpha_one_reproduces_the_run(done, tmp_path, capsys, monkeypatch):
+    """``bench/wise_ft.py`` at alpha 1 writes the fine-tuned weights back unchanged, so the harness
+    scores them exactly as the run was scored and the real event is picked the same."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    s, _, _ = done
+    run = s.out / "weights" / "eqt_ft_s0"
+    monkeypatch.setattr(sys, "argv", ["wise_ft.py", str(run), "--alpha", "1", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as exc:
+        runpy.run_path(str(Path(__file__).parents[1] / "bench" / "wise_ft.py"), run_name="__main__")
+    assert exc.value.code == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"wise_ft: alpha=1 real event (\d)/1 \(fine-tuned \1/1\) mcc wise-ft=[+-]0\.000 p_mae wise/ft=1\.00 s_mae wise/ft=1\.00", last), last
+    written = tmp_path / f"{run.parent.parent.name}_{run.name}_a1"
+    assert (written / "model.ckpt").is_file() and json.loads((written / "config.json").read_text()) == json.loads((run / "config.json").read_text())

@@ -262,6 +262,10 @@ class EQTransformerLit(SeisBenchModuleLit):
         )
 
     def on_train_start(self) -> None:
+        # Lightning 2.x never calls .train() on the module during fit (it restores each submodule's
+        # own mode after validation), so the override below must be applied here, before the first
+        # batch, or a frozen trunk's BatchNorm statistics drift to the new data.
+        self.train(True)
         loader = self.trainer.train_dataloader
         generator = getattr(loader, "dataset", None)
         message = self.detection_label_warning(getattr(getattr(generator, "dataset", None), "metadata", None))

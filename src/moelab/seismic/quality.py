@@ -359,7 +359,7 @@ def _residual(value: float | None) -> str:
     return "none" if value is None else f"{value:+.3f}"
 
 
-def _pick_cell(report: dict[str, Any]) -> str:
+def pick_cell(report: dict[str, Any]) -> str:
     """``P / S`` residuals; a missing pick shows where its probability peaked and how high, so a
     phase just under the threshold reads differently from one the model never saw."""
     from moelab.seismic.realcheck import REFERENCE_P_S, REFERENCE_S_S
@@ -373,7 +373,7 @@ def _pick_cell(report: dict[str, Any]) -> str:
     return f"{one('p', REFERENCE_P_S)} / {one('s', REFERENCE_S_S)}"
 
 
-def _within(report: dict[str, Any]) -> bool:
+def real_event_passes(report: dict[str, Any]) -> bool:
     from moelab.seismic.realcheck import both_within
 
     return both_within(report.get("p_residual_s"), report.get("s_residual_s"))
@@ -383,8 +383,8 @@ def real_event_line(real: dict[str, Any], variants: tuple[str, ...] | list[str])
     """One line: on how many seeds each model picks both phases of the real event within tolerance."""
     from moelab.seismic.realcheck import TOLERANCE_S
 
-    parts = [f"{v} {sum(map(_within, real['variants'][v]))}/{len(real['variants'][v])} seeds" for v in variants]
-    base = "yes" if _within(real["base"]) else "no"
+    parts = [f"{v} {sum(map(real_event_passes, real['variants'][v]))}/{len(real['variants'][v])} seeds" for v in variants]
+    base = "yes" if real_event_passes(real["base"]) else "no"
     return f"real_event: P and S within {TOLERANCE_S} s of the reference: " + ", ".join(parts) + f" (base: {base})"
 
 
@@ -400,12 +400,12 @@ def format_real_event(s: QualitySettings, real: dict[str, Any]) -> str:
         "|---|" + "---|" * (len(s.seeds) + 1) + "\n",
     ]
     base = real["base"]
-    lines.append(f"| base EQTransformer ({a}) | {_pick_cell(base)} |"
-                 + " |" * (len(s.seeds) - 1) + f" {'yes' if _within(base) else 'no'} |\n")
+    lines.append(f"| base EQTransformer ({a}) | {pick_cell(base)} |"
+                 + " |" * (len(s.seeds) - 1) + f" {'yes' if real_event_passes(base) else 'no'} |\n")
     for v in s.variants:
         reps = real["variants"][v]
-        cells = " | ".join(_pick_cell(r) for r in reps)
-        lines.append(f"| {v} | {cells} | {sum(map(_within, reps))} of {len(reps)} |\n")
+        cells = " | ".join(pick_cell(r) for r in reps)
+        lines.append(f"| {v} | {cells} | {sum(map(real_event_passes, reps))} of {len(reps)} |\n")
     return "".join(lines)
 
 
@@ -439,7 +439,7 @@ def run(s: QualitySettings, echo: Callable[[str], None] = print) -> str:
 
     def check_real(ckpt: Path, domain: str, stats: dict[str, float]) -> dict[str, Any]:
         report = real_event(ckpt, eval_dir(ckpt.parent, domain))
-        echo(f"  real event, P / S residual (s): {_pick_cell(report)}")
+        echo(f"  real event, P / S residual (s): {pick_cell(report)}")
         echo("  " + heads_line(stats))
         return report
 
