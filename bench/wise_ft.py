@@ -43,6 +43,9 @@ def main() -> int:
         at_least_one(("--threads", args.threads))
         torch.set_num_threads(args.threads)
         warnings.filterwarnings("ignore", module="lightning")
+        def cells(stats: dict) -> str:
+            return " ".join(f"{m} {quality.metric_of(stats, m):.3f}" for m in quality.METRICS)
+
         rows = []
         for run in args.runs:
             config = read_json_record(run / "config.json", ("data", "model_args"), "pass a run folder of the quality benchmark")
@@ -55,10 +58,6 @@ def main() -> int:
             stats = quality.evaluate_on(config, ckpt, data, quality.eval_dir(out, data.name), int(config["model_args"]["in_samples"]))
             real = quality.real_event(ckpt, quality.eval_dir(out, data.name))
             rows.append((own, stats, quality.real_event_passes(own_real), quality.real_event_passes(real)))
-
-            def cells(s: dict) -> str:
-                return " ".join(f"{m} {quality.metric_of(s, m):.3f}" for m in quality.METRICS)
-
             print(f"{run} on {data.name}\n  fine-tuned: {cells(own)}  real event {quality.pick_cell(own_real)} (max P {own_real['max_p_prob']:.2f})"
                   f"\n  alpha {args.alpha:g}:  {cells(stats)}  real event {quality.pick_cell(real)} (max P {real['max_p_prob']:.2f})", flush=True)
 
